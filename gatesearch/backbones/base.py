@@ -1,0 +1,116 @@
+"""What every backbone gives, and the video model built around it.
+
+A backbone is a per-frame 2D network: ``forward_frame(x)`` maps one frame per
+stream to two feature maps, a deep one for the clip head and a stride-4 one for
+the per-frame heatmap head. Gates replace the backbone's convolutions in place
+(``policies``), so backbone code never needs to know about gating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatesearch.stateful import reset_state, streaming
+
+TASKS = ("classification", "heatmap")
+
+
+@dataclass(frozen=True)
+class FrameFeatures:
+    deep: torch.Tensor  # (N, C, h, w) last stage, for the clip head
+    fine: torch.Tensor  # (N, C', H/4, W/4) stride-4 stage, for the heatmap head
+
+
+class Backbone(nn.Module):
+    """Base class: a per-frame feature extractor.
+
+    Subclasses set ``deep_channels`` and ``fine_channels`` and implement
+    ``forward_frame``. ``tasks`` lists the heads the backbone supports.
+    """
+
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+    deep_channels: int
+    fine_channels: int
+
+    def forward_frame(self, x: torch.Tensor) -> FrameFeatures:  # x: (N, 3, H, W)
+        raise NotImplementedError
+
+
+class ClipHead(nn.Module):
+    """Clip classifier over per-frame features.
+
+    Each frame's deep features are pooled to a 2×2 grid so that position
+    survives; the mean over time and the mean temporal difference (which carries
+    the motion direction) feed one linear layer.
+    """
+
+    grid = 2
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * channels * self.grid * self.grid, num_classes)
+
+    def pool(self, deep: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, C*4)
+        return F.adaptive_avg_pool2d(deep, self.grid).flatten(1)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, K)
+        mean = pooled.mean(1)
+        motion = (pooled[:, 1:] - pooled[:, :-1]).mean(1) if pooled.shape[1] > 1 else torch.zeros_like(mean)
+        return self.fc(torch.cat([mean, motion], dim=1))
+
+
+class VideoModel(nn.Module):
+    """A backbone plus the heads of a task, run on clips.
+
+    Both return the task's output: clip logits (B, K) for classification,
+    per-frame heatmap logits (B, T, 1, H/4, W/4) for heatmaps.
+    ``forward`` runs all frames of a clip as one batch (fast training, no state);
+    ``stream`` runs frame by frame so that stateful gated layers reuse the
+    previous frame, resetting the reference frame every ``reset_every`` frames.
+    """
+
+    def __init__(self, backbone: Backbone, *, task: str, num_classes: int) -> None:
+        super().__init__()
+        if task not in backbone.tasks:
+            raise ValueError(f"backbone {type(backbone).__name__} does not support task {task!r}; it supports {', '.join(backbone.tasks)}")
+        self.task = task
+        self.backbone = backbone
+        # only the task's head exists, so every parameter is trained
+        if task == "classification":
+            self.clip_head = ClipHead(backbone.deep_channels, num_classes)
+        else:
+            self.heat_head = nn.Conv2d(backbone.fine_channels, 1, kernel_size=1)
+
+    def frame(self, x: torch.Tensor) -> torch.Tensor:
+        """One frame per stream (N, 3, H, W) -> the task's per-frame output.
+
+        classification: pooled clip features (N, D); heatmap: logits (N, 1, H/4, W/4).
+        Only the head of the task runs, so latency counts what the task needs.
+        """
+        feats = self.backbone.forward_frame(x)
+        if self.task == "classification":
+            return self.clip_head.pool(feats.deep)
+        return self.heat_head(feats.fine)
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:  # clip: (B, T, 3, H, W)
+        b, t = clip.shape[:2]
+        return self._finish(self.frame(clip.flatten(0, 1)).unflatten(0, (b, t)))
+
+    def stream(self, clip: torch.Tensor, *, reset_every: int | None = None) -> torch.Tensor:
+        """Frame-by-frame inference; state is reset at frame 0 and every ``reset_every`` frames."""
+        per_frame = []
+        with streaming(self):
+            for t in range(clip.shape[1]):
+                if reset_every and t and t % reset_every == 0:
+                    reset_state(self)
+                per_frame.append(self.frame(clip[:, t]))
+        return self._finish(torch.stack(per_frame, 1))
+
+    def _finish(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """classification: logits (B, K); heatmap: logits (B, T, 1, H/4, W/4)."""
+        return self.clip_head(per_frame) if self.task == "classification" else per_frame

@@ -1,0 +1,214 @@
+"""The ``gatesearch`` command: a thin layer that parses, builds a config and calls the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+WORKDIR_HELP = "Folder holding the MLflow store, the Optuna study and Ray results."
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def user_errors(fn):
+    """Turn expected bad-input errors into one line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from gatesearch.data import VideoDecodeError
+        from gatesearch.export import ArtifactError
+        from gatesearch.registry import UnknownNameError
+        from gatesearch.search.tracking import NotFoundError
+        from gatesearch.spaces import SpaceError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, UnknownNameError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def tracking_options(fn):
+    fn = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the work folder).")(fn)
+    fn = click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default="gatesearch_runs", show_default=True, help=WORKDIR_HELP)(fn)
+    return fn
+
+
+def _tracker(workdir: Path, tracking_uri: str | None):
+    from gatesearch.search.engine import set_env_defaults
+    from gatesearch.search.tracking import Tracker, default_tracking_uri
+
+    set_env_defaults()
+    uri = tracking_uri or default_tracking_uri(workdir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise click.ClickException(f"no search has been recorded yet ({uri} does not exist); run `gatesearch search` first")
+    return Tracker(uri)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gatesearch")
+def main() -> None:
+    """Find the best gated (dynamic) version of a video CNN for this device."""
+
+
+@main.command()
+@click.argument("config")
+@click.option("--trials", type=int, help="Override the number of trials.")
+@click.option("--max-concurrent", type=int, help="Override how many trials run at once.")
+@click.option("--name", help="Override the search name (MLflow experiment).")
+@click.option("--seed", type=int, help="Override the sampler seed.")
+@click.option("--objective", type=click.Choice(["latency", "macs"]), help="Second objective beside quality.")
+@tracking_options
+@click.option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster instead of starting one.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
+@user_errors
+def search(config, trials, max_concurrent, name, seed, objective, workdir, tracking_uri, ray_address, as_json):
+    """Run a multi-objective search described by CONFIG (a YAML file, or `quick` for the built-in one)."""
+    from gatesearch.search.engine import RunOptions, format_params, run_search
+    from gatesearch.spaces import load_search_config
+
+    path = Path(config)
+    if not path.exists() and (BUILTIN_CONFIGS / f"{config}.yaml").exists():
+        path = BUILTIN_CONFIGS / f"{config}.yaml"
+    cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed, objective=objective)
+    opts = RunOptions(workdir=workdir, tracking_uri=tracking_uri, ray_address=ray_address)
+    summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True))
+    if as_json:
+        _emit_json(summary)
+        return
+    click.echo(f"\nsearch {summary['search_id']}: {summary['trials_completed']} trials completed, "
+               f"{summary['trials_failed']} failed in {summary['wall_s']:.0f} s")
+    _print_front(summary["pareto"], format_params)
+    if summary["pareto_plot"]:
+        click.echo(f"plot: {summary['pareto_plot']}")
+    click.echo(f"MLflow: {summary['tracking_uri']}")
+
+
+def _print_front(rows, format_params) -> None:
+    if not rows:
+        click.echo("no Pareto-optimal trials")
+        return
+    click.echo(f"{'trial':<14} {'gate':<12} {'quality':>7} {'ms/frame':>9} {'MMACs':>8}  params")
+    for r in rows:
+        click.echo(f"{r['trial_id']:<14} {r['gate']:<12} {r['quality']:>7.3f} {r['latency_ms']:>9.2f} "
+                   f"{r['macs'] / 1e6:>8.2f}  {format_params(r['params'])}")
+
+
+@main.command()
+@click.argument("search_id", required=False)
+@click.option("--max-latency-ms", type=float, help="Only trials at most this slow (ms per frame).")
+@click.option("--min-quality", type=float, help="Only trials at least this good.")
+@tracking_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def pareto(search_id, max_latency_ms, min_quality, workdir, tracking_uri, as_json):
+    """Print the Pareto-optimal trials of the latest search (or of SEARCH_ID)."""
+    from gatesearch.search.engine import format_params
+
+    tracker = _tracker(workdir, tracking_uri)
+    run = tracker.search_run(search_id)
+    rows = tracker.pareto_rows(run)
+    if max_latency_ms is not None:
+        rows = [r for r in rows if r["latency_ms"] <= max_latency_ms]
+    if min_quality is not None:
+        rows = [r for r in rows if r["quality"] >= min_quality]
+    sid = run.data.tags.get("gatesearch.search_id")
+    if as_json:
+        _emit_json({"search_id": sid, "pareto": rows})
+        return
+    click.echo(f"search {sid}")
+    _print_front(rows, format_params)
+
+
+@main.command()
+@click.argument("trial_id")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the artifact into.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@tracking_options
+@user_errors
+def export(trial_id, out, force, workdir, tracking_uri):
+    """Write TRIAL_ID's gated model as a self-contained artifact (safetensors + JSON)."""
+    import tempfile
+
+    from gatesearch.export import load_artifact, save_artifact
+
+    tracker = _tracker(workdir, tracking_uri)
+    run = tracker.trial_run(trial_id)
+    if run.info.status != "FINISHED":
+        raise click.ClickException(f"trial {trial_id!r} did not finish ({run.info.status}); nothing to export")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tracker.download_model(run, Path(tmp))
+        artifact = load_artifact(files)  # checks the files before anything is written
+        meta = {**artifact.meta, "trial_id": trial_id, "search_id": run.data.tags.get("gatesearch.search_id")}
+        meta.pop("format", None)
+        meta.pop("gatesearch_version", None)
+        save_artifact(out, artifact.model, meta, overwrite=force)
+    click.echo(f"exported {trial_id} ({artifact.trial.gate}) to {out}")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--video", type=click.Path(path_type=Path), help="Video file to stream (default: a synthetic clip).")
+@click.option("--frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames (synthetic default: 32).")
+@click.option("--reset-every", type=click.IntRange(min=0), default=None, help="Recompute the reference frame densely every N frames (default: the trial's clip length; 0 = only the first frame).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
+@user_errors
+def run(artifact_dir, video, frames, reset_every, as_json):
+    """Run an exported model over a video stream, frame by frame, with real skipped computation."""
+    import itertools
+
+    from gatesearch.data import iter_frames, make_clip
+    from gatesearch.export import load_artifact
+    from gatesearch.export.runner import run_stream
+    from gatesearch.spaces import DataConfig
+
+    artifact = load_artifact(artifact_dir)
+    _, h, w = artifact.meta["frame_shape"]
+    if video is not None:
+        stream = iter_frames(video, size=(h, w))
+        if frames:
+            stream = itertools.islice(stream, frames)
+    else:
+        data = DataConfig(**artifact.meta["data"])
+        stream = iter(make_clip(data.synthetic_config(frames or 32), 0, "test")["clip"])
+    if reset_every is None:
+        reset_every = artifact.trial.clip_length
+
+    def show(s):
+        if not as_json:
+            click.echo(f"frame {s.index:4d}  density {s.density:6.3f}  {s.macs / 1e6:8.2f} MMACs  {s.latency_ms:7.2f} ms")
+
+    summary = run_stream(artifact, stream, reset_every=reset_every or None, on_frame=show)
+    if as_json:
+        _emit_json(summary)
+    else:
+        click.echo(f"{summary['frames']} frames: mean density {summary['mean_density']:.3f}, "
+                   f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame (dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
+                   f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
+
+
+@main.command(name="list")
+def list_cmd():
+    """Show the registered backbones and gates."""
+    from gatesearch.backbones import BACKBONES, describe as describe_backbone
+    from gatesearch.policies import POLICIES, describe as describe_policy
+
+    click.echo("backbones:")
+    for name in BACKBONES:
+        click.echo(f"  {name:<14} {describe_backbone(name)}")
+    click.echo("gates:")
+    for name in POLICIES:
+        params = ", ".join(POLICIES.get(name).params) or "-"
+        click.echo(f"  {name:<14} {describe_policy(name)}  [params: {params}]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The self-contained model artifact: weights as safetensors plus one JSON file.
+
+The same folder is what a trial checkpoints and what ``gatesearch export``
+writes, so an exported model is exactly the model that was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "gatesearch-model/1"
+WEIGHTS = "model.safetensors"
+META = "gatesearch.json"
+
+
+class ArtifactError(Exception):
+    """A missing, incomplete or foreign artifact folder (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    model: torch.nn.Module
+    trial: Any  # TrialConfig
+    meta: dict[str, Any]
+
+
+def write_files(folder: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Write weights and metadata into an existing folder."""
+    from safetensors.torch import save_file
+
+    from gatesearch import __version__
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps({"format": FORMAT, "gatesearch_version": __version__, **meta}, indent=2))
+
+
+def save_artifact(out: Path, model: torch.nn.Module, meta: dict[str, Any], *, overwrite: bool = False) -> Path:
+    """Write an artifact folder atomically: a temporary sibling, renamed when complete."""
+    out = Path(out)
+    if out.exists() and not (overwrite or (out.is_dir() and not any(out.iterdir()))):
+        raise ArtifactError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_files(tmp, model, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def trial_meta(trial, *, metrics: dict, data, num_classes: int, frame_shape, trial_id: str | None = None,
+               search_id: str | None = None) -> dict[str, Any]:
+    import dataclasses
+
+    return {
+        "trial_id": trial_id,
+        "search_id": search_id,
+        "trial": trial.to_dict(),
+        "metrics": metrics,
+        "data": dataclasses.asdict(data),
+        "num_classes": num_classes,
+        "frame_shape": list(frame_shape),
+    }
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise ArtifactError(f"{folder}: not a gatesearch artifact (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"{meta_path}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ArtifactError(f"{meta_path}: foreign format {found!r}, expected {FORMAT!r}")
+    if not (folder / WEIGHTS).is_file():
+        raise ArtifactError(f"{folder}: incomplete artifact (no {WEIGHTS})")
+    return meta
+
+
+def load_artifact(folder: Path) -> Artifact:
+    """Rebuild the gated model of an artifact folder, weights checked against its config."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gatesearch.search.trial import build_model
+    from gatesearch.spaces import TrialConfig
+
+    meta = read_meta(folder)
+    try:
+        trial = TrialConfig.from_dict(meta["trial"])
+        model = build_model(trial, int(meta["num_classes"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{Path(folder) / META}: bad configuration ({e})") from None
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{Path(folder) / WEIGHTS}: unreadable weights ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise ArtifactError(f"{Path(folder) / WEIGHTS}: weights do not match the configured model") from None
+    model.eval()
+    return Artifact(model=model, trial=trial, meta=meta)

@@ -1,0 +1,12 @@
+"""Gate families, one module each, registered by name in ``POLICIES``."""
+
+from . import dense, norm_gates  # noqa: F401  (registers their entries)
+from .base import POLICIES, Policy, describe, register_policy
+
+
+def build_policy(name: str, **knobs) -> Policy:
+    """Instantiate the named policy with its joint-space knobs."""
+    return POLICIES.get(name)(**knobs)
+
+
+__all__ = ["POLICIES", "Policy", "build_policy", "describe", "register_policy"]

@@ -1,0 +1,66 @@
+"""The policy (gate family) contract and its registry.
+
+A policy turns a dense ``VideoModel`` into a gated one *in place*
+(``apply``), may add a training loss term (``loss``), and declares the
+joint-space parameters it takes with their default search domains
+(``params``), so the space only samples what the chosen gate uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gatesearch.registry import Registry
+
+POLICIES: Registry[type["Policy"]] = Registry(
+    "gate",
+    "Contract: each entry is a Policy subclass; its docstring's first line is shown by `gatesearch list`.",
+)
+
+
+class Policy:
+    """Base class of a gate family."""
+
+    #: joint-space parameters this gate takes -> default search domain (YAML form)
+    params: ClassVar[dict[str, Any]] = {}
+    #: True when the gate has trainable parameters, so training must stream frames through it
+    trains_gates: ClassVar[bool] = False
+
+    def __init__(self, **knobs: Any) -> None:
+        unknown = set(knobs) - set(self.params)
+        if unknown:
+            raise ValueError(f"gate {self.name!r} does not take {sorted(unknown)[0]!r}")
+        missing = set(self.params) - set(knobs)
+        if missing:
+            raise ValueError(f"gate {self.name!r} needs {sorted(missing)[0]!r}")
+        self.knobs = knobs
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Convert ``model`` in place and return it."""
+        return model
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra training loss term after a forward pass (None: nothing to add)."""
+        return None
+
+
+def register_policy(name: str):
+    """``@register_policy("input_norm")``: register a Policy subclass under ``name``."""
+
+    def deco(cls: type[Policy]) -> type[Policy]:
+        cls.registered_name = name
+        return POLICIES.register(name)(cls)
+
+    return deco
+
+
+def describe(name: str) -> str:
+    doc = POLICIES.get(name).__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""

@@ -1,0 +1,140 @@
+"""One trial, without Ray: build, train, evaluate. The unit Ray Tune runs.
+
+Flow: TrialConfig -> backbones.build + policy.apply -> synthetic clips ->
+train (task loss + the policy's loss) -> stream held-out clips through the
+gated model (quality, per-layer density, effective MACs) -> measured latency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
+
+
+@dataclass
+class TrialOutcome:
+    metrics: dict[str, float]
+    model: torch.nn.Module
+    layer_density: dict[str, float] = field(default_factory=dict)
+
+
+def build_model(cfg: TrialConfig, num_classes: int) -> torch.nn.Module:
+    """The gated model of a trial, with fresh weights seeded by ``cfg.seed``."""
+    from gatesearch.backbones import build
+    from gatesearch.policies import build_policy
+
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.backbone, task=cfg.task, num_classes=num_classes, width=cfg.width)
+    return build_policy(cfg.gate, **cfg.gate_knobs()).apply(model)
+
+
+def load_clips(data: DataConfig, *, frames: int, count: int, split: str) -> dict[str, torch.Tensor]:
+    """``count`` synthetic clips of ``frames`` frames, stacked: clip (N, T, 3, H, W), label (N,), ..."""
+    from gatesearch.data import make_clip
+
+    scfg = data.synthetic_config(frames)
+    items = [make_clip(scfg, i, split) for i in range(count)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def num_classes(data: DataConfig) -> int:
+    return data.synthetic_config(2).num_classes
+
+
+def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, on_epoch: Callable[[int, float], None] | None = None) -> float:
+    """Train in place with AdamW; returns the last epoch's mean loss."""
+    from gatesearch.objectives import task_loss
+    from gatesearch.policies import build_policy
+
+    policy = build_policy(cfg.gate, **cfg.gate_knobs())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(clips["label"]) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    mean = float("nan")
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(clips["label"]), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch = {k: v[idx] for k, v in clips.items()}
+            out = model.stream(batch["clip"], reset_every=cfg.clip_length) if policy.trains_gates else model(batch["clip"])
+            loss = task_loss(cfg.task, out, batch)
+            extra = policy.loss(model)
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        mean = total / len(order)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {mean}); lower the learning rate")
+        if on_epoch:
+            on_epoch(epoch, mean)
+    return mean
+
+
+@torch.inference_mode()
+def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8) -> TrialOutcome:
+    """Stream held-out clips through the gated model: quality, MACs, densities, latency."""
+    from gatesearch.objectives import mac_report, measure_latency, pck_correct, reset_stats, top1_correct
+
+    model.eval()
+    reset_stats(model)
+    hits = []
+    for start in range(0, len(clips["label"]), batch):
+        part = {k: v[start : start + batch] for k, v in clips.items()}
+        out = model.stream(part["clip"], reset_every=cfg.clip_length)
+        if cfg.task == "classification":
+            hits.append(top1_correct(out, part["label"]).flatten())
+        else:
+            h, w = part["clip"].shape[-2:]
+            stride = h // out.shape[-2]
+            hits.append(pck_correct(out, part["centers"], stride=stride, radius_px=0.2 * 0.25 * min(h, w)).flatten())
+    quality = float(torch.cat(hits).float().mean())
+    frame_shape = tuple(clips["clip"].shape[2:])
+    macs = mac_report(model, frame_shape)
+    lat = measure_latency(
+        model, clips["clip"][:1],
+        reset_every=cfg.clip_length, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
+    )
+    reset_stats(model)
+    metrics = {
+        "quality": quality,
+        "latency_ms": lat.median_ms,
+        "latency_min_ms": lat.min_ms,
+        "latency_max_ms": lat.max_ms,
+        "macs": macs.effective,
+        "dense_macs": macs.dense,
+        "mac_reduction": macs.reduction,
+        "mean_density": macs.mean_density,
+    }
+    return TrialOutcome(metrics=metrics, model=model, layer_density={n: l.density for n, l in macs.layers.items()})
+
+
+def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, on_epoch=None) -> TrialOutcome:
+    """Build, train and evaluate one candidate; metrics include wall-clock phases."""
+    t0 = time.perf_counter()
+    train_clips = load_clips(data, frames=cfg.clip_length, count=data.train_clips, split="train")
+    val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
+    model = build_model(cfg, num_classes(data))
+    t1 = time.perf_counter()
+    loss = train(model, cfg, train_clips, on_epoch=on_epoch)
+    t2 = time.perf_counter()
+    outcome = evaluate(model, cfg, val_clips, evaluation)
+    t3 = time.perf_counter()
+    outcome.metrics.update(train_loss=loss, data_s=t1 - t0, train_s=t2 - t1, eval_s=t3 - t2)
+    return outcome
+
+
+__all__ = ["TrialOutcome", "build_model", "evaluate", "load_clips", "num_classes", "run_trial", "train"]
+

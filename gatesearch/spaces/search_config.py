@@ -1,0 +1,143 @@
+"""A whole search described by one YAML file, validated before any trial starts.
+
+Every error is a ``SpaceError`` with one line that names the offending key,
+e.g. ``space.gates.input_norm.threshold.low: must be >= 0.0, got -1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .joint import Space, parse_space
+from .params import SpaceError
+
+OBJECTIVES = ("latency", "macs")  # second objective; the first is always quality
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    kind: str = "synthetic"  # the built-in generator; needs no download
+    train_clips: int = 96  # clips used for training
+    val_clips: int = 24  # held-out clips for quality, MACs and density
+    synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig fields
+
+    def synthetic_config(self, frames: int):
+        """The generator's config; clips are generated at the length they are needed."""
+        from gatesearch.data import SyntheticConfig
+
+        return SyntheticConfig.from_dict({**self.synthetic, "frames": frames})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    frames: int = 16  # frames of each held-out clip, streamed one by one
+    latency_warmup: int = 1  # untimed passes before timing
+    latency_repeats: int = 5  # timed passes; the median is reported, with the spread
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    name: str = "search"  # MLflow experiment name and prefix of the search id
+    trials: int = 12  # number of trials to run
+    max_concurrent: int = 2  # trials running at once (each gets cpus / max_concurrent threads)
+    seed: int = 0  # sampler seed and trial seed
+    objective: str = "latency"  # second objective beside quality: "latency" or "macs"
+    sampler: str = "tpe"  # Optuna multi-objective sampler
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    space: Space = None  # type: ignore[assignment]  # filled by load/parse
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["data"] = dataclasses.asdict(self.data)
+        out["evaluation"] = dataclasses.asdict(self.evaluation)
+        out["space"] = self.space.to_yaml()
+        return out
+
+
+def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
+    """Read and validate a search YAML; ``overrides`` replace top-level keys (CLI flags)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpaceError(f"{path}: not valid YAML{where}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping at the top level")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_search_config(raw)
+
+
+def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
+    raw = dict(raw)
+    simple = {f.name: f for f in dataclasses.fields(SearchConfig) if f.name not in ("data", "evaluation", "space")}
+    known = set(simple) | {"data", "evaluation", "space"}
+    for key in raw:
+        if key not in known:
+            raise SpaceError(f"{key}: unknown key; known: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for key in simple:
+        if key in raw:
+            values[key] = _typed(raw[key], type(getattr(SearchConfig(), key)), key)
+    cfg = SearchConfig(**values)
+    if cfg.trials < 1:
+        raise SpaceError(f"trials: must be >= 1, got {cfg.trials}")
+    if cfg.max_concurrent < 1:
+        raise SpaceError(f"max_concurrent: must be >= 1, got {cfg.max_concurrent}")
+    if cfg.objective not in OBJECTIVES:
+        raise SpaceError(f"objective: {cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if cfg.sampler not in SAMPLERS:
+        raise SpaceError(f"sampler: {cfg.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if not cfg.name or any(c in cfg.name for c in "/\\ "):
+        raise SpaceError(f"name: must be non-empty without spaces or slashes, got {cfg.name!r}")
+    data = _section(DataConfig, raw.get("data"), "data")
+    if data.kind != "synthetic":
+        raise SpaceError(f"data.kind: {data.kind!r} is not one of synthetic")
+    for key in ("train_clips", "val_clips"):
+        if getattr(data, key) < 1:
+            raise SpaceError(f"data.{key}: must be >= 1, got {getattr(data, key)}")
+    evaluation = _section(EvalConfig, raw.get("evaluation"), "evaluation")
+    for f in dataclasses.fields(EvalConfig):
+        minimum = 0 if f.name == "latency_warmup" else 1
+        if getattr(evaluation, f.name) < minimum:
+            raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
+    space = parse_space(raw.get("space"), seed=cfg.seed)
+    try:
+        data.synthetic_config(evaluation.frames)
+    except (ValueError, TypeError) as e:
+        raise SpaceError(f"data.synthetic: {e}") from None
+    return dataclasses.replace(cfg, data=data, evaluation=evaluation, space=space)
+
+
+def _section(cls, raw: Any, where: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    defaults = cls()
+    values = {}
+    for key, value in raw.items():
+        if not hasattr(defaults, key):
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise SpaceError(f"{where}.{key}: unknown key; known: {known}")
+        values[key] = _typed(value, type(getattr(defaults, key)), f"{where}.{key}")
+    return cls(**values)
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise SpaceError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value

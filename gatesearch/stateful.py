@@ -1,0 +1,38 @@
+"""The streaming protocol shared by every gated layer.
+
+A stateful layer has a boolean ``streaming`` attribute and a ``reset_state()``
+method. While streaming, one call is one frame and the layer may reuse what it
+kept from the previous frame; outside, it behaves as a plain layer over a batch
+of independent frames. Resetting makes the next frame a dense reference frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+
+def stateful_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "streaming") and hasattr(m, "reset_state")]
+
+
+def reset_state(model: nn.Module) -> None:
+    for m in stateful_layers(model):
+        m.reset_state()
+
+
+@contextlib.contextmanager
+def streaming(model: nn.Module) -> Iterator[None]:
+    """Within this block, stateful layers keep state between calls (one call = one frame)."""
+    layers = stateful_layers(model)
+    for m in layers:
+        m.streaming = True
+        m.reset_state()
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.streaming = False
+            m.reset_state()
