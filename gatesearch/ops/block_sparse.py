@@ -1,0 +1,109 @@
+"""Block-sparse Skip-Conv step: compute only the active output blocks.
+
+Skip-Convolutions, Eq. 3 with "Structured Sparsity": z_t = z_{t-1} +
+g(r_t) ⊙ (w * r_t), g constant on b×b output blocks. Multiplying a dense conv
+by the mask (``accumulate_masked_dense_``) saves nothing; here the receptive
+fields of the active positions are gathered (halo included), multiplied by
+the weight in one GEMM, and scatter-added into z in place. Near full density
+the gather costs more than it saves, so ``path="auto"`` falls back to the dense
+conv above a crossover density measured on this machine (``crossover.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gatesearch.ops import _native, _torch_kernels
+from gatesearch.ops.gate import upsample_block_mask
+from gatesearch.ops.geometry import ConvGeometry, Pair, check_operands, resolve_geometry
+from gatesearch.ops.packing import kernel_kind, packed_weight
+
+PATHS = ("auto", "sparse", "dense")
+
+
+def accumulate_block_sparse_(
+    z: torch.Tensor,
+    r: torch.Tensor,
+    weight: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
+    dilation: int | Pair = 1,
+    groups: int = 1,
+    path: str = "auto",
+) -> torch.Tensor:
+    """z (N, Co, Ho, Wo) += upsample(block_mask, b) * conv2d(r, weight), computing active blocks only.
+
+    Same result as ``accumulate_masked_dense_`` (fp32 rounding aside). ``path``:
+    "sparse" always gathers, "dense" runs the masked dense conv, "auto" picks
+    per call from the mask's density and this machine's crossover. Inference
+    only: with autograd recording, or off fp32 CPU, it runs the dense path.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    geom = resolve_geometry(
+        r.shape, weight.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, block_size=block_size
+    )
+    check_operands(geom, z, r, block_mask)
+    if path == "dense" or not _sparse_capable(z, r, weight):
+        return accumulate_dense_(z, r, weight, block_mask, geom)
+
+    r = _dense_layout(r)
+    work = _dense_layout(z)
+    channels_last = _is_channels_last(r)
+    total = block_mask.shape[0] * geom.out_hw[0] * geom.out_hw[1]
+    if path == "sparse":
+        max_rows = total
+    else:
+        from gatesearch.ops.crossover import crossover_density
+
+        rho = crossover_density(geom, batch=block_mask.shape[0], channels_last=channels_last)
+        max_rows = int(rho * total)
+
+    if _native.usable(r, weight):
+        kind = kernel_kind(channels_last=channels_last, in_per_group=geom.in_channels // geom.groups)
+        wpack = packed_weight(weight, kind, geom.groups)
+        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows)
+    else:
+        rows = _torch_kernels.block_sparse_accumulate_(work, r, weight, block_mask, geom, max_rows)
+    if rows < 0:  # denser than the crossover: the dense conv is faster
+        return accumulate_dense_(z, r, weight, block_mask, geom)
+    if work is not z:
+        z.copy_(work)
+    return z
+
+
+def accumulate_dense_(
+    z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, geom: ConvGeometry
+) -> torch.Tensor:
+    """Masked dense step, tuned: the full conv (channels_last, oneDNN's fast layout), then one fused add."""
+    x = r.contiguous(memory_format=torch.channels_last) if r.is_floating_point() else r
+    out = F.conv2d(x, weight, None, **geom.conv_args())  # (N, Co, Ho, Wo)
+    if bool(block_mask.all()):
+        return z.add_(out)
+    mask = upsample_block_mask(block_mask, geom.block, geom.out_hw).to(out.dtype)  # (N, 1, Ho, Wo)
+    return z.addcmul_(out, mask)
+
+
+def _sparse_capable(*tensors: torch.Tensor) -> bool:
+    """The gather kernels run fp32 on CPU and record no autograd."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    return True
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense_layout(t: torch.Tensor) -> torch.Tensor:
+    """t itself when NCHW- or channels_last-contiguous, else an NCHW copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()

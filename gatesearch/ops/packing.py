@@ -1,0 +1,61 @@
+"""Conv weights re-laid out for the block-sparse GEMMs, cached per weight tensor.
+
+The gather writes the active positions' receptive fields in the order that
+makes its reads contiguous for the residual's memory format; the weight has to
+be permuted to the same order. A layer calls the kernel every frame with the
+same weight, so the permuted copy is kept until the weight changes (in-place
+update bumps ``_version``; ``.data =`` swaps the storage) or is freed.
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+
+import torch
+
+
+class Kind(enum.IntEnum):
+    """Kernel variants of csrc/skip_conv.cpp (values shared with the C++ enum)."""
+
+    GEMM_CHANNELS_LAST = 0  # cols (G, M, T*Cg), weight (G, T*Cg, Cog)
+    GEMM_NCHW = 1  # colsT (Ci*T, M), weight (G, Cog, Cg*T)
+    DEPTHWISE_CHANNELS_LAST = 2  # direct loops, weight (T, Co)
+    DEPTHWISE_NCHW = 3  # direct loops, weight (Co, T)
+
+
+def kernel_kind(*, channels_last: bool, in_per_group: int) -> Kind:
+    """One input channel per group (depthwise and friends) skips the GEMM entirely."""
+    if in_per_group == 1:
+        return Kind.DEPTHWISE_CHANNELS_LAST if channels_last else Kind.DEPTHWISE_NCHW
+    return Kind.GEMM_CHANNELS_LAST if channels_last else Kind.GEMM_NCHW
+
+
+def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
+    """(Co, Cg, kh, kw) -> the layout ``kind`` multiplies with (contiguous fp32)."""
+    co, cg, kh, kw = weight.shape
+    w = weight.detach().to(torch.float32)
+    taps = kh * kw
+    if kind == Kind.GEMM_CHANNELS_LAST:
+        # (G, Cog, Cg, T) -> (G, T, Cg, Cog): rows follow the gather's (tap, channel) order
+        return w.reshape(groups, co // groups, cg, taps).permute(0, 3, 2, 1).reshape(groups, taps * cg, co // groups).contiguous()
+    if kind == Kind.GEMM_NCHW:
+        return w.contiguous().view(groups, co // groups, cg * taps)
+    if kind == Kind.DEPTHWISE_CHANNELS_LAST:
+        return w.reshape(co, taps).t().contiguous()
+    return w.contiguous().view(co, taps)
+
+
+_cache: dict[tuple[int, int, int], tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def packed_weight(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
+    """``pack`` with a per-weight cache (identity + version + storage checked)."""
+    key = (id(weight), int(kind), groups)
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == weight.data_ptr():
+        return hit[3]
+    packed = pack(weight, kind, groups)
+    ref = weakref.ref(weight, lambda _ref, key=key: _cache.pop(key, None))
+    _cache[key] = (ref, weight._version, weight.data_ptr(), packed)
+    return packed
