@@ -75,7 +75,7 @@ def block_sparse_accumulate_(
     cols = rows.index_select(0, src.reshape(-1)).view(m, taps, ci)  # (M, T, Ci)
     if valid is not None:
         cols.mul_(valid[pos])
-    wpack = packed_weight(weight, Kind.GEMM_CHANNELS_LAST, g)  # (G, T*Cg, Cog)
+    wpack = packed_weight(weight, Kind.GEMM, g)  # (G, T*Cg, Cog)
     if g == 1:
         out = torch.mm(cols.view(m, taps * ci), wpack[0])  # (M, Co)
     else:

@@ -16,19 +16,18 @@ import torch
 
 
 class Kind(enum.IntEnum):
-    """Kernel variants of csrc/skip_conv.cpp (values shared with the C++ enum)."""
+    """Kernel variants of csrc/skip_conv.cpp (values shared with its enum)."""
 
-    GEMM_CHANNELS_LAST = 0  # cols (G, M, T*Cg), weight (G, T*Cg, Cog)
-    GEMM_NCHW = 1  # colsT (Ci*T, M), weight (G, Cog, Cg*T)
-    DEPTHWISE_CHANNELS_LAST = 2  # direct loops, weight (T, Co)
-    DEPTHWISE_NCHW = 3  # direct loops, weight (Co, T)
+    GEMM = 0  # im2col of active positions (G, M, T*Cg) @ weight (G, T*Cg, Cog)
+    DEPTHWISE_CHANNELS_LAST = 1  # direct loops, weight (T, Co)
+    DEPTHWISE_NCHW = 2  # direct loops, weight (Co, T)
 
 
 def kernel_kind(*, channels_last: bool, in_per_group: int) -> Kind:
     """One input channel per group (depthwise and friends) skips the GEMM entirely."""
     if in_per_group == 1:
         return Kind.DEPTHWISE_CHANNELS_LAST if channels_last else Kind.DEPTHWISE_NCHW
-    return Kind.GEMM_CHANNELS_LAST if channels_last else Kind.GEMM_NCHW
+    return Kind.GEMM
 
 
 def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
@@ -36,11 +35,10 @@ def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
     co, cg, kh, kw = weight.shape
     w = weight.detach().to(torch.float32)
     taps = kh * kw
-    if kind == Kind.GEMM_CHANNELS_LAST:
+    if kind == Kind.GEMM:
         # (G, Cog, Cg, T) -> (G, T, Cg, Cog): rows follow the gather's (tap, channel) order
-        return w.reshape(groups, co // groups, cg, taps).permute(0, 3, 2, 1).reshape(groups, taps * cg, co // groups).contiguous()
-    if kind == Kind.GEMM_NCHW:
-        return w.contiguous().view(groups, co // groups, cg * taps)
+        w = w.reshape(groups, co // groups, cg, taps).permute(0, 3, 2, 1)
+        return w.reshape(groups, taps * cg, co // groups).contiguous()
     if kind == Kind.DEPTHWISE_CHANNELS_LAST:
         return w.reshape(co, taps).t().contiguous()
     return w.contiguous().view(co, taps)

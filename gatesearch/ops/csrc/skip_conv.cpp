@@ -174,80 +174,92 @@ at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double
 // Scatter-add of per-position results into z (disjoint blocks: no races).
 // ---------------------------------------------------------------------------
 
-// out(m, co) lives at out[m * m_stride + co * c_stride]
-void scatter_add(at::Tensor& z, const std::vector<Block>& blocks, const float* out, int64_t m_stride,
-                 int64_t c_stride) {
+// out is (M, Co) row-major: row m holds the Co results of output position m.
+void scatter_add(at::Tensor& z, const std::vector<Block>& blocks, const float* out) {
   const int64_t Co = z.size(1);
   const Strides zs(z);
   float* zp = z.data_ptr<float>();
-  if (zs.c == 1 && c_stride == 1) {  // channels_last z, row-major out: contiguous Co-vectors
-    at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Block& bl = blocks[i];
+  at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Block& bl = blocks[i];
+      const int64_t width = bl.ox1 - bl.ox0;
+      if (zs.c == 1) {  // channels_last z: add whole channel vectors
         int64_t m = bl.m0;
         for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
           for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m) {
             float* dst = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
-            const float* src = out + m * m_stride;
+            const float* src = out + m * Co;
             for (int64_t c = 0; c < Co; ++c) dst[c] += src[c];
           }
-      }
-    });
-  } else if (zs.w == 1 && m_stride == 1) {  // NCHW z, channel-major out: contiguous row runs
-    at::parallel_for(0, Co, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        const float* src = out + c * c_stride;
-        for (const Block& bl : blocks) {
-          int64_t m = bl.m0;
+      } else {  // NCHW z: contiguous runs along each output row, per channel
+        for (int64_t c = 0; c < Co; ++c)
           for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy) {
-            float* dst = zp + bl.n * zs.n + c * zs.c + oy * zs.h;
-            for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m) dst[ox] += src[m];
-          }
-        }
-      }
-    });
-  } else {  // mixed layouts: correct, strided
-    at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Block& bl = blocks[i];
-        int64_t m = bl.m0;
-        for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
-          for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m) {
-            float* dst = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
-            for (int64_t c = 0; c < Co; ++c) dst[c * zs.c] += out[m * m_stride + c * c_stride];
+            float* dst = zp + bl.n * zs.n + c * zs.c + oy * zs.h + bl.ox0 * zs.w;
+            const float* src = out + (bl.m0 + (oy - bl.oy0) * width) * Co + c;
+            for (int64_t j = 0; j < width; ++j) dst[j * zs.w] += src[j * Co];
           }
       }
-    });
-  }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------
 // Gathers (im2col of the active positions only) + GEMM.
 // ---------------------------------------------------------------------------
 
-// channels_last r -> cols (G, M, T*Cg), columns ordered (tap, channel-in-group),
-// so every tap copies Cg contiguous floats. weight packed as (G, T*Cg, Cog).
+// Receptive field of one output block, (P_h, P_w, Ci) channel-minor, zeros
+// where the kernel reads padding. NCHW residuals are transposed patch by patch
+// (only the halo of the active blocks, not the whole tensor) so the im2col
+// below can copy whole channel vectors in either layout.
+void load_patch(const float* rp, const Strides& rs, int64_t Ci, int64_t H, int64_t W, int64_t n, int64_t iy0,
+                int64_t ix0, int64_t ph, int64_t pw, std::vector<float>& buf) {
+  buf.resize(ph * pw * Ci);
+  float* dst = buf.data();
+  if (iy0 < 0 || ix0 < 0 || iy0 + ph > H || ix0 + pw > W) std::fill(buf.begin(), buf.end(), 0.f);
+  const int64_t y_lo = std::max<int64_t>(0, -iy0), y_hi = std::min(ph, H - iy0);
+  const int64_t x_lo = std::max<int64_t>(0, -ix0), x_hi = std::min(pw, W - ix0);
+  for (int64_t c = 0; c < Ci; ++c)
+    for (int64_t py = y_lo; py < y_hi; ++py) {
+      const float* src = rp + n * rs.n + c * rs.c + (iy0 + py) * rs.h + ix0 * rs.w;
+      for (int64_t px = x_lo; px < x_hi; ++px) dst[(py * pw + px) * Ci + c] = src[px * rs.w];
+    }
+}
+
+// im2col of the active positions only -> cols (G, M, T*Cg), columns ordered
+// (tap, channel-in-group) so every tap copies Cg contiguous floats; then one
+// GEMM (G == 1) or batched GEMM against the weight packed as (G, T*Cg, Cog).
 // Returns out (G, M, Cog).
-at::Tensor gemm_channels_last(const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
-                              const Conv& cv, int64_t M) {
+at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
+                       const Conv& cv, int64_t M) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), G = cv.groups, Cg = Ci / G;
   const int64_t T = cv.kh * cv.kw, Kg = T * Cg;
   const Strides rs(r);
+  const bool direct = rs.c == 1 || Ci == 1;  // channel vectors already contiguous
   const float* rp = r.data_ptr<float>();
   at::Tensor cols = at::empty({G, M, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
   float* cp = cols.data_ptr<float>();
   at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> patch;
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
+      const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
+      const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
+      const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+      if (!direct) load_patch(rp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       int64_t m = bl.m0;
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m)
           for (int64_t ky = 0; ky < cv.kh; ++ky) {
             const int64_t iy = oy * cv.sh - cv.ph + ky * cv.dh;
-            const bool row_ok = iy >= 0 && iy < H;
             for (int64_t kx = 0; kx < cv.kw; ++kx) {
               const int64_t ix = ox * cv.sw - cv.pw + kx * cv.dw, t = ky * cv.kw + kx;
-              const float* src = (row_ok && ix >= 0 && ix < W) ? rp + bl.n * rs.n + iy * rs.h + ix * rs.w : nullptr;
+              const float* src;
+              if (!direct)
+                src = patch.data() + ((iy - iy0) * pw + (ix - ix0)) * Ci;
+              else if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                src = rp + bl.n * rs.n + iy * rs.h + ix * rs.w;
+              else
+                src = nullptr;
               for (int64_t g = 0; g < G; ++g) {
                 float* dst = cp + (g * M + m) * Kg + t * Cg;
                 if (src)
@@ -261,42 +273,6 @@ at::Tensor gemm_channels_last(const at::Tensor& r, const at::Tensor& wpack, cons
   });
   if (G == 1) return at::mm(cols[0], wpack[0]).unsqueeze(0);
   return at::bmm(cols, wpack);
-}
-
-// NCHW r -> colsT (Ci*T, M), rows ordered (channel, tap) so each row is a run
-// of contiguous reads along the input row. weight packed as (G, Cog, Cg*T)
-// (its natural layout). Returns outT (Co, M).
-at::Tensor gemm_nchw(const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks, const Conv& cv,
-                     int64_t M) {
-  const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), G = cv.groups, Cg = Ci / G;
-  const int64_t T = cv.kh * cv.kw;
-  const Strides rs(r);
-  const float* rp = r.data_ptr<float>();
-  at::Tensor cols = at::empty({Ci * T, M}, r.options().memory_format(at::MemoryFormat::Contiguous));
-  float* cp = cols.data_ptr<float>();
-  at::parallel_for(0, Ci * T, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t row = lo; row < hi; ++row) {
-      const int64_t c = row / T, t = row % T, ky = t / cv.kw, kx = t % cv.kw;
-      float* dst = cp + row * M;
-      for (const Block& bl : blocks) {
-        const int64_t width = bl.ox1 - bl.ox0;
-        for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy, dst += width) {
-          const int64_t iy = oy * cv.sh - cv.ph + ky * cv.dh;
-          if (iy < 0 || iy >= H) {
-            std::memset(dst, 0, width * sizeof(float));
-            continue;
-          }
-          const float* src = rp + bl.n * rs.n + c * rs.c + iy * rs.h;
-          for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
-            const int64_t ix = ox * cv.sw - cv.pw + kx * cv.dw;
-            dst[ox - bl.ox0] = (ix >= 0 && ix < W) ? src[ix] : 0.f;
-          }
-        }
-      }
-    }
-  });
-  if (G == 1) return at::mm(wpack[0], cols);
-  return at::bmm(wpack, cols.view({G, Cg * T, M})).view({G * wpack.size(1), M});
 }
 
 // ---------------------------------------------------------------------------
@@ -379,7 +355,7 @@ void depthwise_nchw(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
 // Entry point.
 // ---------------------------------------------------------------------------
 
-enum Kind : int64_t { kGemmChannelsLast = 0, kGemmNchw = 1, kDepthwiseChannelsLast = 2, kDepthwiseNchw = 3 };
+enum Kind : int64_t { kGemm = 0, kDepthwiseChannelsLast = 1, kDepthwiseNchw = 2 };
 
 // z += upsample(mask) * conv(r, w) computing only the active blocks.
 // Returns the number of recomputed output positions (over the batch), or -1
@@ -397,19 +373,11 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   if (M > max_rows) return -1;
   if (M == 0) return 0;
   switch (kind) {
-    case kGemmChannelsLast: {
-      const at::Tensor out = gemm_channels_last(r, wpack, blocks, cv, M);  // (G, M, Cog)
-      if (cv.groups == 1) {
-        scatter_add(z, blocks, out.data_ptr<float>(), out.size(2), 1);
-      } else {  // (G, M, Cog) -> (M, Co)
-        const at::Tensor flat = out.permute({1, 0, 2}).reshape({M, z.size(1)});
-        scatter_add(z, blocks, flat.data_ptr<float>(), z.size(1), 1);
-      }
-      break;
-    }
-    case kGemmNchw: {
-      const at::Tensor outT = gemm_nchw(r, wpack, blocks, cv, M).contiguous();  // (Co, M)
-      scatter_add(z, blocks, outT.data_ptr<float>(), 1, M);
+    case kGemm: {
+      const at::Tensor out = gather_gemm(r, wpack, blocks, cv, M);  // (G, M, Cog)
+      // (G, M, Cog) -> (M, Co): free when G == 1
+      const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
+      scatter_add(z, blocks, flat.data_ptr<float>());
       break;
     }
     case kDepthwiseChannelsLast:
