@@ -1,14 +1,14 @@
 """What every backbone gives, and the video model built around it.
 
-A backbone is a per-frame 2D network: ``forward_frame(x)`` maps one frame per
-stream to two feature maps, a deep one for the clip head and a stride-4 one for
-the per-frame heatmap head. Gates replace the backbone's convolutions in place
+A backbone is a per-frame 2D network in two parts: ``fine(x)`` maps a frame to a
+stride-4 feature map (for the per-frame heatmap head) and ``deep(fine)`` goes on
+to the last stage (for the clip head), so a heatmap task never pays for the
+deep stages. Gates replace the backbone's convolutions in place
 (``policies``), so backbone code never needs to know about gating.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -20,43 +20,41 @@ from gatesearch.stateful import reset_state, streaming
 TASKS = ("classification", "heatmap")
 
 
-@dataclass(frozen=True)
-class FrameFeatures:
-    deep: torch.Tensor  # (N, C, h, w) last stage, for the clip head
-    fine: torch.Tensor  # (N, C', H/4, W/4) stride-4 stage, for the heatmap head
-
-
 class Backbone(nn.Module):
     """Base class: a per-frame feature extractor.
 
-    Subclasses set ``deep_channels`` and ``fine_channels`` and implement
-    ``forward_frame``. ``tasks`` lists the heads the backbone supports.
+    Subclasses set ``fine_channels`` and ``deep_channels`` and implement
+    ``fine`` and ``deep``. ``tasks`` lists the heads the backbone supports.
     """
 
     tasks: ClassVar[tuple[str, ...]] = TASKS
-    deep_channels: int
     fine_channels: int
+    deep_channels: int
 
-    def forward_frame(self, x: torch.Tensor) -> FrameFeatures:  # x: (N, 3, H, W)
+    def fine(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C', H/4, W/4)
+        raise NotImplementedError
+
+    def deep(self, fine: torch.Tensor) -> torch.Tensor:  # (N, C', H/4, W/4) -> (N, C, h, w)
         raise NotImplementedError
 
 
 class ClipHead(nn.Module):
     """Clip classifier over per-frame features.
 
-    Each frame's deep features are pooled to a 2×2 grid so that position
-    survives; the mean over time and the mean temporal difference (which carries
-    the motion direction) feed one linear layer.
+    Each frame's deep features are average-pooled to a 2×2 grid (position
+    survives) and max-pooled globally (sharp shape evidence survives); the mean
+    over time and the mean temporal difference (which carries the motion
+    direction) feed one linear layer.
     """
 
     grid = 2
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(2 * channels * self.grid * self.grid, num_classes)
+        self.fc = nn.Linear(2 * channels * (self.grid * self.grid + 1), num_classes)
 
-    def pool(self, deep: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, C*4)
-        return F.adaptive_avg_pool2d(deep, self.grid).flatten(1)
+    def pool(self, deep: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, 5C)
+        return torch.cat([F.adaptive_avg_pool2d(deep, self.grid).flatten(1), deep.amax((2, 3))], 1)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, K)
         mean = pooled.mean(1)
@@ -92,10 +90,10 @@ class VideoModel(nn.Module):
         classification: pooled clip features (N, D); heatmap: logits (N, 1, H/4, W/4).
         Only the head of the task runs, so latency counts what the task needs.
         """
-        feats = self.backbone.forward_frame(x)
+        fine = self.backbone.fine(x)
         if self.task == "classification":
-            return self.clip_head.pool(feats.deep)
-        return self.heat_head(feats.fine)
+            return self.clip_head.pool(self.backbone.deep(fine))
+        return self.heat_head(fine)
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:  # clip: (B, T, 3, H, W)
         b, t = clip.shape[:2]
@@ -108,7 +106,8 @@ class VideoModel(nn.Module):
             for t in range(clip.shape[1]):
                 if reset_every and t and t % reset_every == 0:
                     reset_state(self)
-                per_frame.append(self.frame(clip[:, t]))
+                # a gated layer's output is its state, updated in place at the next frame: copy it
+                per_frame.append(self.frame(clip[:, t]).clone())
         return self._finish(torch.stack(per_frame, 1))
 
     def _finish(self, per_frame: torch.Tensor) -> torch.Tensor:

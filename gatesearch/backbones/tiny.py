@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Backbone, FrameFeatures
+from .base import Backbone
 from .registry import BACKBONES
 
 
@@ -27,9 +27,11 @@ class TinyNet(Backbone):
         self.stage2 = nn.Sequential(conv_bn_relu(2 * c, 4 * c, 2), conv_bn_relu(4 * c, 4 * c))  # H/8
         self.fine_channels, self.deep_channels = 2 * c, 4 * c
 
-    def forward_frame(self, x):  # x: (N, 3, H, W)
-        fine = self.stage1(self.stem(x))  # (N, 2c, H/4, W/4)
-        return FrameFeatures(deep=self.stage2(fine), fine=fine)
+    def fine(self, x):  # (N, 3, H, W) -> (N, 2c, H/4, W/4)
+        return self.stage1(self.stem(x))
+
+    def deep(self, fine):  # -> (N, 4c, H/8, W/8)
+        return self.stage2(fine)
 
 
 @BACKBONES.register("tiny")

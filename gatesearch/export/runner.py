@@ -55,7 +55,7 @@ def run_stream(
             report = counter.report()
             s = FrameStats(index=i, density=report.mean_density, macs=report.effective, latency_ms=1000 * elapsed)
             stats.append(s)
-            per_frame_out.append(out)
+            per_frame_out.append(out.clone())  # the layer's state changes at the next frame
             if on_frame:
                 on_frame(s)
     if not stats:
@@ -70,6 +70,7 @@ def run_stream(
         "reset_every": reset_every,
     }
     if model.task == "classification":
-        logits = model.clip_head(torch.stack(per_frame_out, 1))
+        with torch.inference_mode():
+            logits = model.clip_head(torch.stack(per_frame_out, 1))
         summary["predicted_class"] = int(logits.argmax(1))
     return summary

@@ -53,7 +53,11 @@ class _FrameForward(nn.Module):
 
 def dense_macs(model: nn.Module, frame_shape: tuple[int, int, int]) -> tuple[float, dict[str, float]]:
     """fvcore count of one frame through ``model.frame``: (total, per-module MACs by name)."""
-    from fvcore.nn import FlopCountAnalysis
+    import warnings
+
+    with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
     model.eval()

@@ -31,7 +31,12 @@ class Gate(nn.Module):
 
 
 class SkipConv2d(nn.Module):
-    """A ``Conv2d`` run on residuals with a gate (Skip-Convolutions, Eq. 3)."""
+    """A ``Conv2d`` run on residuals with a gate (Skip-Convolutions, Eq. 3).
+
+    While streaming, the returned tensor *is* the layer's state z_t and is
+    updated in place at the next frame (a copy per layer would cost as much
+    as the skipped work): consumers that keep it across frames must copy it.
+    """
 
     def __init__(self, conv: nn.Conv2d, gate: Gate, *, block_size: int = 1, name: str = "") -> None:
         super().__init__()

@@ -26,6 +26,7 @@ ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 COST = {"latency": ("latency_ms", "latency per frame (ms)"), "macs": ("macs", "MACs per frame")}
 
@@ -50,11 +51,16 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     from ray import tune
 
     from gatesearch.export import trial_meta, write_files
+    from gatesearch.objectives.device import DeviceLock
     from gatesearch.search.trial import num_classes, run_trial
 
     torch.set_num_threads(threads)
     trial = TrialConfig.from_dict(config["trial"])
-    outcome = run_trial(trial, data, evaluation)
+    lock = DeviceLock()
+    try:
+        outcome = run_trial(trial, data, evaluation, lock=lock, latency_threads=len(os.sched_getaffinity(0)))
+    finally:
+        lock.close()
     with tempfile.TemporaryDirectory() as tmp:
         meta = trial_meta(trial, metrics=outcome.metrics, data=data, num_classes=num_classes(data),
                           frame_shape=_frame_shape(data), trial_id=tune.get_context().get_trial_id())

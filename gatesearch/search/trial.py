@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from gatesearch.objectives.device import NoLock
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
 
@@ -47,11 +48,17 @@ def num_classes(data: DataConfig) -> int:
     return data.synthetic_config(2).num_classes
 
 
-def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, on_epoch: Callable[[int, float], None] | None = None) -> float:
-    """Train in place with AdamW; returns the last epoch's mean loss."""
+def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
+          on_epoch: Callable[[int, float], None] | None = None) -> float:
+    """Train in place with AdamW; returns the last epoch's mean loss.
+
+    Each step holds ``lock.shared()`` so that a latency measurement of another
+    trial on this machine can claim the device between steps.
+    """
     from gatesearch.objectives import task_loss
     from gatesearch.policies import build_policy
 
+    lock = lock or NoLock()
     policy = build_policy(cfg.gate, **cfg.gate_knobs())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(clips["label"]) / cfg.batch_size)
@@ -65,16 +72,17 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, on_epoch: 
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             batch = {k: v[idx] for k, v in clips.items()}
-            out = model.stream(batch["clip"], reset_every=cfg.clip_length) if policy.trains_gates else model(batch["clip"])
-            loss = task_loss(cfg.task, out, batch)
-            extra = policy.loss(model)
-            if extra is not None:
-                loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss) * len(idx)
+            with lock.shared():
+                out = model.stream(batch["clip"], reset_every=cfg.clip_length) if policy.trains_gates else model(batch["clip"])
+                loss = task_loss(cfg.task, out, batch)
+                extra = policy.loss(model)
+                if extra is not None:
+                    loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            total += loss.item() * len(idx)
         mean = total / len(order)
         if not math.isfinite(mean):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {mean}); lower the learning rate")
@@ -84,16 +92,23 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, on_epoch: 
 
 
 @torch.inference_mode()
-def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8) -> TrialOutcome:
-    """Stream held-out clips through the gated model: quality, MACs, densities, latency."""
+def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8,
+             lock=None, latency_threads: int | None = None) -> TrialOutcome:
+    """Stream held-out clips through the gated model: quality, MACs, densities, latency.
+
+    Latency is measured holding the device alone (``lock.exclusive``) with
+    ``latency_threads`` torch threads: the deployed model gets the whole device.
+    """
     from gatesearch.objectives import mac_report, measure_latency, pck_correct, reset_stats, top1_correct
 
+    lock = lock or NoLock()
     model.eval()
     reset_stats(model)
     hits = []
     for start in range(0, len(clips["label"]), batch):
         part = {k: v[start : start + batch] for k, v in clips.items()}
-        out = model.stream(part["clip"], reset_every=cfg.clip_length)
+        with lock.shared():
+            out = model.stream(part["clip"], reset_every=cfg.clip_length)
         if cfg.task == "classification":
             hits.append(top1_correct(out, part["label"]).flatten())
         else:
@@ -103,10 +118,11 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     quality = float(torch.cat(hits).float().mean())
     frame_shape = tuple(clips["clip"].shape[2:])
     macs = mac_report(model, frame_shape)
-    lat = measure_latency(
-        model, clips["clip"][:1],
-        reset_every=cfg.clip_length, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
-    )
+    with lock.exclusive(latency_threads):
+        lat = measure_latency(
+            model, clips["clip"][:1],
+            reset_every=cfg.clip_length, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
+        )
     reset_stats(model)
     metrics = {
         "quality": quality,
@@ -121,16 +137,17 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     return TrialOutcome(metrics=metrics, model=model, layer_density={n: l.density for n, l in macs.layers.items()})
 
 
-def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, on_epoch=None) -> TrialOutcome:
+def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, lock=None,
+              latency_threads: int | None = None, on_epoch=None) -> TrialOutcome:
     """Build, train and evaluate one candidate; metrics include wall-clock phases."""
     t0 = time.perf_counter()
     train_clips = load_clips(data, frames=cfg.clip_length, count=data.train_clips, split="train")
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     model = build_model(cfg, num_classes(data))
     t1 = time.perf_counter()
-    loss = train(model, cfg, train_clips, on_epoch=on_epoch)
+    loss = train(model, cfg, train_clips, lock=lock, on_epoch=on_epoch)
     t2 = time.perf_counter()
-    outcome = evaluate(model, cfg, val_clips, evaluation)
+    outcome = evaluate(model, cfg, val_clips, evaluation, lock=lock, latency_threads=latency_threads)
     t3 = time.perf_counter()
     outcome.metrics.update(train_loss=loss, data_s=t1 - t0, train_s=t2 - t1, eval_s=t3 - t2)
     return outcome

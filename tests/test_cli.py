@@ -1,0 +1,81 @@
+"""The CLI on bad input: one line, non-zero exit, nothing half-written."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gatesearch.cli import main
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args))
+
+    return invoke
+
+
+def one_line_error(result, text):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1, result.output
+    assert text in lines[0], lines[0]
+
+
+def test_list(cli):
+    r = cli("list")
+    assert r.exit_code == 0
+    assert "tiny" in r.output and "input_norm" in r.output and "threshold" in r.output
+
+
+@pytest.mark.parametrize("yaml_text, text", [
+    ("trails: 3\n", "trails: unknown key"),
+    ("space:\n  gate: [dense, gumbal]\n", "unknown gate 'gumbal'"),
+    ("space:\n  gate: dense\n  threshold: 0.1\n", "space.threshold: not taken by any searched gate"),
+    ("space:\n  block_size: [3]\n", "space.block_size"),
+    ("space: [1, 2\n", "not valid YAML"),
+])
+def test_search_bad_config(cli, tmp_path, yaml_text, text):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    one_line_error(cli("search", "c.yaml"), text)
+    assert not (tmp_path / "gatesearch_runs").exists()
+
+
+def test_search_missing_config(cli, tmp_path):
+    one_line_error(cli("search", "nope.yaml"), "nope.yaml: no such file")
+    assert not (tmp_path / "gatesearch_runs").exists()
+
+
+def test_pareto_and_export_without_store(cli):
+    one_line_error(cli("pareto"), "no search has been recorded yet")
+    one_line_error(cli("export", "abc123", "--out", "x"), "no search has been recorded yet")
+
+
+def test_run_missing_and_foreign_artifact(cli, tmp_path):
+    one_line_error(cli("run", "missing"), "no such artifact folder")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "gatesearch.json").write_text(json.dumps({"format": "someone-else"}))
+    one_line_error(cli("run", "foreign"), "foreign format")
+
+
+def test_run_corrupt_video(cli, tmp_path):
+    from gatesearch.export import save_artifact, trial_meta
+    from gatesearch.search.trial import build_model
+    from gatesearch.spaces import DataConfig, TrialConfig
+
+    trial = TrialConfig(gate="dense")
+    meta = trial_meta(trial, metrics={}, data=DataConfig(), num_classes=12, frame_shape=(3, 64, 64))
+    save_artifact(tmp_path / "art", build_model(trial, 12), meta)
+    (tmp_path / "bad.mp4").write_bytes(b"\x00not a video" * 100)
+    one_line_error(cli("run", "art", "--video", "bad.mp4"), "bad.mp4")
+    r = cli("run", "art", "--frames", "6", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["frames"] == 6 and summary["mean_density"] == 1.0

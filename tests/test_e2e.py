@@ -1,0 +1,75 @@
+"""One real search end to end: Ray Tune + Optuna + MLflow, then export and run."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gatesearch.cli import main
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+name: e2e
+trials: 4
+max_concurrent: 2
+seed: 1
+data: {train_clips: 24, val_clips: 8, synthetic: {height: 32, width: 32}}
+evaluation: {frames: 8, latency_repeats: 2}
+space:
+  gate: [dense, input_norm, output_norm]
+  clip_length: [2, 4]
+  epochs: 1
+  block_size: [2, 4]
+"""
+
+
+def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "s.yaml").write_text(CONFIG)
+    runner = CliRunner()
+    # --ray-address joins the session's Ray instead of starting one
+    address = ray_session.get_runtime_context().gcs_address
+    r = runner.invoke(main, ["search", "s.yaml", "--json", "--ray-address", address])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["trials_completed"] + summary["trials_failed"] == 4
+    assert summary["trials_completed"] >= 3 and summary["pareto"]
+    for key in ("search_id", "tracking_uri", "wall_s"):
+        assert key in summary
+    front = summary["pareto"]
+    assert all({"trial_id", "gate", "params", "quality", "latency_ms", "macs"} <= set(row) for row in front)
+
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if x.data.tags.get("gatesearch.kind") == "search"]
+    children = [x for x in runs if x.data.tags.get("gatesearch.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all("quality" in c.data.metrics and "latency_ms" in c.data.metrics for c in children if c.info.status == "FINISHED")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.json", "pareto.csv", "search_config.json"} <= artifacts
+    assert any(a.endswith("pareto.png") for a in artifacts)
+    tagged = {c.data.tags["gatesearch.trial_id"] for c in children if c.data.tags.get("gatesearch.pareto") == "true"}
+    assert tagged == {row["trial_id"] for row in front}
+
+    r = runner.invoke(main, ["pareto", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["pareto"] == json.loads(json.dumps(front))
+    r = runner.invoke(main, ["pareto", summary["search_id"], "--min-quality", "2"])
+    assert r.exit_code == 0 and "no Pareto-optimal trials" in r.output
+
+    best = max(front, key=lambda row: row["quality"])
+    r = runner.invoke(main, ["export", best["trial_id"], "--out", "model"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "model" / "gatesearch.json").read_text())
+    assert meta["trial_id"] == best["trial_id"] and meta["metrics"]["quality"] == best["quality"]
+    assert meta["trial"]["gate"] == best["gate"] and meta["gatesearch_version"]
+    r = runner.invoke(main, ["run", "model", "--frames", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 8 and {"mean_density", "macs_per_frame", "latency_ms_per_frame"} <= set(out)

@@ -1,0 +1,76 @@
+"""The artifact format: round trip, and refusal of missing, foreign or broken folders."""
+
+import json
+
+import pytest
+import torch
+
+from gatesearch.export import ArtifactError, load_artifact, save_artifact, trial_meta
+from gatesearch.export.runner import run_stream
+from gatesearch.search.trial import build_model
+from gatesearch.spaces import DataConfig, TrialConfig
+
+TRIAL = TrialConfig(gate="input_norm", threshold=0.3, block_size=2, clip_length=4)
+DATA = DataConfig(synthetic={"height": 32, "width": 32})
+
+
+def make(tmp_path, name="art"):
+    model = build_model(TRIAL, 12).eval()
+    meta = trial_meta(TRIAL, metrics={"quality": 0.5}, data=DATA, num_classes=12, frame_shape=(3, 32, 32), trial_id="abc")
+    return model, save_artifact(tmp_path / name, model, meta)
+
+
+def test_round_trip_same_outputs(tmp_path, static_clip):
+    model, out = make(tmp_path)
+    art = load_artifact(out)
+    assert art.trial == TRIAL and art.meta["metrics"] == {"quality": 0.5}
+    assert json.loads((out / "gatesearch.json").read_text())["gatesearch_version"]
+    with torch.inference_mode():
+        assert torch.equal(art.model.stream(static_clip), model.stream(static_clip))
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary folder left behind
+
+
+def test_refuses_to_overwrite(tmp_path):
+    make(tmp_path)
+    with pytest.raises(ArtifactError, match="already exists"):
+        make(tmp_path)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "gatesearch.json").unlink(), "not a gatesearch artifact"),
+    (lambda d: (d / "model.safetensors").unlink(), "incomplete artifact"),
+    (lambda d: (d / "gatesearch.json").write_text('{"format": "other/2"}'), "foreign format 'other/2'"),
+    (lambda d: (d / "gatesearch.json").write_text("{nope"), "not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "unreadable weights"),
+])
+def test_broken_artifacts_are_refused(tmp_path, breakage, message):
+    _, out = make(tmp_path)
+    breakage(out)
+    with pytest.raises(ArtifactError, match=message) as e:
+        load_artifact(out)
+    assert "\n" not in str(e.value)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    _, out = make(tmp_path)
+    meta = json.loads((out / "gatesearch.json").read_text())
+    meta["trial"]["width"] = 2.0
+    (out / "gatesearch.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_artifact(out)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ArtifactError, match="no such artifact folder"):
+        load_artifact(tmp_path / "nope")
+
+
+def test_run_stream_summary(tmp_path, static_clip):
+    _, out = make(tmp_path)
+    seen = []
+    summary = run_stream(load_artifact(out), iter(static_clip[0]), reset_every=8, on_frame=seen.append)
+    assert summary["frames"] == 16 == len(seen)
+    assert seen[0].density == 1.0 and seen[8].density == 1.0  # reference frames
+    assert 0 <= summary["mean_density"] <= 1
+    assert summary["macs_per_frame"] <= summary["dense_macs_per_frame"] * 1.1
+    assert summary["latency_ms_per_frame"] > 0 and "predicted_class" in summary

@@ -1,0 +1,109 @@
+"""Skip-Convolutions on a whole network: equivalence, structure, accounting."""
+
+import pytest
+import torch
+from torch import nn
+
+from gatesearch.backbones import BACKBONES, build
+from gatesearch.policies import build_policy
+from gatesearch.policies.skipconv import skip_layers
+from gatesearch.stateful import streaming
+
+
+def randomize_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def gated(backbone, gate, task="heatmap", **knobs):
+    torch.manual_seed(0)
+    model = randomize_bn(build(backbone, task=task, num_classes=12))
+    return build_policy(gate, **knobs).apply(model).eval()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES.list())
+@pytest.mark.parametrize("gate", ["input_norm", "output_norm"])
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("path", ["sparse", "dense", "auto"])
+def test_zero_threshold_reproduces_dense(static_clip, backbone, gate, block_size, path):
+    """ε = 0 skips only exactly-zero residual supports: frame by frame equal to the dense net."""
+    model = gated(backbone, gate, threshold=0.0, block_size=block_size)
+    for layer in skip_layers(model):
+        layer.path = path
+    with torch.inference_mode():
+        dense = model(static_clip)  # not streaming: plain convs, frames as a batch
+        streamed = model.stream(static_clip)  # 16 frames, reference only at frame 0
+    assert streamed.shape == dense.shape == (1, 16, 1, 8, 8)
+    assert (streamed - dense).abs().max().item() <= 1e-4
+    densities = [l.density for l in skip_layers(model)]
+    assert min(densities) < 1.0, "a still background must let some layer skip"
+
+
+def test_zero_threshold_classification_logits(static_clip):
+    model = gated("tiny", "input_norm", task="classification", threshold=0.0, block_size=4)
+    with torch.inference_mode():
+        assert torch.allclose(model.stream(static_clip), model(static_clip), atol=1e-4)
+
+
+def test_large_threshold_skips_and_resets(static_clip):
+    model = gated("tiny", "input_norm", threshold=1e9, block_size=2)
+    with torch.inference_mode():
+        out = model.stream(static_clip, reset_every=4)
+        dense = model(static_clip)
+    # frames 0, 4, 8, 12 are reference frames: exact; the others repeat their reference
+    for t in (0, 4, 8, 12):
+        assert torch.allclose(out[:, t], dense[:, t], atol=1e-4)
+    assert torch.equal(out[:, 1], out[:, 0])
+    layers = skip_layers(model)
+    assert all(abs(l.density - 4 / 16) < 1e-6 for l in layers)
+
+
+def test_mask_is_block_structured(static_clip):
+    from gatesearch.ops import upsample_block_mask
+
+    model = gated("tiny", "input_norm", threshold=0.5, block_size=4)
+    layer = skip_layers(model)[0]
+    masks = []
+    orig = layer.gate.block_mask
+
+    def spy(r, lyr):
+        m = orig(r, lyr)
+        masks.append(upsample_block_mask(m, 4, (16, 16)))
+        return m
+
+    layer.gate.block_mask = spy
+    with torch.inference_mode():
+        model.stream(static_clip)
+    assert masks
+    for m in masks:  # (N, 1, 16, 16): constant on every 4×4 block
+        blocks = m.reshape(1, 4, 4, 4, 4).float()
+        assert torch.equal(blocks.amax((2, 4)), blocks.amin((2, 4)))
+
+
+def test_every_conv_converted_and_inplace_activations_disabled():
+    model = gated("tiny", "input_norm", threshold=0.0, block_size=1)
+    inner = {id(l.conv) for l in skip_layers(model)}
+    assert inner and all(id(m) in inner for m in model.modules() if type(m) is nn.Conv2d)
+    assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+
+
+def test_streaming_context_restores_plain_mode(static_clip):
+    model = gated("tiny", "output_norm", threshold=10.0, block_size=2)
+    with torch.inference_mode(), streaming(model):
+        model.frame(static_clip[:, 0])
+        assert skip_layers(model)[0].x_prev is not None
+    assert all(not l.streaming and l.x_prev is None for l in skip_layers(model))
+
+
+def test_first_frame_dense_then_gradient_flows_through_stream(static_clip):
+    """Training through the stream (out of place) reaches the conv weights."""
+    model = gated("tiny", "input_norm", task="classification", threshold=0.1, block_size=1).train()
+    out = model.stream(static_clip[:, :4])
+    out.sum().backward()
+    assert all(l.conv.weight.grad is not None for l in skip_layers(model))

@@ -1,0 +1,95 @@
+import optuna
+import pytest
+
+from gatesearch.spaces import SpaceError, TrialConfig, load_search_config, parse_search_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sample(cfg, n=40):
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((trial, cfg.space.suggest(trial)))
+    return out
+
+
+def test_conditional_sampling():
+    cfg = parse_search_config({"space": {
+        "gate": ["dense", "input_norm", "output_norm"],
+        "block_size": [2, 4],
+        "gates": {"output_norm": {"threshold": {"low": 5.0, "high": 50.0, "log": True}}},
+    }})
+    seen = set()
+    for trial, tc in sample(cfg):
+        seen.add(tc.gate)
+        assert isinstance(tc, TrialConfig)
+        if tc.gate == "dense":
+            assert tc.threshold is None and tc.block_size is None
+            assert not any(k.endswith("threshold") for k in trial.params)
+        else:
+            assert tc.block_size in (2, 4)
+            assert f"{tc.gate}.threshold" in trial.params
+        if tc.gate == "output_norm":
+            assert 5.0 <= tc.threshold <= 50.0
+        if tc.gate == "input_norm":
+            assert 0.01 <= tc.threshold <= 10.0  # the policy's default range
+        assert 1e-3 <= tc.lr <= 1e-2 and tc.clip_length in (2, 4, 8)
+    assert seen == {"dense", "input_norm", "output_norm"}
+
+
+def test_suggest_has_no_side_effects_and_round_trips():
+    cfg = parse_search_config({"space": {"gate": "input_norm", "threshold": 0.5, "block_size": 4, "lr": 0.01, "clip_length": 4}})
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    tc = cfg.space.suggest(study.ask())
+    assert tc == TrialConfig.from_dict(tc.to_dict())
+    assert (tc.threshold, tc.block_size) == (0.5, 4)
+    assert cfg.space.define_by_run(study.ask()) == {"trial": tc.to_dict()}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trails": 3}, r"^trails: unknown key"),
+    ({"trials": "many"}, r"^trials: expected int, got 'many'"),
+    ({"trials": 0}, r"^trials: must be >= 1"),
+    ({"objective": "energy"}, r"^objective: 'energy' is not one of latency, macs"),
+    ({"space": {"gate": ["dense", "gumbal"]}}, r"^space.gate: unknown gate 'gumbal'; known: .*input_norm"),
+    ({"space": {"tresh": 1}}, r"^space.tresh: unknown parameter"),
+    ({"space": {"gate": "dense", "threshold": 0.1}}, r"^space.threshold: not taken by any searched gate \(dense\)"),
+    ({"space": {"gate": ["input_norm"], "block_size": [3]}}, r"^space.block_size\[0\]: 3 is not one of 1, 2, 4, 8"),
+    ({"space": {"gate": ["input_norm"], "threshold": {"low": -1.0, "high": 1.0}}}, r"^space.threshold.low: must be >= 0.0"),
+    ({"space": {"gate": ["input_norm"], "threshold": {"low": 0.0, "high": 1.0, "log": True}}}, r"needs low > 0"),
+    ({"space": {"gate": ["input_norm"], "threshold": {"low": 2.0, "high": 1.0}}}, r"low 2.0 is greater than high 1.0"),
+    ({"space": {"lr": {"low": 0.1, "hi": 0.2}}}, r"^space.lr: unknown range key 'hi'"),
+    ({"space": {"clip_length": 5}}, r"^space.clip_length: 5 is not one of 2, 4, 8, 16"),
+    ({"space": {"epochs": 2.5}}, r"^space.epochs: expected int, got 2.5"),
+    ({"space": {"backbone": "resnet9000"}}, r"^space.backbone: unknown backbone 'resnet9000'"),
+    ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}}, r"^space.gates.input_norm: gate 'input_norm' is not searched"),
+    ({"space": {"gate": ["input_norm"], "gates": {"input_norm": {"beta": 1.0}}}}, r"^space.gates.input_norm.beta: gate 'input_norm' does not take 'beta'"),
+    ({"data": {"synthetic": {"heigth": 64}}}, r"^data.synthetic: .*heigth"),
+    ({"data": {"train_clips": 0}}, r"^data.train_clips: must be >= 1"),
+    ({"evaluation": {"frames": "16"}}, r"^evaluation.frames: expected int"),
+])
+def test_validation_errors_name_the_key(raw, message):
+    with pytest.raises(SpaceError, match=message) as e:
+        parse_search_config(raw)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(SpaceError, match="no such file"):
+        load_search_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: [unclosed\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_search_config(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("trials: 3\nspace:\n  gate: [dense]\n")
+    assert load_search_config(ok, trials=5).trials == 5
+
+
+def test_builtin_quick_config_is_valid():
+    from gatesearch.cli import BUILTIN_CONFIGS
+
+    cfg = load_search_config(BUILTIN_CONFIGS / "quick.yaml")
+    assert cfg.trials >= 12 and set(cfg.space.gate.values) >= {"dense", "input_norm", "output_norm"}
