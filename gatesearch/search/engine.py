@@ -179,11 +179,13 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
             self._progress(f"{trial.trial_id} FAILED: {err.strip().splitlines()[-1] if err.strip() else 'unknown error'}")
 
     cpus = opts.cpus or os.cpu_count() or 1
-    if opts.ray_address:
+    started_ray = not ray.is_initialized()  # a caller (or a test session) may have connected already
+    if started_ray and opts.ray_address:
         ray.init(address=opts.ray_address, logging_level="ERROR", log_to_driver=False)
-        cpus = int(ray.cluster_resources().get("CPU", cpus))
-    else:
+    elif started_ray:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if opts.ray_address or not started_ray:
+        cpus = int(ray.cluster_resources().get("CPU", cpus))
     threads = max(1, cpus // cfg.max_concurrent)
     echo(f"search {search_id}: {cfg.trials} trials, {cfg.max_concurrent} at a time, {threads} thread(s) each; "
          f"MLflow {tracking_uri}")
@@ -212,7 +214,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
         tuner.fit()
         status = "FINISHED"
     finally:
-        if not opts.ray_address:
+        if started_ray:
             ray.shutdown()
         pareto = _pareto_from_study(storage_url, search_id, rows, cost_key)
         plot = None
