@@ -83,7 +83,7 @@ def _load() -> bool:
             name=name,
             sources=[str(_SOURCE)],
             build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

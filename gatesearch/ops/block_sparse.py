@@ -64,7 +64,7 @@ def accumulate_block_sparse_(
         max_rows = int(rho * total)
 
     if _native.usable(r, weight):
-        kind = kernel_kind(channels_last=channels_last, in_per_group=geom.in_channels // geom.groups)
+        kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
         wpack = packed_weight(weight, kind, geom.groups)
         rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows)
     else:
@@ -79,13 +79,24 @@ def accumulate_block_sparse_(
 def accumulate_dense_(
     z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, block_mask: torch.Tensor, geom: ConvGeometry
 ) -> torch.Tensor:
-    """Masked dense step, tuned: the full conv (channels_last, oneDNN's fast layout), then one fused add."""
+    """Masked dense step, tuned: the full conv in channels_last (oneDNN's fast layout), then one add.
+
+    The add touches only the active blocks (C++), or is one ``addcmul_`` with
+    the upsampled mask (fallback).
+    """
     x = r.contiguous(memory_format=torch.channels_last) if r.is_floating_point() else r
     out = F.conv2d(x, weight, None, **geom.conv_args())  # (N, Co, Ho, Wo)
     if bool(block_mask.all()):
         return z.add_(out)
+    if _native.usable(z, out) and _is_dense(z):
+        _native.ops().masked_add_(z, out, block_mask, geom.block)
+        return z
     mask = upsample_block_mask(block_mask, geom.block, geom.out_hw).to(out.dtype)  # (N, 1, Ho, Wo)
     return z.addcmul_(out, mask)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _sparse_capable(*tensors: torch.Tensor) -> bool:
@@ -104,6 +115,4 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 def _dense_layout(t: torch.Tensor) -> torch.Tensor:
     """t itself when NCHW- or channels_last-contiguous, else an NCHW copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
+    return t if _is_dense(t) else t.contiguous()

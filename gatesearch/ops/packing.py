@@ -19,15 +19,12 @@ class Kind(enum.IntEnum):
     """Kernel variants of csrc/skip_conv.cpp (values shared with its enum)."""
 
     GEMM = 0  # im2col of active positions (G, M, T*Cg) @ weight (G, T*Cg, Cog)
-    DEPTHWISE_CHANNELS_LAST = 1  # direct loops, weight (T, Co)
-    DEPTHWISE_NCHW = 2  # direct loops, weight (Co, T)
+    DEPTHWISE = 1  # one input channel per group: direct loops, weight (T, Co)
 
 
-def kernel_kind(*, channels_last: bool, in_per_group: int) -> Kind:
+def kernel_kind(*, in_per_group: int) -> Kind:
     """One input channel per group (depthwise and friends) skips the GEMM entirely."""
-    if in_per_group == 1:
-        return Kind.DEPTHWISE_CHANNELS_LAST if channels_last else Kind.DEPTHWISE_NCHW
-    return Kind.GEMM
+    return Kind.DEPTHWISE if in_per_group == 1 else Kind.GEMM
 
 
 def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
@@ -39,9 +36,7 @@ def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
         # (G, Cog, Cg, T) -> (G, T, Cg, Cog): rows follow the gather's (tap, channel) order
         w = w.reshape(groups, co // groups, cg, taps).permute(0, 3, 2, 1)
         return w.reshape(groups, taps * cg, co // groups).contiguous()
-    if kind == Kind.DEPTHWISE_CHANNELS_LAST:
-        return w.reshape(co, taps).t().contiguous()
-    return w.contiguous().view(co, taps)
+    return w.reshape(co, taps).t().contiguous()  # (T, Co)
 
 
 _cache: dict[tuple[int, int, int], tuple[weakref.ref, int, int, torch.Tensor]] = {}

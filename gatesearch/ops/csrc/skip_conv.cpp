@@ -32,6 +32,26 @@ Conv parse_conv(c10::IntArrayRef g) {
   return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]};
 }
 
+// Items per parallel task so each task moves >= kTaskFloats floats: below
+// that, waking the second thread (and risking a stall at the barrier when the
+// machine is busy) costs more than the work.
+constexpr int64_t kTaskFloats = 32768;
+
+int64_t grain(int64_t floats_per_item) { return std::max<int64_t>(1, kTaskFloats / std::max<int64_t>(1, floats_per_item)); }
+
+// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register,
+// or two / four narrower ones. Explicit so the compiler keeps partial sums in
+// registers instead of reshuffling a float[16] through memory.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
 bool is_channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
@@ -85,13 +105,15 @@ void channel_abs_sum(const at::Tensor& r, float* a) {
   const int64_t N = r.size(0), C = r.size(1), HW = r.size(2) * r.size(3);
   const float* src = r.data_ptr<float>();
   if (is_channels_last(r)) {
-    at::parallel_for(0, N * HW, 256, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * HW, grain(C), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float* p = src + i * C;
-        float acc[16] = {0.f};
+        f32x16 acc = {};
         int64_t c = 0;
-        for (; c + 16 <= C; c += 16)
-          for (int j = 0; j < 16; ++j) acc[j] += std::fabs(p[c + j]);
+        for (; c + 16 <= C; c += 16) {
+          const f32x16 v = load16(p + c);
+          acc += v < 0 ? -v : v;
+        }
         float s = 0.f;
         for (; c < C; ++c) s += std::fabs(p[c]);
         for (int j = 0; j < 16; ++j) s += acc[j];
@@ -101,7 +123,7 @@ void channel_abs_sum(const at::Tensor& r, float* a) {
   } else {
     constexpr int64_t kChunk = 512;  // positions per task: keeps the partial sums in L1
     const int64_t chunks = (HW + kChunk - 1) / kChunk;
-    at::parallel_for(0, N * chunks, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, N * chunks, grain(C * kChunk), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n = t / chunks, i0 = (t % chunks) * kChunk, i1 = std::min(i0 + kChunk, HW);
         float* dst = a + n * HW;
@@ -131,7 +153,7 @@ at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double
   // Sums of non-negative floats are 0 only if every term is 0, so a zero
   // threshold keeps exactly the outputs that see a non-zero residual.
   std::vector<float> rows(N * H * Wo);  // horizontal window sums, (N, H, Wo)
-  at::parallel_for(0, N * H, 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N * H, grain(Wo * kw), [&](int64_t lo, int64_t hi) {
     for (int64_t ny = lo; ny < hi; ++ny) {
       const float* src = a.data() + ny * W;
       float* dst = rows.data() + ny * Wo;
@@ -149,7 +171,7 @@ at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double
   at::Tensor out = at::zeros({N, Bh, Bw}, at::kBool);
   bool* o = out.data_ptr<bool>();
   const float thr = static_cast<float>(threshold), sc = static_cast<float>(scale);
-  at::parallel_for(0, N * Bh, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, N * Bh, grain(b * Wo * kh), [&](int64_t lo, int64_t hi) {
     std::vector<float> s(Wo);
     for (int64_t nb = lo; nb < hi; ++nb) {
       const int64_t n = nb / Bh, by = nb % Bh;
@@ -179,7 +201,8 @@ void scatter_add(at::Tensor& z, const std::vector<Block>& blocks, const float* o
   const int64_t Co = z.size(1);
   const Strides zs(z);
   float* zp = z.data_ptr<float>();
-  at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
+  const int64_t area = blocks.empty() ? 1 : (blocks[0].oy1 - blocks[0].oy0) * (blocks[0].ox1 - blocks[0].ox0);
+  at::parallel_for(0, blocks.size(), grain(area * Co), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
       const int64_t width = bl.ox1 - bl.ox0;
@@ -218,11 +241,15 @@ void load_patch(const float* rp, const Strides& rs, int64_t Ci, int64_t H, int64
   if (iy0 < 0 || ix0 < 0 || iy0 + ph > H || ix0 + pw > W) std::fill(buf.begin(), buf.end(), 0.f);
   const int64_t y_lo = std::max<int64_t>(0, -iy0), y_hi = std::min(ph, H - iy0);
   const int64_t x_lo = std::max<int64_t>(0, -ix0), x_hi = std::min(pw, W - ix0);
-  for (int64_t c = 0; c < Ci; ++c)
-    for (int64_t py = y_lo; py < y_hi; ++py) {
-      const float* src = rp + n * rs.n + c * rs.c + (iy0 + py) * rs.h + ix0 * rs.w;
-      for (int64_t px = x_lo; px < x_hi; ++px) dst[(py * pw + px) * Ci + c] = src[px * rs.w];
-    }
+  // 16 channels at a time per patch row: the written cache lines stay in L1
+  // while the 16 channel rows fill them.
+  for (int64_t py = y_lo; py < y_hi; ++py)
+    for (int64_t c0 = 0; c0 < Ci; c0 += 16)
+      for (int64_t c = c0; c < std::min(c0 + 16, Ci); ++c) {
+        const float* src = rp + n * rs.n + c * rs.c + (iy0 + py) * rs.h + ix0 * rs.w;
+        float* row = dst + py * pw * Ci + c;
+        for (int64_t px = x_lo; px < x_hi; ++px) row[px * Ci] = src[px * rs.w];
+      }
 }
 
 // im2col of the active positions only -> cols (G, M, T*Cg), columns ordered
@@ -238,7 +265,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
   const float* rp = r.data_ptr<float>();
   at::Tensor cols = at::empty({G, M, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
   float* cp = cols.data_ptr<float>();
-  at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, blocks.size(), grain(cv.b * cv.b * T * Ci), [&](int64_t lo, int64_t hi) {
     std::vector<float> patch;
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
@@ -275,77 +302,147 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
   return at::bmm(cols, wpack);
 }
 
+// Rows of the gathered matrix per GEMM: keeps it in the per-core L2 cache
+// instead of streaming M x K floats through memory at high density.
+constexpr int64_t kChunkBytes = 512 * 1024;
+
+void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
+                         const std::vector<Block>& blocks, const Conv& cv) {
+  const int64_t K = cv.kh * cv.kw * r.size(1);
+  const int64_t chunk_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
+  std::vector<Block> part;
+  for (size_t start = 0; start < blocks.size();) {
+    part.clear();
+    const int64_t base = blocks[start].m0;
+    int64_t rows = 0;
+    for (; start < blocks.size(); ++start) {
+      const Block& bl = blocks[start];
+      const int64_t area = (bl.oy1 - bl.oy0) * (bl.ox1 - bl.ox0);
+      if (rows > 0 && rows + area > chunk_rows) break;
+      part.push_back(bl);
+      part.back().m0 -= base;
+      rows += area;
+    }
+    const at::Tensor out = gather_gemm(r, wpack, part, cv, rows);  // (G, rows, Cog)
+    // (G, rows, Cog) -> (rows, Co): free when G == 1
+    const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
+    scatter_add(z, part, flat.data_ptr<float>());
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Depthwise / one-input-channel-per-group convs: direct loops, no GEMM.
 // ---------------------------------------------------------------------------
 
-// channels_last r, weight packed (T, Co). Co = Ci * mult.
-void depthwise_channels_last(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
-                             const std::vector<Block>& blocks, const Conv& cv) {
-  const int64_t H = r.size(2), W = r.size(3), Co = z.size(1), mult = Co / r.size(1);
+// z[n, :, oy, ox] += acc[:] for any z layout (contiguous loop when channels_last).
+inline void add_channels(float* dst, int64_t stride, const float* __restrict acc, int64_t C) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < C; ++c) dst[c] += acc[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) dst[c * stride] += acc[c];
+  }
+}
+
+// out[c] = sum_t w[t][c] * in[t][c / mult] over the valid taps, 16 channels at
+// a time so the partial sums stay in one vector register across the taps.
+inline void depthwise_point(const float* const* in, const float* const* w, int64_t taps, int64_t C, int64_t mult,
+                            float* __restrict out) {
+  constexpr int64_t kLanes = 16;
+  int64_t c0 = 0;
+  if (mult == 1) {
+    for (; c0 + kLanes <= C; c0 += kLanes) {
+      f32x16 a = {};
+      for (int64_t t = 0; t < taps; ++t) a += load16(w[t] + c0) * load16(in[t] + c0);
+      store16(out + c0, a);
+    }
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    float a = 0.f;
+    for (int64_t t = 0; t < taps; ++t) a += w[t][c] * in[t][c / mult];
+    out[c] = a;
+  }
+}
+
+// Depthwise (one input channel per group): direct loops, no GEMM. Weight
+// packed (T, Co), Co = Ci * mult. channels_last residuals are read in place;
+// NCHW ones go through the same per-block channel-minor patch as the GEMM path.
+void depthwise(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
+               const Conv& cv) {
+  const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), Co = z.size(1), mult = Co / Ci;
   const Strides rs(r), zs(z);
+  const bool direct = rs.c == 1 || Ci == 1;
   const float* rp = r.data_ptr<float>();
   const float* wp = wpack.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  at::parallel_for(0, blocks.size(), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc(Co);
+  at::parallel_for(0, blocks.size(), grain(cv.b * cv.b * cv.kh * cv.kw * Co), [&](int64_t lo, int64_t hi) {
+    std::vector<float> patch, acc(Co);
+    std::vector<const float*> in(cv.kh * cv.kw), w(cv.kh * cv.kw);
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
+      const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
+      const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
+      const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+      if (!direct) load_patch(rp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
-          std::fill(acc.begin(), acc.end(), 0.f);
+          int64_t taps = 0;
           for (int64_t ky = 0; ky < cv.kh; ++ky) {
             const int64_t iy = oy * cv.sh - cv.ph + ky * cv.dh;
-            if (iy < 0 || iy >= H) continue;
             for (int64_t kx = 0; kx < cv.kw; ++kx) {
               const int64_t ix = ox * cv.sw - cv.pw + kx * cv.dw;
-              if (ix < 0 || ix >= W) continue;
-              const float* src = rp + bl.n * rs.n + iy * rs.h + ix * rs.w;
-              const float* wt = wp + (ky * cv.kw + kx) * Co;
-              if (mult == 1)
-                for (int64_t c = 0; c < Co; ++c) acc[c] += wt[c] * src[c];
-              else
-                for (int64_t c = 0; c < Co; ++c) acc[c] += wt[c] * src[c / mult];
+              if (!direct) {
+                in[taps] = patch.data() + ((iy - iy0) * pw + (ix - ix0)) * Ci;
+              } else if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                in[taps] = rp + bl.n * rs.n + iy * rs.h + ix * rs.w;
+              } else {
+                continue;  // reads zero padding
+              }
+              w[taps++] = wp + (ky * cv.kw + kx) * Co;
             }
           }
-          float* dst = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
-          for (int64_t c = 0; c < Co; ++c) dst[c * zs.c] += acc[c];
+          depthwise_point(in.data(), w.data(), taps, Co, mult, acc.data());
+          add_channels(zp + bl.n * zs.n + oy * zs.h + ox * zs.w, zs.c, acc.data(), Co);
         }
     }
   });
 }
 
-// NCHW r, weight packed (Co, T).
-void depthwise_nchw(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
-                    const Conv& cv) {
-  const int64_t H = r.size(2), W = r.size(3), Co = z.size(1), mult = Co / r.size(1), T = cv.kh * cv.kw;
-  const Strides rs(r), zs(z);
-  const float* rp = r.data_ptr<float>();
-  const float* wp = wpack.data_ptr<float>();
+// ---------------------------------------------------------------------------
+// Dense path tail: z += out on the active blocks only (no float mask tensor).
+// ---------------------------------------------------------------------------
+
+void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, int64_t block) {
+  check_dense_fp32(z, "z");
+  check_dense_fp32(out, "out");
+  TORCH_CHECK(z.sizes() == out.sizes(), "masked_add_: z and out differ in shape");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "masked_add_: mask must be bool (N, Hb, Wb)");
+  Conv cv{};
+  cv.b = block;
+  cv.Ho = z.size(2);
+  cv.Wo = z.size(3);
+  int64_t M = 0;
+  const std::vector<Block> blocks = list_blocks(mask, cv, &M);
+  const int64_t C = z.size(1);
+  const Strides zs(z), os(out);
   float* zp = z.data_ptr<float>();
-  at::parallel_for(0, Co, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc(cv.b);
-    for (int64_t co = lo; co < hi; ++co) {
-      const int64_t ci = co / mult;
-      for (const Block& bl : blocks) {
-        const int64_t width = bl.ox1 - bl.ox0;
-        for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy) {
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t ky = 0; ky < cv.kh; ++ky) {
-            const int64_t iy = oy * cv.sh - cv.ph + ky * cv.dh;
-            if (iy < 0 || iy >= H) continue;
-            const float* src = rp + bl.n * rs.n + ci * rs.c + iy * rs.h;
-            for (int64_t kx = 0; kx < cv.kw; ++kx) {
-              const float wv = wp[co * T + ky * cv.kw + kx];
-              for (int64_t j = 0; j < width; ++j) {
-                const int64_t ix = (bl.ox0 + j) * cv.sw - cv.pw + kx * cv.dw;
-                if (ix >= 0 && ix < W) acc[j] += wv * src[ix];
-              }
-            }
+  const float* op = out.data_ptr<float>();
+  at::parallel_for(0, blocks.size(), grain(block * block * C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Block& bl = blocks[i];
+      if (zs.c == 1 && os.c == 1) {
+        for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
+          for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
+            float* dst = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
+            const float* src = op + bl.n * os.n + oy * os.h + ox * os.w;
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
           }
-          float* dst = zp + bl.n * zs.n + co * zs.c + oy * zs.h;
-          for (int64_t j = 0; j < width; ++j) dst[(bl.ox0 + j) * zs.w] += acc[j];
-        }
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy) {
+            float* dst = zp + bl.n * zs.n + c * zs.c + oy * zs.h;
+            const float* src = op + bl.n * os.n + c * os.c + oy * os.h;
+            for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) dst[ox * zs.w] += src[ox * os.w];
+          }
       }
     }
   });
@@ -355,7 +452,7 @@ void depthwise_nchw(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
 // Entry point.
 // ---------------------------------------------------------------------------
 
-enum Kind : int64_t { kGemm = 0, kDepthwiseChannelsLast = 1, kDepthwiseNchw = 2 };
+enum Kind : int64_t { kGemm = 0, kDepthwise = 1 };
 
 // z += upsample(mask) * conv(r, w) computing only the active blocks.
 // Returns the number of recomputed output positions (over the batch), or -1
@@ -373,18 +470,11 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   if (M > max_rows) return -1;
   if (M == 0) return 0;
   switch (kind) {
-    case kGemm: {
-      const at::Tensor out = gather_gemm(r, wpack, blocks, cv, M);  // (G, M, Cog)
-      // (G, M, Cog) -> (M, Co): free when G == 1
-      const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
-      scatter_add(z, blocks, flat.data_ptr<float>());
+    case kGemm:
+      gather_gemm_scatter(z, r, wpack, blocks, cv);
       break;
-    }
-    case kDepthwiseChannelsLast:
-      depthwise_channels_last(z, r, wpack, blocks, cv);
-      break;
-    case kDepthwiseNchw:
-      depthwise_nchw(z, r, wpack, blocks, cv);
+    case kDepthwise:
+      depthwise(z, r, wpack, blocks, cv);
       break;
     default:
       TORCH_CHECK(false, "skip_conv: unknown kernel kind ", kind);
@@ -399,9 +489,11 @@ TORCH_LIBRARY(gatesearch_skipconv, m) {
   m.def(
       "block_sparse_accumulate_(Tensor(a!) z, Tensor r, Tensor wpack, Tensor mask, int[] geometry, int kind, "
       "int max_rows) -> int");
+  m.def("masked_add_(Tensor(a!) z, Tensor out, Tensor mask, int block) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gatesearch_skipconv, CPU, m) {
   m.impl("gate_block_mask", &gate_block_mask);
   m.impl("block_sparse_accumulate_", &block_sparse_accumulate_);
+  m.impl("masked_add_", &masked_add_);
 }
