@@ -19,6 +19,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from gatesearch.data import VideoDecodeError
+        from gatesearch.data.folder import DatasetError
         from gatesearch.export import ArtifactError
         from gatesearch.registry import UnknownNameError
         from gatesearch.search.tracking import NotFoundError
@@ -26,7 +27,7 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, UnknownNameError) as e:
+        except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, DatasetError, UnknownNameError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -165,7 +166,8 @@ def run(artifact_dir, video, frames, reset_every, as_json):
     """Run an exported model over a video stream, frame by frame, with real skipped computation."""
     import itertools
 
-    from gatesearch.data import iter_frames, make_clip
+    from gatesearch.data import iter_frames
+    from gatesearch.data.source import load_clips
     from gatesearch.export import load_artifact
     from gatesearch.export.runner import run_stream
     from gatesearch.spaces import DataConfig
@@ -177,8 +179,8 @@ def run(artifact_dir, video, frames, reset_every, as_json):
         if frames:
             stream = itertools.islice(stream, frames)
     else:
-        data = DataConfig(**artifact.meta["data"])
-        stream = iter(make_clip(data.synthetic_config(frames or 32), 0, "test")["clip"])
+        data = DataConfig(**artifact.meta["data"])  # a held-out clip of the data the model was searched on
+        stream = iter(load_clips(data, split="val", frames=frames or 32, count=1)["clip"][0])
     if reset_every is None:
         reset_every = artifact.trial.clip_length
 
@@ -193,6 +195,37 @@ def run(artifact_dir, video, frames, reset_every, as_json):
         click.echo(f"{summary['frames']} frames: mean density {summary['mean_density']:.3f}, "
                    f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame (dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
                    f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
+
+
+@main.group()
+def data():
+    """Datasets: write the synthetic one to disk."""
+
+
+@data.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--clips-per-class", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--frames", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--height", type=click.IntRange(min=16), default=64, show_default=True)
+@click.option("--width", type=click.IntRange(min=16), default=64, show_default=True)
+@click.option("--shapes", type=click.IntRange(1, 4), default=3, show_default=True)
+@click.option("--directions", type=click.Choice(["2", "4", "8"]), default="4", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def synth(out_dir, clips_per_class, frames, height, width, shapes, directions, seed):
+    """Write the synthetic dataset to OUT_DIR as a video folder (mp4 files plus centre annotations)."""
+    from gatesearch.data import SyntheticConfig
+    from gatesearch.data.folder import write_synthetic_folder
+
+    try:
+        cfg = SyntheticConfig(frames=frames, height=height, width=width, num_shapes=shapes,
+                              num_directions=int(directions), seed=seed)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    total = cfg.num_classes * clips_per_class
+    with click.progressbar(length=total, label=f"writing {total} videos", file=sys.stderr) as bar:
+        write_synthetic_folder(out_dir, cfg, clips_per_class=clips_per_class, on_video=lambda _: bar.update(1))
+    click.echo(f"wrote {total} videos in {cfg.num_classes} classes to {out_dir}")
 
 
 @main.command(name="list")

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gatesearch.data.heatmap import render_heatmap
+
 __all__ = [
     "SHAPES",
     "DIRECTIONS",
@@ -257,15 +259,7 @@ def _paint_object(frames: np.ndarray, rng: np.random.Generator, shape: str,
 
 def _heatmap(cfg: SyntheticConfig, centres: np.ndarray) -> np.ndarray:
     """(T, 1, h, w) Gaussian at each centre, scaled so each frame's maximum is exactly 1."""
-    s = cfg.heatmap_stride
-    hh, hw = cfg.heatmap_size
-    cx = (centres[:, 0] - (s - 1) / 2) / s  # heatmap coordinates
-    cy = (centres[:, 1] - (s - 1) / 2) / s
-    gx = np.exp(-((np.arange(hw)[None, :] - cx[:, None]) ** 2) / (2 * cfg.heatmap_sigma ** 2))
-    gy = np.exp(-((np.arange(hh)[None, :] - cy[:, None]) ** 2) / (2 * cfg.heatmap_sigma ** 2))
-    heat = gy[:, :, None] * gx[:, None, :]  # (T, h, w), separable
-    heat /= heat.max(axis=(1, 2), keepdims=True)
-    return heat[:, None].astype(np.float32)
+    return render_heatmap(centres, cfg.heatmap_size, cfg.heatmap_stride, cfg.heatmap_sigma)
 
 
 # ----------------------------------------------------------------------------- public

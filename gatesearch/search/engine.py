@@ -52,7 +52,8 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
 
     from gatesearch.export import trial_meta, write_files
     from gatesearch.objectives.device import DeviceLock
-    from gatesearch.search.trial import num_classes, run_trial
+    from gatesearch.data.source import frame_shape, num_classes
+    from gatesearch.search.trial import run_trial
 
     torch.set_num_threads(threads)
     trial = TrialConfig.from_dict(config["trial"])
@@ -63,14 +64,9 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
         lock.close()
     with tempfile.TemporaryDirectory() as tmp:
         meta = trial_meta(trial, metrics=outcome.metrics, data=data, num_classes=num_classes(data),
-                          frame_shape=_frame_shape(data), trial_id=tune.get_context().get_trial_id())
+                          frame_shape=frame_shape(data), trial_id=tune.get_context().get_trial_id())
         write_files(Path(tmp), outcome.model, meta)
         tune.report(outcome.metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def _frame_shape(data: DataConfig) -> tuple[int, int, int]:
-    s = data.synthetic_config(2)
-    return (3, s.height, s.width)
 
 
 def _sampler(cfg: SearchConfig):
@@ -143,6 +139,11 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
     storage_url = f"sqlite:///{workdir / 'optuna.db'}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    from gatesearch.data.source import check_data
+    from gatesearch.spaces import Choice
+
+    task = cfg.space.shared["task"]
+    check_data(cfg.data, tasks=task.values if isinstance(task, Choice) else (task.value,), echo=echo)
     tracker = Tracker(tracking_uri)
     parent = tracker.start_search(cfg.name, search_id, cfg.to_dict(), workdir / "mlartifacts")
     cost_key, cost_label = COST[cfg.objective]

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from gatesearch.data.source import load_clips, num_classes
 from gatesearch.objectives.device import NoLock
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
@@ -33,19 +34,6 @@ def build_model(cfg: TrialConfig, num_classes: int) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = build(cfg.backbone, task=cfg.task, num_classes=num_classes, width=cfg.width)
     return build_policy(cfg.gate, **cfg.gate_knobs()).apply(model)
-
-
-def load_clips(data: DataConfig, *, frames: int, count: int, split: str) -> dict[str, torch.Tensor]:
-    """``count`` synthetic clips of ``frames`` frames, stacked: clip (N, T, 3, H, W), label (N,), ..."""
-    from gatesearch.data import make_clip
-
-    scfg = data.synthetic_config(frames)
-    items = [make_clip(scfg, i, split) for i in range(count)]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def num_classes(data: DataConfig) -> int:
-    return data.synthetic_config(2).num_classes
 
 
 def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
@@ -143,6 +131,8 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
     t0 = time.perf_counter()
     train_clips = load_clips(data, frames=cfg.clip_length, count=data.train_clips, split="train")
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
+    if cfg.task == "heatmap" and "heatmap" not in train_clips:
+        raise ValueError("task 'heatmap' needs per-frame centre annotations, and this data has none")
     model = build_model(cfg, num_classes(data))
     t1 = time.perf_counter()
     loss = train(model, cfg, train_clips, lock=lock, on_epoch=on_epoch)
@@ -153,5 +143,5 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
     return outcome
 
 
-__all__ = ["TrialOutcome", "build_model", "evaluate", "load_clips", "num_classes", "run_trial", "train"]
+__all__ = ["TrialOutcome", "build_model", "evaluate", "run_trial", "train"]
 

@@ -18,18 +18,27 @@ OBJECTIVES = ("latency", "macs")  # second objective; the first is always qualit
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
+DATA_KINDS = ("synthetic", "video_folder")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    kind: str = "synthetic"  # the built-in generator; needs no download
-    train_clips: int = 96  # clips used for training
+    kind: str = "synthetic"  # "synthetic" (built in, no download) or "video_folder"
+    train_clips: int = 96  # clips used for training (at most this many videos for a folder)
     val_clips: int = 24  # held-out clips for quality, MACs and density
     synthetic: dict[str, Any] = field(default_factory=dict)  # SyntheticConfig fields
+    folder: dict[str, Any] = field(default_factory=dict)  # FolderConfig fields (root, height, width, ...)
 
     def synthetic_config(self, frames: int):
         """The generator's config; clips are generated at the length they are needed."""
         from gatesearch.data import SyntheticConfig
 
         return SyntheticConfig.from_dict({**self.synthetic, "frames": frames})
+
+    def folder_config(self):
+        from gatesearch.data.folder import FolderConfig
+
+        return FolderConfig.from_dict(self.folder)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +111,9 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise SpaceError(f"name: must be non-empty without spaces or slashes, got {cfg.name!r}")
     data = _section(DataConfig, raw.get("data"), "data")
-    if data.kind != "synthetic":
-        raise SpaceError(f"data.kind: {data.kind!r} is not one of synthetic")
+    if data.kind not in DATA_KINDS:
+        raise SpaceError(f"data.kind: {data.kind!r} is not one of {', '.join(DATA_KINDS)}")
+    data = _check_data_source(data)
     for key in ("train_clips", "val_clips"):
         if getattr(data, key) < 1:
             raise SpaceError(f"data.{key}: must be >= 1, got {getattr(data, key)}")
@@ -113,11 +123,29 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         if getattr(evaluation, f.name) < minimum:
             raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
     space = parse_space(raw.get("space"), seed=cfg.seed)
-    try:
-        data.synthetic_config(evaluation.frames)
-    except (ValueError, TypeError) as e:
-        raise SpaceError(f"data.synthetic: {e}") from None
     return dataclasses.replace(cfg, data=data, evaluation=evaluation, space=space)
+
+
+def _check_data_source(data: DataConfig) -> DataConfig:
+    """Validate the section of the chosen kind; a folder's root becomes absolute (trials run elsewhere)."""
+    if data.kind == "synthetic":
+        if data.folder:
+            raise SpaceError("data.folder: only used with kind: video_folder")
+        try:
+            data.synthetic_config(2)
+        except (ValueError, TypeError) as e:
+            raise SpaceError(f"data.synthetic: {e}") from None
+        return data
+    if data.synthetic:
+        raise SpaceError("data.synthetic: only used with kind: synthetic")
+    try:
+        folder = data.folder_config()
+    except (ValueError, TypeError) as e:
+        raise SpaceError(f"data.folder: {e}") from None
+    root = Path(folder.root).expanduser()
+    if not root.is_dir():
+        raise SpaceError(f"data.folder.root: {root} is not a folder")
+    return dataclasses.replace(data, folder={**data.folder, "root": str(root.resolve())})
 
 
 def _section(cls, raw: Any, where: str):
