@@ -33,7 +33,7 @@ def test_decoded_clip_matches_generator_and_annotations_follow_resize(folder):
     val = load_split(cfg, "val", frames=8)
     assert val["clip"].shape == (4, 8, 3, 32, 32) and val["heatmap"].shape == (4, 8, 1, 8, 8)
     original = json.loads((folder / "disk-left" / "clip0002.json").read_text())["centers"]
-    assert torch.allclose(val["centers"][0], torch.tensor(original) * 0.5, atol=1e-4)
+    assert torch.allclose(val["centers"][0], (torch.tensor(original) + 0.5) * 0.5 - 0.5, atol=1e-4)
     full = load_split(FolderConfig(root=str(folder)), "val", frames=8)
     source = make_clip(SMALL, 1 + 2 * 4, "train")  # disk-left is label 1; clip k has index label + k*classes
     assert (full["clip"][0] - source["clip"]).abs().mean() < 0.03  # codec tolerance

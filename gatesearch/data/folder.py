@@ -154,7 +154,8 @@ def load_item(item: VideoItem, cfg: FolderConfig, *, frames: int) -> dict[str, t
     clip, scale, offset = _resize_crop(torch.stack(picked), cfg.height, cfg.width)
     out = {"clip": clip, "label": torch.tensor(item.label, dtype=torch.int64)}
     if item.annotations is not None:
-        centres = _centres(item.annotations, indices) * scale - offset
+        # pixel j's centre is at x = j: map centres through the resize, then the crop
+        centres = (_centres(item.annotations, indices) + 0.5) * scale - 0.5 - offset
         out["centers"] = torch.from_numpy(centres.astype(np.float32))
         size = (cfg.height // cfg.heatmap_stride, cfg.width // cfg.heatmap_stride)
         out["heatmap"] = torch.from_numpy(render_heatmap(centres, size, cfg.heatmap_stride, cfg.heatmap_sigma))

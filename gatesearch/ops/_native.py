@@ -1,7 +1,7 @@
 """Build-once, load-once access to the C++ kernels in csrc/skip_conv.cpp.
 
 Why JIT: ``pip install -e .`` stays pure Python; the first use compiles the
-kernels with the machine's own compiler (``-march=native``; ~10 s) into a
+kernels with the machine's own compiler (``-march=native``; ~15 s on 2 cores) into a
 cache directory keyed by the source, the torch version and the CPU, and later
 processes just load the shared library. When anything fails (no compiler,
 read-only cache, ``GATESEARCH_NATIVE=0``), every caller falls back to the

@@ -84,7 +84,9 @@ def accumulate_dense_(
     The add touches only the active blocks (C++), or is one ``addcmul_`` with
     the upsampled mask (fallback).
     """
-    x = r.contiguous(memory_format=torch.channels_last) if r.is_floating_point() else r
+    if not bool(block_mask.any()):
+        return z
+    x = r.contiguous(memory_format=torch.channels_last)
     out = F.conv2d(x, weight, None, **geom.conv_args())  # (N, Co, Ho, Wo)
     if bool(block_mask.all()):
         return z.add_(out)

@@ -29,6 +29,14 @@ class Gate(nn.Module):
         """Own cost of the gate per frame and stream, in multiply-accumulates."""
         return 0.0
 
+    def train_mask(self, r: torch.Tensor, layer: "SkipConv2d", out_hw) -> torch.Tensor:
+        """Residual -> float position mask (N, 1, Ho, Wo) used when training through the stream.
+
+        Learned gates override this to let gradients reach their parameters
+        (straight-through); fixed gates just upsample their block mask.
+        """
+        return upsample_blocks(self.block_mask(r, layer).to(r.dtype), layer.block_size, out_hw)
+
 
 class SkipConv2d(nn.Module):
     """A ``Conv2d`` run on residuals with a gate (Skip-Convolutions, Eq. 3).
@@ -89,14 +97,15 @@ class SkipConv2d(nn.Module):
         r = x - self.x_prev  # (N, Ci, H, W)
         z_prev = self.z_prev  # (N, Co, Ho, Wo)
         out_hw = z_prev.shape[-2:]
-        block_mask = self.gate.block_mask(r, self)  # (N, Hb, Wb)
-        density = ops.block_density(block_mask, out_hw, self.block_size)
-        self._record(density, self.gate.macs(self, x.shape[-2:], out_hw))
-        geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
-        if torch.is_grad_enabled() and (r.requires_grad or c.weight.requires_grad):
+        gate_macs = self.gate.macs(self, x.shape[-2:], out_hw)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (r, c.weight, *self.gate.parameters())):
             # training through the stream: out of place so autograd sees every step
-            mask = upsample_blocks(block_mask.to(r.dtype), self.block_size, out_hw)
+            mask = self.gate.train_mask(r, self, out_hw)  # (N, 1, Ho, Wo), 0/1 valued
+            self._record(mask.detach().mean((1, 2, 3)), gate_macs)
             return z_prev + mask * F.conv2d(r, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        block_mask = self.gate.block_mask(r, self)  # (N, Hb, Wb)
+        self._record(ops.block_density(block_mask, out_hw, self.block_size), gate_macs)
+        geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
         if self.path == "dense":
             return ops.accumulate_masked_dense_(z_prev, r, c.weight, block_mask, **geometry)
         return ops.accumulate_block_sparse_(z_prev, r, c.weight, block_mask, path=self.path, **geometry)
