@@ -8,6 +8,9 @@ measured by benchmarks/layer_bench.py.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -353,3 +356,33 @@ def test_calibration_returns_a_density_and_is_cached(backend, monkeypatch, tmp_p
     assert ops.crossover_density(geom, batch=1, channels_last=True) == 0.42
     assert runs == [1]
     crossover.clear_cache()
+
+
+# ---------------------------------------------------------------------------
+# C++ build failure falls back to PyTorch on its own
+# ---------------------------------------------------------------------------
+
+
+def test_unbuildable_extension_falls_back_to_pytorch(tmp_path):
+    """A machine without a working compiler still gets exact results, with one warning."""
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from gatesearch import ops\n"
+        "r = torch.randn(1, 4, 9, 10); w = torch.randn(4, 4, 3, 3) / 6; z = torch.zeros(1, 4, 9, 10)\n"
+        "m = ops.norm_gate_block_mask(r, kernel_size=3, padding=1, block_size=4, threshold=0.0)\n"
+        "ops.accumulate_block_sparse_(z, r, w, m, block_size=4, padding=1, path='sparse')\n"
+        "print(ops.native_available(), (z - F.conv2d(r, w, None, 1, 1)).abs().max().item())\n"
+    )
+    env = {**os.environ, "GATESEARCH_CACHE_DIR": str(tmp_path), "CXX": "/bin/false", "GATESEARCH_NO_DISK_CACHE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    native, err = done.stdout.split()
+    assert native == "False" and float(err) <= TOL
+    assert "PyTorch fallback" in done.stderr
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setenv("GATESEARCH_NATIVE", "0")
+    assert not _native.available()
+    assert not ops.native_available()
