@@ -66,8 +66,15 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 
 @pytest.fixture(autouse=True)
-def _no_disk_cache(monkeypatch):
+def _quick_crossover(monkeypatch):
+    """No disk writes, and no timing runs for every tiny test layer: path="auto" sees a
+    crossover of 0.5, so it goes sparse at low and dense at high density. The real
+    calibration has its own test."""
     monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
+    monkeypatch.setattr(crossover, "calibrate", lambda *a, **k: {"crossover": 0.5, "stable": False})
+    crossover.clear_cache()
+    yield
+    crossover.clear_cache()
 
 
 @pytest.fixture(params=["native", "torch"])
@@ -125,6 +132,25 @@ def test_block_sparse_matches_masked_dense(backend, name, block, density, layout
         assert got is out, "must accumulate in place and return z"
         err = (got - expected).abs().max().item()
         assert err <= TOL, f"path={path}: max abs diff {err:.2e}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("groups", [1, 4, 32])
+def test_large_layer_on_two_threads(backend, groups, layout):
+    """Big enough that the gate, gather, scatter and depthwise loops split across threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = Case(32, 32, 3, padding=1, groups=groups, hw=(45, 50), n=2)
+        r, weight, z, geom = make_layer(case, 8, fmt=LAYOUTS[layout])
+        mask = random_mask(case.n, geom.grid, 0.6)
+        expected = ops.accumulate_masked_dense_(z.clone(), r, weight, mask, block_size=8, **case.conv)
+        got = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=8, path="sparse", **case.conv)
+        assert (got - expected).abs().max().item() <= TOL
+        gate = ops.norm_gate_block_mask(r, block_size=8, threshold=0.0, **case.gate)
+        assert torch.equal(gate, reference_gate(r, case, 8, 0.0, 1.0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("path", ["sparse", "auto"])
@@ -355,7 +381,13 @@ def test_calibration_returns_a_density_and_is_cached(backend, monkeypatch, tmp_p
     crossover.clear_cache()  # a new process finds it on disk
     assert ops.crossover_density(geom, batch=1, channels_last=True) == 0.42
     assert runs == [1]
+
+    crossover.clear_cache()  # a calibration on a busy machine is used but not kept
+    monkeypatch.setattr(crossover, "calibrate", lambda *a, **k: runs.append(2) or {"crossover": 0.3, "stable": False})
+    assert ops.crossover_density(geom, batch=1, channels_last=False) == 0.3
     crossover.clear_cache()
+    assert ops.crossover_density(geom, batch=1, channels_last=False) == 0.3
+    assert runs == [1, 2, 2]
 
 
 # ---------------------------------------------------------------------------

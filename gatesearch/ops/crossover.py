@@ -57,7 +57,9 @@ def clear_cache() -> None:
     _memo.clear()
 
 
-def calibrate(geom: ConvGeometry, *, batch: int = 1, channels_last: bool = True, budget_s: float = BUDGET_S) -> dict:
+def calibrate(
+    geom: ConvGeometry, *, batch: int = 1, channels_last: bool = True, budget_s: float | None = None
+) -> dict:
     """Time dense vs sparse for ``geom`` on random data and solve for the crossing density.
 
     Sparse times are fit as a + c * density; the crossover is (dense - a) / c
@@ -90,7 +92,7 @@ def calibrate(geom: ConvGeometry, *, batch: int = 1, channels_last: bool = True,
 
     runs = [lambda: accumulate_dense_(z, r, weight, full, geom)]
     runs += [lambda m=m: accumulate_block_sparse_(z, r, weight, m, path="sparse", **args) for m in masks]
-    first, second = _time_interleaved(runs, budget_s)
+    first, second = _time_interleaved(runs, BUDGET_S if budget_s is None else budget_s)
     best = [min(a, b) for a, b in zip(first, second)]
     rho = _solve(best[0], best[1:], densities)
     agree = abs(_solve(first[0], first[1:], densities) - _solve(second[0], second[1:], densities)) <= 0.1

@@ -416,6 +416,9 @@ void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, i
   check_dense_fp32(out, "out");
   TORCH_CHECK(z.sizes() == out.sizes(), "masked_add_: z and out differ in shape");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "masked_add_: mask must be bool (N, Hb, Wb)");
+  TORCH_CHECK(mask.size(0) == z.size(0) && mask.size(1) == (z.size(2) + block - 1) / block &&
+                  mask.size(2) == (z.size(3) + block - 1) / block,
+              "masked_add_: mask does not match the block grid of z");
   Conv cv{};
   cv.b = block;
   cv.Ho = z.size(2);
@@ -465,6 +468,13 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   check_dense_fp32(r, "r");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "skip_conv: mask must be bool (N, Hb, Wb)");
   TORCH_CHECK(wpack.is_contiguous() && wpack.scalar_type() == at::kFloat, "skip_conv: packed weight must be fp32");
+  const int64_t N = r.size(0), Ci = r.size(1), Co = z.size(1);
+  TORCH_CHECK(z.size(0) == N && mask.size(0) == N, "skip_conv: batch sizes of z, r and mask differ");
+  TORCH_CHECK(z.size(2) == cv.Ho && z.size(3) == cv.Wo, "skip_conv: z does not match the conv output size");
+  TORCH_CHECK(mask.size(1) == (cv.Ho + cv.b - 1) / cv.b && mask.size(2) == (cv.Wo + cv.b - 1) / cv.b,
+              "skip_conv: mask does not match the block grid");
+  TORCH_CHECK(cv.groups > 0 && Ci % cv.groups == 0 && Co % cv.groups == 0, "skip_conv: bad groups");
+  TORCH_CHECK(wpack.numel() == Co * (Ci / cv.groups) * cv.kh * cv.kw, "skip_conv: packed weight has the wrong size");
   int64_t M = 0;
   const std::vector<Block> blocks = list_blocks(mask, cv, &M);
   if (M > max_rows) return -1;
