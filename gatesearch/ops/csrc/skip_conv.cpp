@@ -302,26 +302,26 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
   return at::bmm(cols, wpack);
 }
 
-// Rows of the gathered matrix per GEMM: keeps it in the per-core L2 cache
-// instead of streaming M x K floats through memory at high density.
-constexpr int64_t kChunkBytes = 512 * 1024;
+// Bytes of the gathered matrix per GEMM: at low density everything is one
+// GEMM; at high density the rows are split into near-equal chunks that stay in
+// cache, which also bounds the scratch memory for big layers.
+constexpr int64_t kChunkBytes = 1024 * 1024;
 
 void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
-                         const std::vector<Block>& blocks, const Conv& cv) {
+                         const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t K = cv.kh * cv.kw * r.size(1);
-  const int64_t chunk_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
+  const int64_t max_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
+  const int64_t chunks = (M + max_rows - 1) / max_rows;
+  const int64_t target = (M + chunks - 1) / chunks;
   std::vector<Block> part;
   for (size_t start = 0; start < blocks.size();) {
     part.clear();
     const int64_t base = blocks[start].m0;
     int64_t rows = 0;
-    for (; start < blocks.size(); ++start) {
-      const Block& bl = blocks[start];
-      const int64_t area = (bl.oy1 - bl.oy0) * (bl.ox1 - bl.ox0);
-      if (rows > 0 && rows + area > chunk_rows) break;
-      part.push_back(bl);
+    for (; start < blocks.size() && rows < target; ++start) {
+      part.push_back(blocks[start]);
       part.back().m0 -= base;
-      rows += area;
+      rows += (blocks[start].oy1 - blocks[start].oy0) * (blocks[start].ox1 - blocks[start].ox0);
     }
     const at::Tensor out = gather_gemm(r, wpack, part, cv, rows);  // (G, rows, Cog)
     // (G, rows, Cog) -> (rows, Co): free when G == 1
@@ -481,7 +481,7 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   if (M == 0) return 0;
   switch (kind) {
     case kGemm:
-      gather_gemm_scatter(z, r, wpack, blocks, cv);
+      gather_gemm_scatter(z, r, wpack, blocks, cv, M);
       break;
     case kDepthwise:
       depthwise(z, r, wpack, blocks, cv);
