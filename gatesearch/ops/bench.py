@@ -11,6 +11,7 @@ region because a real layer pays for it every frame.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -57,15 +58,18 @@ def _own_inputs(start: int, block: int, kernel: int, pad: int, size: int) -> sli
     return slice(lo, hi + 1)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def _time_interleaved(runs: dict, repeats: int) -> dict:
+    """Wall times (ms) per callable; rounds interleave them so load changes hit all alike."""
+    for fn in runs.values():
+        for _ in range(3):
+            fn()
+    times = {key: [] for key in runs}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def bench_layer(
@@ -82,8 +86,10 @@ def bench_layer(
     Both sides run with ``threads`` intra-op threads in this process. Dense is
     the faster of contiguous and channels_last ``F.conv2d`` (bias included);
     sparse is ``norm_gate_block_mask`` + ``accumulate_block_sparse_(path="sparse")``
-    per layout. ``speedup`` compares the best of each. ``max_abs_diff`` is
-    against ``accumulate_masked_dense_``.
+    per layout. All runs are interleaved round by round. ``speedup`` compares
+    the best layout of each by median time, ``speedup_min`` by fastest run (less
+    sensitive to other load on the machine; ``loadavg_1min`` records it).
+    ``max_abs_diff`` is against ``accumulate_masked_dense_``.
     """
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -106,37 +112,41 @@ def _bench(channels, size, kernel, block, density, repeats) -> dict:
 
     result = {
         "channels": channels, "size": size, "kernel": kernel, "block": block, "threads": torch.get_num_threads(),
-        "requested_density": density, "native": _native.available(), "dense_ms": {}, "sparse_ms": {}, "auto_ms": {},
+        "requested_density": density, "native": _native.available(),
     }
+    runs, diffs = {}, []
     for name, fmt in LAYOUTS.items():
         xl, wl = x.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
-        result["dense_ms"][name] = _median_ms(lambda: F.conv2d(xl, wl, bias, 1, pad), repeats)
-
-    diffs = []
-    for name, fmt in LAYOUTS.items():
         rl = r.contiguous(memory_format=fmt)
         z = torch.zeros(1, channels, *geom.out_hw).contiguous(memory_format=fmt)
         mask = norm_gate_block_mask(rl, **gate_args)
         result["density"] = float(block_density(mask, geom.out_hw, block)[0])
+        crossover_density(geom, batch=1, channels_last=name == "channels_last")  # calibrate before timing
 
-        def step(path: str) -> None:
+        def step(path: str, rl=rl, z=z) -> None:
             m = norm_gate_block_mask(rl, **gate_args)
             accumulate_block_sparse_(z, rl, weight, m, path=path, **conv_args)
 
-        result["sparse_ms"][name] = _median_ms(lambda: step("sparse"), repeats)
-        crossover_density(geom, batch=1, channels_last=name == "channels_last")  # calibrate outside the timing
-        result["auto_ms"][name] = _median_ms(lambda: step("auto"), repeats)
+        runs["dense", name] = lambda xl=xl, wl=wl: F.conv2d(xl, wl, bias, 1, pad)
+        runs["sparse", name] = lambda step=step: step("sparse")
+        runs["auto", name] = lambda step=step: step("auto")
 
         z0 = torch.randn(z.shape, generator=gen).contiguous(memory_format=fmt)
         ref = accumulate_masked_dense_(z0.clone(), rl, weight, mask, **conv_args)
         got = accumulate_block_sparse_(z0.clone(), rl, weight, mask, path="sparse", **conv_args)
         diffs.append(float((got - ref).abs().max()))
 
+    times = _time_interleaved(runs, repeats)
+    for kind in ("dense", "sparse", "auto"):
+        result[f"{kind}_ms"] = {name: statistics.median(times[kind, name]) for name in LAYOUTS}
+        result[f"{kind}_min_ms"] = {name: min(times[kind, name]) for name in LAYOUTS}
     result["crossover"] = {
         name: crossover_density(geom, batch=1, channels_last=name == "channels_last") for name in LAYOUTS
     }
     result["best_dense_ms"] = min(result["dense_ms"].values())
     result["best_sparse_ms"] = min(result["sparse_ms"].values())
     result["speedup"] = result["best_dense_ms"] / result["best_sparse_ms"]
+    result["speedup_min"] = min(result["dense_min_ms"].values()) / min(result["sparse_min_ms"].values())
     result["max_abs_diff"] = max(diffs)
+    result["loadavg_1min"] = os.getloadavg()[0]
     return result

@@ -68,6 +68,11 @@ def calibrate(
     marked unstable, pulled towards 0.5 (a bounded loss either way) and not
     written to disk. Returns {"crossover", "stable", "dense_ms", "sparse_ms": {density: ms}}.
     """
+    with torch.inference_mode(False):  # callers are often in inference mode; the cache needs normal tensors
+        return _calibrate(geom, batch=batch, channels_last=channels_last, budget_s=budget_s)
+
+
+def _calibrate(geom: ConvGeometry, *, batch: int, channels_last: bool, budget_s: float | None) -> dict:
     from gatesearch.ops.block_sparse import accumulate_block_sparse_, accumulate_dense_
 
     gen = torch.Generator().manual_seed(0)

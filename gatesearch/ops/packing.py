@@ -46,9 +46,15 @@ def packed_weight(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor
     """``pack`` with a per-weight cache (identity + version + storage checked)."""
     key = (id(weight), int(kind), groups)
     hit = _cache.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == weight.data_ptr():
+    version = _version(weight)
+    if hit is not None and hit[0]() is weight and hit[1] == version and hit[2] == weight.data_ptr():
         return hit[3]
     packed = pack(weight, kind, groups)
     ref = weakref.ref(weight, lambda _ref, key=key: _cache.pop(key, None))
-    _cache[key] = (ref, weight._version, weight.data_ptr(), packed)
+    _cache[key] = (ref, version, weight.data_ptr(), packed)
     return packed
+
+
+def _version(weight: torch.Tensor) -> int:
+    """In-place update counter; tensors made under ``torch.inference_mode`` have none (-1)."""
+    return -1 if weight.is_inference() else weight._version
