@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gatesearch.backbones import BACKBONES, build
+from gatesearch.backbones import build
 from gatesearch.policies import build_policy
 from gatesearch.policies.skipconv import skip_layers
 from gatesearch.stateful import streaming
@@ -27,7 +27,7 @@ def gated(backbone, gate, task="heatmap", **knobs):
     return build_policy(gate, **knobs).apply(model).eval()
 
 
-@pytest.mark.parametrize("backbone", BACKBONES.list())
+@pytest.mark.parametrize("backbone", ["tiny"])  # every backbone: tests/test_backbones.py
 @pytest.mark.parametrize("gate", ["input_norm", "output_norm"])
 @pytest.mark.parametrize("block_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("path", ["sparse", "dense", "auto"])
@@ -60,8 +60,8 @@ def test_large_threshold_skips_and_resets(static_clip):
     for t in (0, 4, 8, 12):
         assert torch.allclose(out[:, t], dense[:, t], atol=1e-4)
     assert torch.equal(out[:, 1], out[:, 0])
-    layers = skip_layers(model)
-    assert all(abs(l.density - 4 / 16) < 1e-6 for l in layers)
+    used = [l for l in skip_layers(model) if l.frames]  # the heatmap task does not run the deep stage
+    assert len(used) == 4 and all(abs(l.density - 4 / 16) < 1e-6 for l in used)
 
 
 def test_mask_is_block_structured(static_clip):
