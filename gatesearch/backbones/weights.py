@@ -137,6 +137,8 @@ def load_weights(
 
 
 def _names(keys: list[str]) -> str:
+    # BN step counters say little about what is wrong: show them last
+    keys = sorted(keys, key=lambda k: k.endswith("num_batches_tracked"))
     shown = ", ".join(keys[:_SHOW])
     more = f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
     return f"{len(keys)} key{'s' if len(keys) != 1 else ''} ({shown}{more})"

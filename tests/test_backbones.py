@@ -1,0 +1,357 @@
+"""Backbone contract: every registered backbone × every registered gate, on a tiny clip.
+
+One suite parametrized over ``BACKBONES.list()`` × ``POLICIES.list()`` (as timm
+does for its models), so a new backbone or gate is covered by registering it.
+Each backbone runs at ``WIDTH`` (fewer channels, same depth). Search-size
+backbones (a name with "tiny" or "small") run in every test session; the
+full-size layouts are deep enough to take seconds per case on 2 cores, so their
+contract cases are marked slow, and their full width is checked for feature
+shapes and torchvision compatibility only.
+
+Inference runs under ``torch.no_grad``, not ``inference_mode``: the sparse
+kernels of ``gatesearch.ops`` do not take inference tensors yet.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gatesearch.backbones import BACKBONES, VideoModel, WeightsError, build, clip_length, load_weights
+from gatesearch.backbones.temporal_shift import TemporalShift
+from gatesearch.objectives import task_loss
+from gatesearch.policies import POLICIES, build_policy
+from gatesearch.stateful import streaming
+
+B, T, SIZE, K = 2, 4, 64, 12
+WIDTH = 0.25  # every contract case; full-size layouts keep their depth, lose 3/4 of their channels
+
+
+def search_size(name: str) -> bool:
+    return "tiny" in name or "small" in name
+
+
+BACKBONE_CASES = [n if search_size(n) else pytest.param(n, marks=pytest.mark.slow) for n in BACKBONES.list()]
+# knob values under which a gate computes everything; a gate may instead offer ``keep_all(model)``
+KEEP_ALL = {"threshold": 0.0}
+
+
+def smallest_knobs(gate: str) -> dict:
+    """The first value of each default domain the gate declares (``low`` of a range)."""
+    knobs = {}
+    for name, dom in POLICIES.get(gate).params.items():
+        if isinstance(dom, dict):
+            knobs[name] = dom["low"]
+        elif isinstance(dom, (list, tuple)):
+            knobs[name] = dom[0]
+        else:
+            knobs[name] = dom
+    return knobs
+
+
+def keep_all_knobs(gate: str) -> dict | None:
+    """Knobs under which the gate keeps every position/channel; None when not known.
+
+    Gates with a ``keep_all(model)`` method are opened by it after ``apply``
+    instead (with their smallest knobs).
+    """
+    cls = POLICIES.get(gate)
+    knobs = smallest_knobs(gate)
+    if hasattr(cls, "keep_all"):
+        return knobs
+    if cls.trains_gates or not set(knobs) - {"block_size"} <= set(KEEP_ALL):
+        return None
+    return {k: KEEP_ALL.get(k, v) for k, v in knobs.items()}
+
+
+def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Module:
+    """Non-trivial BN affine parameters and statistics, so eval mode is not the identity transform.
+
+    With a clip, the running statistics are those of one batched pass over it
+    (then shifted a little): random statistics make a deep net's activations grow
+    layer after layer (to 1e8 in HRNet-W32), and float32 rounding at that scale
+    would hide the equivalence being tested.
+    """
+    g = torch.Generator().manual_seed(0)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    if clip is not None:
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 1.0  # running stats := this batch's stats
+        model.train()
+        with torch.no_grad():
+            batched(model, clip)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+            m.running_mean.add_(torch.randn(m.num_features, generator=g) * 0.05)
+    return model
+
+
+def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *, seed: int = 0,
+               width: float = WIDTH) -> VideoModel:
+    torch.manual_seed(seed)
+    model = build(backbone, task=task, num_classes=K, width=width)
+    return build_policy(gate, **(smallest_knobs(gate) if knobs is None else knobs)).apply(model)
+
+
+def batched(model: VideoModel, clip: torch.Tensor) -> torch.Tensor:
+    """``model(clip)``, telling clip-aware layers T even before ``VideoModel.forward`` does it itself."""
+    with clip_length(model, clip.shape[1]):
+        return model(clip)
+
+
+def tasks_of(backbone: str) -> tuple[str, ...]:
+    return BACKBONES.get(backbone)(width=WIDTH).tasks
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two 4-frame 64×64 clips with a still background (so gates have something to skip)."""
+    from gatesearch.data import SyntheticConfig, make_clip
+
+    cfg = SyntheticConfig(height=SIZE, width=SIZE, frames=T, noise=0.0, camera_motion=0.0, seed=3)
+    items = [make_clip(cfg, i, "test") for i in range(B)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+@pytest.fixture(autouse=True)
+def quick_crossover(monkeypatch):
+    """No timed calibration of the skip kernels' sparse/dense crossover (seconds per layer shape):
+    a fixed crossover of 0.5 sends sparse frames to the sparse kernel and busy ones to the dense path."""
+    from gatesearch.ops import crossover
+
+    monkeypatch.setattr(crossover, "calibrate", lambda *a, **k: {"crossover": 0.5, "stable": False})
+    crossover.clear_cache()
+    yield
+    crossover.clear_cache()
+
+
+def expected_shape(task: str) -> tuple[int, ...]:
+    return (B, K) if task == "classification" else (B, T, 1, SIZE // 4, SIZE // 4)
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gate", POLICIES.list())
+@pytest.mark.parametrize("backbone", BACKBONE_CASES)
+def test_forward_shapes_finite_and_deterministic(batch, backbone, gate):
+    """Each supported task: the head's shape, finite values, and the same seed gives the same output."""
+    for task in tasks_of(backbone):
+        outs = []
+        for _ in range(2):
+            model = make_model(backbone, gate, task).eval()
+            with torch.no_grad():
+                outs.append(batched(model, batch["clip"]))
+        assert outs[0].shape == expected_shape(task), task
+        assert torch.isfinite(outs[0]).all(), task
+        assert torch.equal(outs[0], outs[1]), f"{task}: same seed, different output"
+
+
+@pytest.mark.parametrize("gate", POLICIES.list())
+@pytest.mark.parametrize("backbone", BACKBONE_CASES)
+def test_every_parameter_gets_a_gradient(batch, backbone, gate):
+    """One training step's loss (task + the gate's own term) reaches every parameter, finitely."""
+    task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
+    model = make_model(backbone, gate, task).train()
+    policy = build_policy(gate, **smallest_knobs(gate))
+    out = model.stream(batch["clip"], reset_every=T) if policy.trains_gates else batched(model, batch["clip"])
+    loss = task_loss(task, out, batch)
+    extra = policy.loss(model)
+    if extra is not None:
+        loss = loss + extra
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"no gradient for {no_grad[:5]}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient for {bad[:5]}"
+
+
+@pytest.mark.parametrize("gate", POLICIES.list())
+@pytest.mark.parametrize("backbone", BACKBONE_CASES)
+def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
+    """A gate that keeps everything, streamed frame by frame, equals the dense batched network.
+
+    Covers the temporal shift too: its streaming state must give what the
+    batched shift over a clip gives. Eval mode with non-trivial BN statistics.
+    """
+    knobs = keep_all_knobs(gate)
+    if knobs is None:
+        pytest.skip(f"gate {gate!r} declares no keep-everything setting")
+    for task in tasks_of(backbone):
+        model = randomize_bn(make_model(backbone, gate, task, knobs), batch["clip"]).eval()
+        policy = build_policy(gate, **knobs)
+        if hasattr(policy, "keep_all"):
+            policy.keep_all(model)
+        with torch.no_grad():  # not inference_mode: gatesearch.ops kernels refuse inference tensors for now
+            dense = batched(model, batch["clip"])
+            streamed = model.stream(batch["clip"])
+        assert streamed.shape == dense.shape == expected_shape(task)
+        err = (streamed - dense).abs().max().item()
+        assert err <= 1e-4, f"{task}: streamed differs from batched by {err:.2e}"
+
+
+# -- full-size layouts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", BACKBONES.list())
+def test_full_width_feature_shapes(backbone):
+    """At width 1: fine is stride 4 with ``fine_channels``, deep has ``deep_channels``."""
+    net = BACKBONES.get(backbone)().eval()
+    with torch.no_grad():
+        fine = net.fine(torch.randn(1, 3, 64, 64))
+        deep = net.deep(fine)
+    assert fine.shape == (1, net.fine_channels, 16, 16)
+    assert deep.shape[:2] == (1, net.deep_channels) and deep.shape[-1] <= 16
+    assert set(net.tasks) <= {"classification", "heatmap"} and net.tasks
+
+
+@pytest.mark.parametrize(("backbone", "params", "keys"), [
+    # torchvision's counts without the classifier (fc / classifier: 1000-way head)
+    ("resnet18", 11_689_512 - 513_000, 122 - 2),
+    ("resnet34", 21_797_672 - 513_000, 218 - 2),
+    ("resnet50", 25_557_032 - 2_049_000, 320 - 2),
+    ("mobilenet_v2", 3_504_872 - 1_281_000, 314 - 2),
+])
+def test_torchvision_layouts(backbone, params, keys):
+    """Same parameter count and state-dict size as torchvision, under torchvision's names."""
+    net = BACKBONES.get(backbone)()
+    assert sum(p.numel() for p in net.parameters()) == params
+    names = net.state_dict()
+    assert len(names) == keys
+    expected = {
+        "resnet18": ["conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
+                     "layer4.1.bn2.num_batches_tracked"],
+        "resnet34": ["layer3.5.conv2.weight", "layer4.0.downsample.1.bias"],
+        "resnet50": ["layer1.0.conv3.weight", "layer1.0.downsample.0.weight", "layer4.2.bn3.weight"],
+        "mobilenet_v2": ["features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+                         "features.2.conv.1.0.weight", "features.17.conv.3.running_mean", "features.18.1.weight"],
+    }[backbone]
+    assert set(expected) <= set(names)
+
+
+# -- temporal shift ------------------------------------------------------------------------------
+
+def test_temporal_shift_is_online_and_batched_equals_streamed():
+    """The first C/8 channels come from the previous frame (zeros at frame 0); the rest stay."""
+    shift = TemporalShift(16)
+    x = torch.randn(2, 5, 16, 3, 3)  # (B, T, C, H, W)
+    with clip_length(shift, 5):
+        batched = shift(x.flatten(0, 1)).unflatten(0, (2, 5))
+    assert shift.frames_per_clip is None  # restored after the block
+    assert torch.equal(batched[:, 0, :2], torch.zeros(2, 2, 3, 3))
+    assert torch.equal(batched[:, 1:, :2], x[:, :-1, :2])
+    assert torch.equal(batched[:, :, 2:], x[:, :, 2:])
+    with streaming(shift):
+        streamed = torch.stack([shift(x[:, t]) for t in range(5)], 1)
+    assert torch.equal(streamed, batched)
+
+
+def test_temporal_shift_reset_and_one_frame_clips():
+    shift = TemporalShift(8)
+    x = torch.randn(3, 8, 2, 2)
+    assert torch.equal(shift(x)[:, :1], torch.zeros(3, 1, 2, 2))  # no clip length: one-frame clips
+    with streaming(shift):
+        shift(x)
+        shift.reset_state()
+        assert torch.equal(shift(x)[:, :1], torch.zeros(3, 1, 2, 2))
+    with clip_length(shift, 2), pytest.raises(ValueError, match="not a whole number of 2-frame clips"):
+        shift(x)
+
+
+def test_tsm_stream_resets_like_clips(batch):
+    """Streaming with a reset every 2 frames equals the batched net over 2-frame clips."""
+    model = randomize_bn(make_model("tsm_resnet18_tiny", "dense", "heatmap"), batch["clip"]).eval()
+    clip = batch["clip"]
+    with torch.no_grad():
+        streamed = model.stream(clip, reset_every=2)
+        halves = batched(model, clip.reshape(B * 2, 2, *clip.shape[2:])).reshape(B, T, *streamed.shape[2:])
+        whole = batched(model, clip)
+    assert (streamed - halves).abs().max() <= 1e-4
+    assert (streamed - whole).abs().max() > 1e-3  # the shift really carries the previous frame
+
+
+def test_video_model_tells_the_shift_the_clip_length(batch):
+    """``VideoModel.forward`` opens ``clip_length`` around its batched pass (no help from the caller)."""
+    model = make_model("tsm_resnet18_tiny", "dense", "heatmap").eval()
+    seen = []
+    shift = next(m for m in model.modules() if isinstance(m, TemporalShift))
+    shift.register_forward_pre_hook(lambda m, args: seen.append(m.frames_per_clip))
+    with torch.no_grad():
+        model(batch["clip"])
+    if seen[0] is None:
+        pytest.xfail("VideoModel.forward does not yet wrap its batched pass in clip_length(self, t)")
+    assert seen == [T]
+
+
+# -- load_weights ----------------------------------------------------------------------------------
+
+def _save(state: dict, path, fmt: str) -> None:
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_load_weights_round_trip(tmp_path, fmt):
+    src = BACKBONES.get("resnet18_tiny")()
+    randomize_bn(src)
+    path = tmp_path / f"w.{fmt}"
+    _save(src.state_dict(), path, fmt)
+    dst = build("resnet18_tiny", task="classification", num_classes=K)  # a VideoModel: backbone keys only
+    head = dst.clip_head.fc.weight.clone()
+    assert load_weights(dst, path) == ([], [])
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.backbone.state_dict()[k], v), k
+    assert torch.equal(dst.clip_head.fc.weight, head)
+
+
+def test_load_weights_checkpoint_wrapper_and_prefix_map(tmp_path):
+    src = build("tiny", task="heatmap", num_classes=K)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
+    dst = build("tiny", task="heatmap", num_classes=K)
+    load_weights(dst, path, prefix_map={"module.": ""})
+    assert torch.equal(dst.heat_head.weight, src.heat_head.weight)
+    # a torchvision-style file with a classifier: drop it by prefix
+    state = {**BACKBONES.get("resnet18_tiny")().state_dict(), "fc.weight": torch.zeros(10, 128)}
+    torch.save(state, tmp_path / "tv.pt")
+    with pytest.raises(WeightsError, match=r"unexpected 1 key \(fc.weight\)"):
+        load_weights(BACKBONES.get("resnet18_tiny")(), tmp_path / "tv.pt")
+    load_weights(BACKBONES.get("resnet18_tiny")(), tmp_path / "tv.pt", prefix_map={"fc.": None})
+
+
+def test_load_weights_mismatch_names_keys(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _save(BACKBONES.get("tiny")().state_dict(), path, "safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_weights(BACKBONES.get("resnet18_tiny")(), path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    assert "missing" in msg and "conv1.weight" in msg and "unexpected" in msg and "stage1.0.0.weight" in msg
+    with pytest.raises(WeightsError, match="no key in common"):
+        load_weights(BACKBONES.get("resnet18_tiny")(), path, strict=False)
+    _save(BACKBONES.get("tiny")(width=2.0).state_dict(), path, "safetensors")
+    with pytest.raises(WeightsError, match=r"shape of stem.0.weight is \(32, 3, 3, 3\) in the file, \(16, 3, 3, 3\)"):
+        load_weights(BACKBONES.get("tiny")(), path)
+
+
+def test_load_weights_missing_unreadable_or_unsafe_file(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found: .*nope.pt"):
+        load_weights(BACKBONES.get("tiny")(), tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights file .*junk.pt"):
+        load_weights(BACKBONES.get("tiny")(), tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(WeightsError, match="cannot read weights file .*junk.safetensors"):
+        load_weights(BACKBONES.get("tiny")(), tmp_path / "junk.safetensors")
+    torch.save({"w": torch.zeros(1), "hook": nn.ReLU()}, tmp_path / "pickled.pt")  # weights_only refuses modules
+    with pytest.raises(WeightsError, match="cannot read weights file .*pickled.pt"):
+        load_weights(BACKBONES.get("tiny")(), tmp_path / "pickled.pt")
