@@ -222,7 +222,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
         if rows:
             plot = workdir / "plots" / f"{search_id}-pareto.png"
             plot.parent.mkdir(parents=True, exist_ok=True)
-            plot_front(rows, {r["trial_id"] for r in pareto}, plot, cost_key=cost_key, cost_label=cost_label)
+            plot_front(rows, {r["trial_id"] for r in pareto}, plot, cost_key=cost_key, cost_label=cost_label,
+                       title=f"{search_id}: {len(rows)} trials, {len(pareto)} Pareto-optimal")
         summary = {
             "search_id": search_id,
             "trials_completed": len(rows),

@@ -18,7 +18,7 @@ def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str) -> None:
+def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str, title: str = "") -> None:
     """Scatter every trial by gate, circle the Pareto front, draw its staircase."""
     import matplotlib
 
@@ -36,6 +36,8 @@ def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: s
         ax.scatter([r[cost_key] for r in front], [r["quality"] for r in front], facecolors="none",
                    edgecolors="black", s=90, label="Pareto front")
     ax.set_xlabel(cost_label)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_ylabel("quality")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
