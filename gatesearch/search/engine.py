@@ -140,7 +140,10 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     from gatesearch.data.source import check_data
+    from gatesearch.ops import native_available
     from gatesearch.spaces import Choice
+
+    native_available()  # builds the skip-conv kernels once (cached), before trials would each wait for it
 
     task = cfg.space.shared["task"]
     check_data(cfg.data, tasks=task.values if isinstance(task, Choice) else (task.value,), echo=echo)
