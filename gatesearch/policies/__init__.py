@@ -1,6 +1,6 @@
 """Gate families, one module each, registered by name in ``POLICIES``."""
 
-from . import dense, norm_gates  # noqa: F401  (registers their entries)
+from . import dense, gumbel, norm_gates  # noqa: F401  (registers their entries)
 from .base import POLICIES, Policy, describe, register_policy
 
 

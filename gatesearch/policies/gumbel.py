@@ -1,0 +1,168 @@
+"""Skip-Conv Gumbel gate: a learned one-channel conv decides where to recompute.
+
+Skip-Convolutions (Habibian et al., CVPR 2021), Section 3.2.2. Each conv layer l
+gets a gate f(r_t; φ_l): a conv with one output channel and the layer's kernel
+size, stride, padding and dilation, run on the residual r_t, so its scores line
+up with the layer's outputs. Eq. 8: at training a position is kept with a
+Bernoulli(σ(f)) sample, drawn by the Gumbel (logistic-noise) reparametrisation
+with a straight-through estimator so the gradient reaches φ_l; at inference it
+is round(σ(f)), i.e. f > 0. Masks are structured in b×b blocks by max-pool b
+and nearest upsample b ("Structured Sparsity").
+
+Training minimises L_task + β·L_gate, with L_gate the MAC-weighted expected
+fraction of computed positions over the residual frames of a clip (Eq. 9),
+the per-layer weights m_l being layer MACs normalised by their sum (footnote 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Policy, register_policy
+from .skipconv import (
+    Gate, SkipConv2d, ceil_div, conv_out_hw, convert_convs, pool_blocks, skip_layers, upsample_blocks,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GumbelSettings:
+    """Constants of the gate; not searched (β and b are)."""
+
+    temperature: float = 2 / 3  # τ of the Gumbel-sigmoid relaxation (only shapes the backward pass)
+    init_bias: float = 3.0  # σ(3) ≈ 0.95: gates start open, so training starts from the dense network
+    bias_gain: float = 100.0  # f = w * r + gain·b̃: with Adam every parameter moves ~lr a step, so the
+    #                          stored bias b̃ = b / gain moves the operating point gain× faster than the
+    #                          weights, letting gates close within the few epochs of a search trial
+
+
+DEFAULTS = GumbelSettings()
+
+
+class GumbelGate(Gate):
+    """f(r_t; φ_l) of one layer (Eq. 8) with its structured mask.
+
+    φ_l is kept as bare parameters and convolved with the layer's *current*
+    geometry, so the gate is never itself mistaken for a layer to convert, and
+    string paddings already made explicit by ``SkipConv2d`` apply to it too.
+    ``force_open`` keeps every position (the equivalence tests use it).
+    """
+
+    def __init__(self, conv: nn.Conv2d, settings: GumbelSettings = DEFAULTS) -> None:
+        super().__init__()
+        self.settings = settings
+        kh, kw = conv.kernel_size
+        weight = torch.empty(1, conv.in_channels, kh, kw)  # groups = 1: the gate sees every input channel
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default init
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.full((1,), settings.init_bias / settings.bias_gain))
+        self.force_open = False
+        self.expected: list[torch.Tensor] = []  # E[g] per residual frame, (N,) each; drained by the loss
+        self.out_hw: tuple[int, int] | None = None  # output size seen last, for m_l
+
+    def logits(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:  # (N, Ci, H, W) -> (N, 1, Ho, Wo)
+        c = layer.conv
+        return F.conv2d(r, self.weight, self.bias * self.settings.bias_gain, c.stride, c.padding, c.dilation)
+
+    def block_logits(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:  # -> (N, Hb, Wb)
+        """Max-pool b of f: round(σ(·)) commutes with max, so a block is kept iff any of its positions is."""
+        return pool_blocks(self.logits(r, layer), layer.block_size)
+
+    def sample(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hard 0/1, soft relaxation) of Bern(σ(f)) in training, of round(σ(f)) otherwise (Eq. 8).
+
+        Training draws one Bernoulli per block by the Gumbel reparametrisation
+        (logistic noise is the difference of two Gumbels); the soft value σ(·/τ)
+        carries the straight-through gradient.
+        """
+        if not self.training:
+            return (f > 0).to(f.dtype), torch.sigmoid(f)
+        u = torch.rand_like(f).clamp_(1e-6, 1 - 1e-6)
+        noisy = f + torch.log(u) - torch.log1p(-u)
+        return (noisy > 0).to(f.dtype), torch.sigmoid(noisy / self.settings.temperature)
+
+    def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
+        if self.force_open:
+            ho, wo = conv_out_hw(layer.conv, r.shape[-2:])
+            b = layer.block_size
+            return torch.ones(r.shape[0], ceil_div(ho, b), ceil_div(wo, b), dtype=torch.bool, device=r.device)
+        hard, _ = self.sample(self.block_logits(r, layer))
+        return hard > 0  # (N, Hb, Wb)
+
+    def train_mask(self, r: torch.Tensor, layer: SkipConv2d, out_hw) -> torch.Tensor:
+        """Structured straight-through mask (N, 1, Ho, Wo): values of the hard sample, gradient of the soft one."""
+        if self.force_open:
+            return r.new_ones(r.shape[0], 1, *out_hw)
+        hard, soft = self.sample(self.block_logits(r, layer))  # (N, Hb, Wb) each
+        # hard + (soft - soft) is exactly hard in value: masks stay 0/1 with no rounding error
+        mask = upsample_blocks(hard + (soft - soft.detach()), layer.block_size, out_hw)  # (N, 1, Ho, Wo)
+        self.expected.append(mask.mean((1, 2, 3)))  # E[g]: spatial average, (N,)
+        self.out_hw = (int(out_hw[0]), int(out_hw[1]))
+        return mask
+
+    def macs(self, layer: SkipConv2d, in_hw, out_hw) -> float:
+        """One output channel over every input channel: Ci·kh·kw per output position."""
+        if self.force_open:
+            return 0.0
+        kh, kw = layer.conv.kernel_size
+        return float(layer.conv.in_channels * kh * kw * out_hw[0] * out_hw[1])
+
+
+def layer_macs(conv: nn.Conv2d, out_hw: tuple[int, int]) -> float:
+    """Dense MACs of one conv per frame: Co·(Ci/groups)·kh·kw·Ho·Wo (m_l before normalising)."""
+    kh, kw = conv.kernel_size
+    return float(conv.out_channels * (conv.in_channels // conv.groups) * kh * kw * out_hw[0] * out_hw[1])
+
+
+def gate_loss(model: nn.Module) -> torch.Tensor | None:
+    """L_gate of Eq. 9 over the frames streamed since the last call; drains the gates' records.
+
+    Each layer's E[g] is averaged over its residual frames (t ≥ 2 of each
+    clip, the reference frames being dense) and over the streams of the batch,
+    then weighted by m_l = MACs_l / Σ MACs (footnote 2). None when no residual
+    frame was streamed with autograd on.
+    """
+    terms, weights = [], []
+    for layer in skip_layers(model):
+        gate = layer.gate
+        if not isinstance(gate, GumbelGate) or not gate.expected:
+            continue
+        terms.append(torch.stack(gate.expected).mean())  # (frames, N) -> scalar
+        weights.append(layer_macs(layer.conv, gate.out_hw))
+        gate.expected = []
+    if not terms:
+        return None
+    m = torch.tensor(weights) / sum(weights)
+    return (m.to(terms[0]) * torch.stack(terms)).sum()
+
+
+@register_policy("gumbel")
+class Gumbel(Policy):
+    """Skip-Conv Gumbel gate (Eq. 8-9): a learned 1-channel conv on r_t, trained on L_task + β·L_gate."""
+
+    params = {"beta": {"low": 1e-3, "high": 10.0, "log": True}, "block_size": [1, 2, 4, 8]}
+    trains_gates = True
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        convert_convs(model, GumbelGate, block_size=self.knobs["block_size"])
+        return model
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        """β·L_gate (Eq. 9); the records are drained even when β = 0."""
+        l_gate = gate_loss(model)
+        beta = float(self.knobs["beta"])
+        return None if l_gate is None or beta == 0 else beta * l_gate
+
+
+def force_open(model: nn.Module, value: bool = True) -> None:
+    """Make every Gumbel gate keep every position (a dense-equivalent network)."""
+    for layer in skip_layers(model):
+        if isinstance(layer.gate, GumbelGate):
+            layer.gate.force_open = value
+
+
+__all__ = ["DEFAULTS", "Gumbel", "GumbelGate", "GumbelSettings", "force_open", "gate_loss", "layer_macs"]
