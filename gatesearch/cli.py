@@ -197,6 +197,118 @@ def run(artifact_dir, video, frames, reset_every, as_json):
                    f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
 
 
+@main.command()
+@click.option("--backbone", default="tiny", show_default=True, help="Backbone registry name.")
+@click.option("--gate", default="input_norm", show_default=True, help="Gate registry name.")
+@click.option("--threshold", type=float, help="ε of the norm gates.")
+@click.option("--block-size", type=int, help="Mask block size b.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other gate parameter.")
+@click.option("--artifact", type=click.Path(path_type=Path), help="Bench an exported model (its gate and weights) instead.")
+@click.option("--video", type=click.Path(path_type=Path), help="Clip to stream (default: a synthetic clip).")
+@click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--size", type=click.IntRange(min=16), default=112, show_default=True, help="Frame height and width.")
+@click.option("--width", "width_mult", type=float, default=1.0, show_default=True, help="Backbone width multiplier.")
+@click.option("--reset-every", type=click.IntRange(min=0), default=0, show_default=True, help="Dense reference every N frames (0: first only).")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads for both models (default: all cores).")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--layer", is_flag=True, help="Time one conv layer instead (see --channels, --layer-size, --kernel, --density).")
+@click.option("--channels", type=int, default=64, show_default=True, help="--layer: channels in and out.")
+@click.option("--layer-size", type=int, default=56, show_default=True, help="--layer: feature map size.")
+@click.option("--kernel", type=int, default=3, show_default=True, help="--layer: kernel size.")
+@click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
+@user_errors
+def bench(backbone, gate, threshold, block_size, params, artifact, video, frames, size, width_mult, reset_every,
+          threads, repeats, layer, channels, layer_size, kernel, density, as_json):
+    """Time the gated model against the dense one, side by side on the same clip."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    if layer:
+        from gatesearch.ops.bench import bench_layer
+
+        result = bench_layer(channels=channels, size=layer_size, kernel=kernel, block=block_size or 8,
+                             density=density, threads=torch.get_num_threads(), repeats=max(repeats, 20))
+        _print_result(result, as_json)
+        return
+    from gatesearch.objectives.bench import bench_model
+
+    dense, gated, frame_hw = _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult)
+    if video is not None:
+        from gatesearch.data import read_frames
+
+        clip = read_frames(video, max_frames=frames, size=frame_hw)[None]
+    else:
+        from gatesearch.data import SyntheticConfig, make_clip
+
+        clip = make_clip(SyntheticConfig(height=frame_hw[0], width=frame_hw[1], frames=frames), 0, "test")["clip"][None]
+    result = bench_model(dense, gated, clip, reset_every=reset_every or None, repeats=repeats)
+    _print_result({"backbone": backbone, "gate": gate, **result}, as_json)
+
+
+def _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult):
+    """(dense, gated, frame size): the same weights with and without the gate."""
+    import copy
+
+    from gatesearch.policies import POLICIES, build_policy
+    from gatesearch.search.trial import build_model
+    from gatesearch.spaces import TrialConfig
+
+    if artifact is not None:
+        from gatesearch.export import load_artifact
+
+        art = load_artifact(artifact)
+        gated = art.model
+        dense = build_model(TrialConfig(**{**art.trial.to_dict(), **_no_gate(art.trial)}), art.meta["num_classes"])
+        dense.load_state_dict(_dense_state(gated), strict=False)
+        return dense, gated, tuple(art.meta["frame_shape"][1:])
+    knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.ClickException(f"--param: {item!r} is not KEY=VALUE")
+        knobs[key] = _number(value)
+    takes = POLICIES.get(gate).params
+    for key in knobs:
+        if key not in takes:
+            raise click.ClickException(f"gate {gate!r} does not take {key!r} (it takes {', '.join(takes) or 'nothing'})")
+    for key, default in takes.items():  # unset knobs: the low end of the gate's default range
+        knobs.setdefault(key, default["low"] if isinstance(default, dict) else default[0] if isinstance(default, list) else default)
+    dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
+    gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
+    return dense, gated, (size, size)
+
+
+def _no_gate(trial) -> dict:
+    from gatesearch.policies import POLICIES
+
+    return {"gate": "dense", **{k: None for k in POLICIES.get(trial.gate).params}}
+
+
+def _dense_state(gated) -> dict:
+    """The gated model's weights under the dense model's names (a gated conv keeps its conv as `.conv`)."""
+    return {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias"): v for k, v in gated.state_dict().items()}
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result)
+        return
+    for key, value in result.items():
+        click.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
 @main.group()
 def data():
     """Datasets: write the synthetic one to disk."""

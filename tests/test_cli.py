@@ -79,3 +79,24 @@ def test_run_corrupt_video(cli, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["frames"] == 6 and summary["mean_density"] == 1.0
+
+
+def test_bench_json_keys(cli):
+    r = cli("bench", "--gate", "input_norm", "--threshold", "1.0", "--block-size", "2", "--size", "32",
+            "--frames", "6", "--repeats", "2", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert {"dense_ms", "gated_ms", "speedup", "mac_reduction", "efficiency", "max_abs_diff"} <= set(out)
+    assert out["max_abs_diff"] <= 1e-4 and out["mac_reduction"] >= 1.0
+
+
+def test_bench_layer_json(cli):
+    r = cli("bench", "--layer", "--channels", "8", "--layer-size", "16", "--block-size", "4", "--density", "0.25",
+            "--repeats", "20", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["max_abs_diff"] <= 1e-4 and out["speedup"] > 0
+
+
+def test_bench_bad_param(cli):
+    one_line_error(cli("bench", "--gate", "input_norm", "-p", "beta=1"), "does not take 'beta'")
