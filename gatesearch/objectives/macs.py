@@ -51,8 +51,20 @@ class _FrameForward(nn.Module):
         return self.model.frame(x)
 
 
+def _probe(model: nn.Module, frame_shape: tuple[int, int, int]) -> tuple[nn.Module, torch.Tensor, int]:
+    """What to count: (module, example input, frames the input covers).
+
+    Per-frame models count one frame through ``model.frame``; a model that
+    works on whole clips (3D convs) provides ``mac_probe(frame_shape)``.
+    """
+    probe = getattr(model, "mac_probe", None)
+    if probe is not None:
+        return probe(frame_shape)
+    return _FrameForward(model), torch.zeros(1, *frame_shape), 1
+
+
 def dense_macs(model: nn.Module, frame_shape: tuple[int, int, int]) -> tuple[float, dict[str, float]]:
-    """fvcore count of one frame through ``model.frame``: (total, per-module MACs by name)."""
+    """fvcore count per frame of the dense network: (total, per-module MACs by name)."""
     import warnings
 
     with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
@@ -62,11 +74,12 @@ def dense_macs(model: nn.Module, frame_shape: tuple[int, int, int]) -> tuple[flo
     was_training = model.training
     model.eval()
     try:
+        module, example, frames = _probe(model, frame_shape)
         with torch.no_grad():
-            fca = FlopCountAnalysis(_FrameForward(model), torch.zeros(1, *frame_shape))
+            fca = FlopCountAnalysis(module, example)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            total = float(fca.total())
-            per_module = {name.removeprefix("model."): float(v) for name, v in fca.by_module().items()}
+            total = float(fca.total()) / frames
+            per_module = {name.removeprefix("model."): float(v) / frames for name, v in fca.by_module().items()}
     finally:
         model.train(was_training)
     return total, per_module
