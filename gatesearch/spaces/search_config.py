@@ -44,8 +44,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     frames: int = 16  # frames of each held-out clip, streamed one by one
-    latency_warmup: int = 1  # untimed passes before timing
-    latency_repeats: int = 5  # timed passes; the median is reported, with the spread
+    latency_warmup: int = 2  # untimed passes before timing (kernel selection, calibration)
+    latency_repeats: int = 10  # timed passes; the median is reported, with the spread
 
 
 @dataclass(frozen=True, kw_only=True)
