@@ -13,9 +13,10 @@ The same module runs two ways and must give the same numbers:
 * batched: a clip's frames arrive flattened as (B*T, C, H, W); the module must
   know T to find each frame's predecessor. ``clip_length(model, T)`` tells every
   clip-aware layer (anything with a ``frames_per_clip`` attribute) for the
-  duration of a batched forward. Outside it, ``frames_per_clip`` is None and
-  every sample is a one-frame clip: the shifted channels are zero, exactly as at
-  the first frame of a stream.
+  duration of a batched forward. Outside it, ``frames_per_clip`` is None: a
+  single frame is a one-frame clip (shifted channels zero, as at the first frame
+  of a stream; this is what MAC counting traces), and a batch of several frames
+  is refused rather than guessed.
 * streaming (``gatesearch.stateful``): the module keeps the shifted channels of
   the previous frame; a reset makes the next frame a first frame (zeros).
 """
@@ -58,7 +59,12 @@ class TemporalShift(nn.Module):
             # a copy: the input may be a gated layer's state, which changes in place at the next frame
             self.prev = head.clone()
             return torch.cat([past, x[:, f:]], dim=1)
-        t = self.frames_per_clip or 1
+        t = self.frames_per_clip
+        if t is None:
+            if x.shape[0] > 1:  # frames of one clip or independent frames? guessing would train the wrong net
+                raise ValueError(f"temporal shift: a batch of {x.shape[0]} frames but no clip length; "
+                                 "run clips through VideoModel.forward or within clip_length(model, T)")
+            t = 1
         if x.shape[0] % t:
             raise ValueError(f"temporal shift: batch of {x.shape[0]} frames is not a whole number of {t}-frame clips")
         head = x[:, :f].unflatten(0, (-1, t))  # (B, T, f, H, W)
