@@ -157,6 +157,10 @@ class Gumbel(Policy):
         beta = float(self.knobs["beta"])
         return None if l_gate is None or beta == 0 else beta * l_gate
 
+    def keep_all(self, model: nn.Module) -> None:
+        """Force every gate open: the converted network then computes what the dense one does (Eq. 2)."""
+        force_open(model)
+
 
 def force_open(model: nn.Module, value: bool = True) -> None:
     """Make every Gumbel gate keep every position (a dense-equivalent network)."""
