@@ -7,7 +7,11 @@ up with the layer's outputs. Eq. 8: at training a position is kept with a
 Bernoulli(σ(f)) sample, drawn by the Gumbel (logistic-noise) reparametrisation
 with a straight-through estimator so the gradient reaches φ_l; at inference it
 is round(σ(f)), i.e. f > 0. Masks are structured in b×b blocks by max-pool b
-and nearest upsample b ("Structured Sparsity").
+and nearest upsample b ("Structured Sparsity"). The max-pool is taken over the
+logits: at inference that is exactly the max-pooled hard mask (round∘σ is
+monotone), and in training one Bernoulli is drawn per block, so a block closes
+once its largest f falls below 0 rather than only when b² independent samples
+all come out 0 (which would need f far below 0 for b = 8).
 
 Training minimises L_task + β·L_gate, with L_gate the MAC-weighted expected
 fraction of computed positions over the residual frames of a clip (Eq. 9),
@@ -121,7 +125,9 @@ def layer_macs(conv: nn.Conv2d, out_hw: tuple[int, int]) -> float:
 def gate_loss(model: nn.Module) -> torch.Tensor | None:
     """L_gate of Eq. 9 over the frames streamed since the last call; drains the gates' records.
 
-    Each layer's E[g] is averaged over its residual frames (t ≥ 2 of each
+    E[g] is the spatial average of the straight-through structured mask, i.e.
+    the fraction of the layer's outputs actually computed, with the gradient of
+    the soft samples. Each layer's E[g] is averaged over its residual frames (t ≥ 2 of each
     clip, the reference frames being dense) and over the streams of the batch,
     then weighted by m_l = MACs_l / Σ MACs (footnote 2). None when no residual
     frame was streamed with autograd on.
