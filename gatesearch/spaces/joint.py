@@ -24,6 +24,7 @@ PARAMS: dict[str, Param] = {
         Param(name="task", kind=str, choices=("classification", "heatmap"), doc="task and quality metric"),
         Param(name="gate", kind=str, doc="policy registry name"),
         Param(name="threshold", kind=float, low=0.0, doc="ε of the norm gates"),
+        Param(name="beta", kind=float, low=0.0, doc="β of the Gumbel gate loss (Skip-Conv Eq. 9)"),
         Param(name="block_size", kind=int, choices=(1, 2, 4, 8), doc="mask block size b"),
         Param(name="clip_length", kind=int, choices=(2, 4, 8, 16), doc="frames per training clip"),
         Param(name="lr", kind=float, low=0.0, low_open=True, high=1.0, doc="learning rate"),

@@ -14,6 +14,7 @@ class TrialConfig:
     task: str = "classification"  # "classification" (top-1) or "heatmap" (PCK)
     gate: str = "dense"  # policy registry name
     threshold: float | None = None  # ε of the norm gates (Skip-Conv Eq. 5, 7)
+    beta: float | None = None  # Gumbel β (Skip-Conv Eq. 9)
     block_size: int | None = None  # b: masks are constant on b×b blocks
     clip_length: int = 4  # T: frames per training clip; reference-frame reset period at inference
     lr: float = 3e-3  # AdamW learning rate
