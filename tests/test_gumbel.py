@@ -258,7 +258,7 @@ def _macs_for_betas(betas):
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     macs, dense = [], []
     for beta in betas:
-        cfg = TrialConfig(gate="gumbel", beta=beta, block_size=1, clip_length=4, epochs=3, batch_size=4, lr=3e-3, seed=0)
+        cfg = TrialConfig(gate="gumbel", beta=beta, block_size=1, clip_length=4, epochs=6, batch_size=4, lr=1e-2, seed=0)
         model = build_model(cfg, num_classes(data))  # seeds the global RNG: weights, then the Gumbel noise
         layer = skip_layers(model)[0]
         before = layer.gate.bias.detach().clone()

@@ -69,6 +69,8 @@ def test_suggest_has_no_side_effects_and_round_trips():
     ({"data": {"synthetic": {"heigth": 64}}}, r"^data.synthetic: .*heigth"),
     ({"data": {"train_clips": 0}}, r"^data.train_clips: must be >= 1"),
     ({"evaluation": {"frames": "16"}}, r"^evaluation.frames: expected int"),
+    ({"evaluation": {"reference_every": -1}}, r"^evaluation.reference_every: expected clip_length or an int >= 0"),
+    ({"evaluation": {"reference_every": "often"}}, r"^evaluation.reference_every"),
 ])
 def test_validation_errors_name_the_key(raw, message):
     with pytest.raises(SpaceError, match=message) as e:
@@ -93,3 +95,9 @@ def test_builtin_quick_config_is_valid():
 
     cfg = load_search_config(BUILTIN_CONFIGS / "quick.yaml")
     assert cfg.trials >= 12 and set(cfg.space.gate.values) >= {"dense", "input_norm", "output_norm"}
+
+
+def test_reference_every():
+    assert parse_search_config({}).evaluation.reset_every(4) == 4
+    assert parse_search_config({"evaluation": {"reference_every": 8}}).evaluation.reset_every(4) == 8
+    assert parse_search_config({"evaluation": {"reference_every": 0}}).evaluation.reset_every(4) is None

@@ -50,6 +50,13 @@ class Policy:
         """Extra training loss term after a forward pass (None: nothing to add)."""
         return None
 
+    def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Called at the start of each training epoch (schedules such as warm-ups)."""
+
+    def streams(self, epoch: int, epochs: int) -> bool:
+        """Whether this epoch trains frame by frame through the gates (else: frames as one batch)."""
+        return self.trains_gates
+
 
 def register_policy(name: str):
     """``@register_policy("input_norm")``: register a Policy subclass under ``name``."""

@@ -38,8 +38,9 @@ class GumbelSettings:
     """Constants of the gate; not searched (β and b are)."""
 
     temperature: float = 2 / 3  # τ of the Gumbel-sigmoid relaxation (only shapes the backward pass)
-    init_bias: float = 3.0  # σ(3) ≈ 0.95: gates start open, so training starts from the dense network
-    bias_gain: float = 100.0  # f = w * r + gain·b̃: with Adam every parameter moves ~lr a step, so the
+    init_bias: float = 1.0  # σ(1) ≈ 0.73: gates start mostly open, yet not so saturated that they cannot learn
+    warmup: float = 0.5  # fraction of the epochs trained densely (frames batched, gates idle) before the gates join
+    bias_gain: float = 30.0  # f = w * r + gain·b̃: with Adam every parameter moves ~lr a step, so the
     #                          stored bias b̃ = b / gain moves the operating point gain× faster than the
     #                          weights, letting gates close within the few epochs of a search trial
 
@@ -156,6 +157,10 @@ class Gumbel(Policy):
     def apply(self, model: nn.Module) -> nn.Module:
         convert_convs(model, GumbelGate, block_size=self.knobs["block_size"])
         return model
+
+    def streams(self, epoch: int, epochs: int) -> bool:
+        """Dense warm-up first (fast, batched), as the paper fine-tunes a trained network; then the gates train."""
+        return epoch >= int(DEFAULTS.warmup * epochs)
 
     def loss(self, model: nn.Module) -> torch.Tensor | None:
         """β·L_gate (Eq. 9); the records are drained even when β = 0."""

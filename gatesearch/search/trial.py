@@ -55,13 +55,15 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     model.train()
     mean = float("nan")
     for epoch in range(cfg.epochs):
+        policy.on_epoch(model, epoch, cfg.epochs)
+        stream = policy.streams(epoch, cfg.epochs)
         order = torch.randperm(len(clips["label"]), generator=gen)
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             batch = {k: v[idx] for k, v in clips.items()}
             with lock.shared():
-                out = model.stream(batch["clip"], reset_every=cfg.clip_length) if policy.trains_gates else model(batch["clip"])
+                out = model.stream(batch["clip"], reset_every=cfg.clip_length) if stream else model(batch["clip"])
                 loss = task_loss(cfg.task, out, batch)
                 extra = policy.loss(model)
                 if extra is not None:
@@ -90,13 +92,14 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     from gatesearch.objectives import mac_report, measure_latency, pck_correct, reset_stats, top1_correct
 
     lock = lock or NoLock()
+    reset_every = evaluation.reset_every(cfg.clip_length)
     model.eval()
     reset_stats(model)
     hits = []
     for start in range(0, len(clips["label"]), batch):
         part = {k: v[start : start + batch] for k, v in clips.items()}
         with lock.shared():
-            out = model.stream(part["clip"], reset_every=cfg.clip_length)
+            out = model.stream(part["clip"], reset_every=reset_every)
         if cfg.task == "classification":
             hits.append(top1_correct(out, part["label"]).flatten())
         else:
@@ -109,7 +112,7 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     with lock.exclusive(latency_threads):
         lat = measure_latency(
             model, clips["clip"][:1],
-            reset_every=cfg.clip_length, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
+            reset_every=reset_every, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
         )
     reset_stats(model)
     metrics = {

@@ -46,6 +46,12 @@ class EvalConfig:
     frames: int = 16  # frames of each held-out clip, streamed one by one
     latency_warmup: int = 2  # untimed passes before timing (kernel selection, calibration)
     latency_repeats: int = 10  # timed passes; the median is reported, with the spread
+    reference_every: int | str = "clip_length"  # T_test (Skip-Conv Table 4): dense reference frame every N frames; 0 = first frame only
+
+    def reset_every(self, clip_length: int) -> int | None:
+        """The reference-frame period for a trial trained on clips of ``clip_length``."""
+        n = clip_length if self.reference_every == "clip_length" else int(self.reference_every)
+        return n or None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +124,12 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         if getattr(data, key) < 1:
             raise SpaceError(f"data.{key}: must be >= 1, got {getattr(data, key)}")
     evaluation = _section(EvalConfig, raw.get("evaluation"), "evaluation")
+    ref = evaluation.reference_every
+    if ref != "clip_length" and not (isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0):
+        raise SpaceError(f"evaluation.reference_every: expected clip_length or an int >= 0, got {ref!r}")
     for f in dataclasses.fields(EvalConfig):
+        if f.name == "reference_every":
+            continue
         minimum = 0 if f.name == "latency_warmup" else 1
         if getattr(evaluation, f.name) < minimum:
             raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
@@ -159,7 +170,8 @@ def _section(cls, raw: Any, where: str):
         if not hasattr(defaults, key):
             known = ", ".join(f.name for f in dataclasses.fields(cls))
             raise SpaceError(f"{where}.{key}: unknown key; known: {known}")
-        values[key] = _typed(value, type(getattr(defaults, key)), f"{where}.{key}")
+        default = getattr(defaults, key)
+        values[key] = value if key == "reference_every" else _typed(value, type(default), f"{where}.{key}")
     return cls(**values)
 
 
