@@ -1,6 +1,7 @@
 """Gate families, one module each, registered by name in ``POLICIES``."""
 
-from . import dense, gumbel, norm_gates  # noqa: F401  (registers their entries)
+from . import dense, gumbel, norm_gates, vared2  # noqa: F401  (registers their entries)
+from . import dstep  # noqa: F401  (registers "dstep")
 from .base import POLICIES, Policy, describe, register_policy
 
 

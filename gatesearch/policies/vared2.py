@@ -1,0 +1,129 @@
+"""VA-RED²: redundancy-adaptive video networks (Pan et al., ICLR 2021; thesis Chapter 3).
+
+Every conv of the backbone becomes a ``DynamicConv`` (``vared2_layer``) with a
+soft modulation gate that, per input, picks how much of the layer to compute:
+a temporal stride × 2^j and a channel ratio (1/2)^i, j, i < S, the rest rebuilt
+by cheap linear ops. (2+1)D / 3D backbones (``ClipModel``) get both
+dimensions; per-frame 2D backbones get the channel dimension only, as the
+thesis does for PSPNet (Section 4.3).
+
+Training minimises L_a + λ_e·L_e (Section 3.4), with the efficiency loss
+
+    L_e = (μ0 · Σ_l C(f_l)/Σ_k C(f_k) · r_l^s / R_l^s)²,  μ0 = 1 iff the clip is classified correctly  (Eq. 3.6)
+
+averaged over the clips of a batch. λ_e is the joint space's ``beta`` knob
+(log scale) and S its ``search_space_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Policy, register_policy
+from .vared2_layer import DEFAULTS, DynamicConv, GateSettings
+
+
+def dynamic_layers(model: nn.Module) -> list[DynamicConv]:
+    return [m for m in model.modules() if isinstance(m, DynamicConv)]
+
+
+def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAULTS) -> list[DynamicConv]:
+    """Replace every conv of ``model.backbone`` by a ``DynamicConv`` in place (heads stay dense).
+
+    A ``ClipModel``'s ``Conv3d`` layers are gated in time and channels, a
+    ``VideoModel``'s ``Conv2d`` layers in channels only. Anything else is refused.
+    """
+    from gatesearch.backbones import ClipModel, VideoModel
+
+    backbone = getattr(model, "backbone", None)
+    name = type(backbone if backbone is not None else model).__name__
+    if not isinstance(model, (ClipModel, VideoModel)):
+        raise ValueError(f"gate 'vared2' does not support {name}: it gates the backbone of a VideoModel or ClipModel")
+    kind = nn.Conv3d if isinstance(model, ClipModel) else nn.Conv2d
+    layers = []
+    for parent_name, parent in list(backbone.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is kind:
+                full = ".".join(p for p in ("backbone", parent_name, child_name) if p)
+                layer = DynamicConv(child, space_size=space_size, settings=settings, name=full)
+                setattr(parent, child_name, layer)
+                layers.append(layer)
+    if not layers:
+        raise ValueError(f"gate 'vared2' does not support backbone {name}: it has no plain {kind.__name__} to gate")
+    return layers
+
+
+def force_full(model: nn.Module, value: bool = True) -> None:
+    """Make every VA-RED² layer compute everything (R = 1, r = 1): the dense network."""
+    for layer in dynamic_layers(model):
+        layer.force_full = value
+
+
+def efficiency_loss(model: nn.Module, correct: torch.Tensor | None = None) -> torch.Tensor | None:
+    """L_e of Eq. 3.6 over the forward passes since the last call; drains the layers' records.
+
+    ``correct`` (B,) bool gives μ0 per clip (None: every clip counts). A layer
+    that saw B·T samples (frames of a per-frame model) gives each clip the mean
+    over its frames; one that saw several windows of a clip, their mean. None
+    when nothing was recorded (no training forward with autograd on).
+    """
+    per_layer, weights = [], []
+    clips = None if correct is None else correct.shape[0]
+    for layer in dynamic_layers(model):
+        if not layer.records:
+            continue
+        costs = [_per_clip(cost, clips) for _, cost in layer.records]  # each (B,) or (N,)
+        per_layer.append(torch.stack(costs).mean(0))
+        weights.append(sum(dense for dense, _ in layer.records) / len(layer.records))
+        layer.records = []
+    if not per_layer:
+        return None
+    w = torch.tensor(weights, dtype=per_layer[0].dtype) / sum(weights)  # C(f_l) / Σ_k C(f_k)
+    ratio = (w[:, None] * torch.stack(per_layer)).sum(0)  # (B,) MAC-weighted r^s/R^s
+    if correct is not None:
+        ratio = ratio * correct.to(ratio.dtype)  # μ0
+    return (ratio**2).mean()
+
+
+def _per_clip(cost: torch.Tensor, clips: int | None) -> torch.Tensor:
+    """(N,) per-sample costs -> (B,) per clip; frames of a clip are consecutive (``VideoModel.forward``)."""
+    if clips is None or cost.shape[0] == clips:
+        return cost
+    if cost.shape[0] % clips:
+        raise ValueError(f"vared2: {cost.shape[0]} samples cannot be split into {clips} clips")
+    return cost.view(clips, -1).mean(1)
+
+
+def correct_clips(output: torch.Tensor | None, batch: dict | None) -> torch.Tensor | None:
+    """μ0 of Eq. 3.6 for classification; None (every clip counts) when there is no label to compare."""
+    if output is None or batch is None or "label" not in batch or output.dim() != 2:
+        return None
+    return output.detach().argmax(1) == batch["label"]
+
+
+@register_policy("vared2")
+class VaRed2(Policy):
+    """VA-RED² (Eq. 3.1-3.6): per-conv soft gates choose temporal stride ×2^j and channel ratio 2^-i; the rest rebuilt cheaply."""
+
+    params = {"search_space_size": [2, 3, 4], "beta": {"low": 0.01, "high": 10.0, "log": True}}
+    # the gates train in the ordinary batched forward: no frame-by-frame state to stream through
+    trains_gates = False
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        convert(model, space_size=int(self.knobs["search_space_size"]))
+        return model
+
+    def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
+             batch: dict | None = None) -> torch.Tensor | None:
+        """λ_e·L_e (Eq. 3.6); μ0 from ``output`` and ``batch["label"]`` when given. Records are drained even when λ_e = 0."""
+        l_e = efficiency_loss(model, correct_clips(output, batch))
+        lam = float(self.knobs["beta"])
+        return None if l_e is None or lam == 0 else lam * l_e
+
+    def keep_all(self, model: nn.Module) -> None:
+        """Every layer computes everything (R = 1, r = 1): the converted network is the dense one."""
+        force_full(model)
+
+
+__all__ = ["VaRed2", "convert", "correct_clips", "dynamic_layers", "efficiency_loss", "force_full"]
