@@ -1,0 +1,149 @@
+"""D-STEP: dynamic spatio-temporal pruning of residual blocks, trained to a FLOPs target.
+
+D-STEP (Raviv, Dinai, Drozdov, Zehngut and Goldin), Section 3. Every residual
+block gets a spatial tile policy and a skip / reuse / compute channel policy
+between its first and second conv (``dstep_block.DStepBlock``, Eq. 1). The
+network's FLOPs F are those of Eq. 2 summed over the gated blocks (the policy
+networks' own cost included) and averaged over frames; F_S is the same sum for
+the static network. Training minimises (Eq. 3)
+
+    L = L_task + λ(e)·(F/F_S − D)² + γ·L_bound,   λ(e) = 0 for e < K, else α·exp(β·e),
+
+so the target ratio D is the family's efficiency knob (``target_flops_ratio``).
+L_bound (after Dynamic Dual Gating, the paper's [16]) holds each block's
+spatial density within bounds that start tight around D (± ``bound_width``)
+and widen linearly to [0, 1] by the end of training, so no block's mask
+collapses to all-0 or all-1 early.
+
+The schedule needs the epoch: the trainer calls ``on_epoch(model, epoch,
+epochs)`` at the start of every epoch. Without it, λ stays at its first
+post-warm-up value, L_bound is off and the Gumbel noise is not annealed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Policy, register_policy
+from .dstep_block import DEFAULTS, DStepBlock, DStepSettings, convert_blocks, dstep_blocks
+
+
+def sparsity_terms(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """(F/F_S over the frames streamed since the last call, per-block spatial densities); drains records.
+
+    None when no frame was streamed with autograd on. F and F_S are summed over
+    the blocks and F averaged over frames and streams (Eq. 2).
+    """
+    spent, static, densities = [], 0.0, []
+    for block in dstep_blocks(model):
+        if not block.records:
+            continue
+        flops = torch.stack([f for f, _ in block.records])  # (frames, N)
+        spent.append(flops.mean())
+        densities.append(torch.stack([d for _, d in block.records]).mean())
+        static += sum(conv.dense_macs for conv in block.convs())
+        block.records = []
+    if not spent:
+        return None
+    return torch.stack(spent).sum() / static, densities
+
+
+def flops_ratio(model: nn.Module) -> float:
+    """Achieved F/F_S of the frames streamed since the last ``reset_stats``: the measured counterpart of D.
+
+    Read from the gated convs' MacCounter statistics (density, gate_macs),
+    so it is what ``MacCounter`` reports for the same layers.
+    """
+    spent = static = 0.0
+    for block in dstep_blocks(model):
+        for conv in block.convs():
+            spent += conv.dense_macs * conv.density + conv.gate_macs
+            static += conv.dense_macs
+    return spent / static if static else 1.0
+
+
+def set_gating(model: nn.Module, on: bool) -> None:
+    """Off: every block runs its original dense forward, also while streaming (the dense twin)."""
+    for block in dstep_blocks(model):
+        block.gating = on
+
+
+def force_compute(model: nn.Module, value: bool = True) -> None:
+    """Every tile active and every channel "compute": the gated stream computes the dense network."""
+    for block in dstep_blocks(model):
+        block.force_compute = value
+
+
+@register_policy("dstep")
+class DStep(Policy):
+    """D-STEP (Eq. 1-3): p×p tiles and skip/reuse/compute channels per residual block, trained to a FLOPs ratio D."""
+
+    params = {"target_flops_ratio": {"low": 0.3, "high": 0.9}, "block_size": [1, 2, 4, 8]}
+    trains_gates = True
+
+    def __init__(self, *, settings: DStepSettings = DEFAULTS, **knobs) -> None:
+        super().__init__(**knobs)
+        target = float(knobs["target_flops_ratio"])
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"gate 'dstep': target_flops_ratio must be in (0, 1], got {target}")
+        self.target = target
+        self.settings = settings
+        self.epoch: int | None = None  # set by on_epoch_start; None: no schedule
+        self.epochs = 1
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings)
+        return model
+
+    def keep_all(self, model: nn.Module) -> None:
+        """Force every gate open: the gated stream then computes the dense network (Eq. 1 with S = 1, T = compute)."""
+        force_compute(model)
+
+    # -- schedule -------------------------------------------------------------------------------
+    def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Trainer hook at the start of each epoch: λ(e), L_bound's bounds and the Gumbel noise follow it."""
+        self.epoch, self.epochs = int(epoch), max(1, int(epochs))
+        noise = 1.0 - self.progress() if self.settings.anneal_noise else 1.0
+        for block in dstep_blocks(model):
+            block.noise = noise
+
+    def lam(self) -> float:
+        """λ(e) of Eq. 3: 0 during the K warm-up epochs, then α·exp(β·e)."""
+        s = self.settings
+        e = s.warmup_epochs if self.epoch is None else self.epoch
+        return 0.0 if e < s.warmup_epochs else s.lambda_alpha * math.exp(s.lambda_beta * e)
+
+    def progress(self) -> float:
+        """Fraction of training done at the start of this epoch, 0 … 1 (1 when no schedule is known)."""
+        if self.epoch is None:
+            return 1.0
+        return min(1.0, self.epoch / max(1, self.epochs - 1))
+
+    def bounds(self) -> tuple[float, float]:
+        """L_bound's interval for each block's spatial density: D ± w, w growing from bound_width to 1."""
+        w = self.settings.bound_width + (1.0 - self.settings.bound_width) * self.progress()
+        return max(0.0, self.target - w), min(1.0, self.target + w)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        """λ(e)·(F/F_S − D)² + γ·L_bound over the frames just streamed (Eq. 3); drains the records."""
+        terms = sparsity_terms(model)
+        if terms is None:
+            return None
+        ratio, densities = terms
+        total = ratio.new_zeros(())
+        lam = self.lam()
+        if lam > 0:
+            total = total + lam * (ratio - self.target) ** 2
+        low, high = self.bounds()
+        if self.settings.gamma > 0 and (low > 0 or high < 1):
+            rho = torch.stack(densities)
+            bound = (torch.relu(rho - high) ** 2 + torch.relu(low - rho) ** 2).mean()
+            total = total + self.settings.gamma * bound
+        return total
+
+
+__all__ = ["DStep", "DStepBlock", "DStepSettings", "flops_ratio", "force_compute", "set_gating", "sparsity_terms"]

@@ -1,0 +1,514 @@
+"""The D-STEP gated residual block: p×p spatial tiles and skip / reuse / compute channels.
+
+D-STEP (Raviv et al.), Section 3.1. Between the first and second conv of a
+residual block, two small policy networks look at the block input x_t:
+
+* spatial policy: x_t average-pooled into tiles (one tile per p×p tile of the
+  first conv's output), one 3×3 conv to a single map, binarised (Gumbel-sigmoid
+  with straight-through gradients in training, rounding at inference): S_t;
+* temporal channel policy: the S-masked x_t and x_{t-1}, global-average
+  pooled, through a two-layer MLP, one of {skip, reuse, compute} per channel of
+  the first conv's output (Gumbel-softmax, hard forward / relaxed backward): T_t.
+
+Eq. 1 then merges h_t = S_t ⊙ [compute: relu(bn1(conv1 x_t)); reuse: h_{t-1}; skip: 0],
+the rest of the branch runs on h_t at the active tiles only, and the block
+output is relu(identity + S_t ⊙ branch): an inactive tile passes the identity.
+The stream is causal: reuse takes the previous frame's merged features (zero at
+a clip's first frame, like zero padding in time), so reusing costs nothing.
+
+Which modules are residual blocks (the protocol): a module whose class sets
+``dstep_block = True``, or, by duck typing, any torchvision-style BasicBlock /
+Bottleneck: ``conv1``/``bn1``, ``conv2``/``bn2`` (and ``conv3``/``bn3`` ...) as
+``Conv2d`` (groups 1, numeric zero padding) / ``BatchNorm2d`` pairs, a
+``downsample`` attribute (None or a module on the identity path), an optional
+``shift`` in front of ``conv1``, and a forward equal to
+``relu(bn_n(conv_n(... relu(bn1(conv1(shift(x)))) ...)) + identity)``. A class
+sets ``dstep_block = False`` to opt out.
+
+Outside a stream (and with gating off) the block runs its original forward,
+so the batched network (and fvcore's count) is the dense one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SKIP, REUSE, COMPUTE = 0, 1, 2  # channel decisions (last axis of T)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DStepSettings:
+    """Constants of the gate and its loss (D-STEP, Eq. 3); D and p are searched, these are not.
+
+    Scaled for CPU trials of a few epochs: the paper warms up K = 10 of 50 epochs.
+    """
+
+    temperature: float = 2 / 3  # τ of both relaxations (only shapes the backward pass)
+    hidden_min: int = 16  # MLP hidden width: max(hidden_min, C_in // 2)
+    spatial_init: float = 3.0  # spatial logit bias at start: σ(3) ≈ 0.95, tiles start active
+    compute_init: float = 3.0  # "compute" logit bias at start (skip, reuse start at 0)
+    bias_gain: float = 100.0  # logit biases stored / gain: under Adam they move gain× faster than weights,
+    #                          so decisions can shift within the few dozen steps of a CPU trial
+    warmup_epochs: int = 1  # K: λ(e) = 0 for e < K (task and bound losses only)
+    lambda_alpha: float = 4.0  # α of λ(e) = α·exp(β·e)
+    lambda_beta: float = 0.3  # β of λ(e) (not the joint-space β of the Gumbel gate)
+    gamma: float = 2.0  # γ: weight of L_bound
+    bound_width: float = 0.1  # L_bound: spatial density of each block starts held to D ± this
+    anneal_noise: bool = True  # Gumbel noise scale 1 → 0 over training, so the last epoch trains the
+    #                            decisions inference makes (rounding / argmax, no noise)
+
+
+DEFAULTS = DStepSettings()
+
+
+# -- the residual-block protocol --------------------------------------------------------------------
+
+def residual_pairs(block: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]] | None:
+    """The (conv, bn) pairs of a residual block's branch, or None when D-STEP does not gate it."""
+    flag = getattr(type(block), "dstep_block", None)
+    if flag is False or isinstance(block, DStepBlock):
+        return None
+    pairs = []
+    while True:
+        i = len(pairs) + 1
+        conv, bn = getattr(block, f"conv{i}", None), getattr(block, f"bn{i}", None)
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            break
+        pairs.append((conv, bn))
+    ok = len(pairs) >= 2 and hasattr(block, "downsample") and all(
+        c.groups == 1 and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c, _ in pairs
+    )
+    if not ok:
+        if flag:
+            raise ValueError(f"{type(block).__name__} sets dstep_block but is not a conv1/bn1, conv2/bn2 "
+                             "(groups 1, numeric padding) block with a downsample attribute")
+        return None
+    return pairs
+
+
+# -- accounting -----------------------------------------------------------------------------------
+
+class GatedConv(nn.Conv2d):
+    """A block conv whose work D-STEP decides; reports it in MacCounter's protocol.
+
+    ``density`` is the fraction of the dense conv's MACs spent (channels times
+    tiles, Eq. 2) and ``gate_macs`` the policy networks' own cost (charged to
+    ``conv1``), both averaged over streamed frames. It keeps the conv's
+    parameters, so state-dict names stay the dense network's.
+    """
+
+    @classmethod
+    def adopt(cls, conv: nn.Conv2d) -> "GatedConv":
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        new.reset_stats()
+        return new
+
+    def reset_stats(self) -> None:
+        self.frames = 0  # frames seen while streaming (summed over streams)
+        self.density_sum = 0.0
+        self.gate_macs_sum = 0.0
+        self.dense_macs = 0.0  # MACs of the dense conv per frame, at the size last seen
+
+    def record(self, density: torch.Tensor, gate_macs: float, dense_macs: float) -> None:
+        n = density.numel()
+        self.frames += n
+        self.density_sum += float(density.sum())
+        self.gate_macs_sum += gate_macs * n
+        self.dense_macs = dense_macs
+
+    @property
+    def density(self) -> float:
+        return self.density_sum / self.frames if self.frames else 1.0
+
+    @property
+    def gate_macs(self) -> float:
+        return self.gate_macs_sum / self.frames if self.frames else 0.0
+
+
+# -- the policy networks ------------------------------------------------------------------------------
+
+class DStepPolicy(nn.Module):
+    """Spatial 3×3 conv and temporal-channel MLP of one block (D-STEP, Section 3.1).
+
+    Kept as bare parameters (no ``Conv2d`` / ``Linear`` children) so nothing
+    mistakes them for backbone layers. Logit biases are stored divided by
+    ``bias_gain`` (see ``DStepSettings``).
+    """
+
+    def __init__(self, c_in: int, channels: int, settings: DStepSettings = DEFAULTS) -> None:
+        super().__init__()
+        self.gain = settings.bias_gain
+        self.channels = channels
+        hidden = max(settings.hidden_min, c_in // 2)
+        self.spatial_weight = nn.Parameter(_uniform(1, c_in, 3, 3))
+        self.spatial_bias = nn.Parameter(torch.full((1,), settings.spatial_init / self.gain))
+        self.fc1_weight = nn.Parameter(_uniform(hidden, 2 * c_in))
+        self.fc1_bias = nn.Parameter(_uniform(hidden, fan_in=2 * c_in))
+        self.fc2_weight = nn.Parameter(_uniform(3 * channels, hidden))
+        bias = torch.zeros(channels, 3)
+        bias[:, COMPUTE] = settings.compute_init / self.gain
+        self.fc2_bias = nn.Parameter(bias.flatten())
+
+    def spatial_logits(self, tile_means: torch.Tensor) -> torch.Tensor:  # (N, Cin, Gh, Gw) -> (N, Gh, Gw)
+        return F.conv2d(tile_means, self.spatial_weight, self.spatial_bias * self.gain, padding=1)[:, 0]
+
+    def channel_logits(self, g: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:  # (N, Cin) ×2 -> (N, C, 3)
+        hidden = F.relu(F.linear(torch.cat([g, g_prev], 1), self.fc1_weight, self.fc1_bias))  # (N, hidden)
+        return F.linear(hidden, self.fc2_weight, self.fc2_bias * self.gain).view(-1, self.channels, 3)
+
+    def macs(self, c_in: int, in_hw: tuple[int, int], grid: tuple[int, int]) -> float:
+        """Per frame: tile sums (one add per input value), the 3×3 conv and the masked GAP on the
+        tile grid, and the MLP."""
+        tiles = grid[0] * grid[1]
+        hidden = self.fc1_weight.shape[0]
+        return float(c_in * in_hw[0] * in_hw[1] + c_in * 9 * tiles + c_in * tiles
+                     + 2 * c_in * hidden + hidden * 3 * self.channels)
+
+
+def _uniform(*shape: int, fan_in: int | None = None) -> torch.Tensor:
+    """PyTorch's default Conv2d / Linear initialisation: U(±1/sqrt(fan_in))."""
+    fan_in = fan_in or math.prod(shape[1:])
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(*shape).uniform_(-bound, bound)
+
+
+def binary_st(logits: torch.Tensor, *, noise: float, tau: float, sample: bool) -> torch.Tensor:
+    """Gumbel-sigmoid: 0/1 values, the relaxation's gradient (straight-through). No sampling: round(σ)."""
+    if sample and noise > 0:
+        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + noise * (torch.log(u) - torch.log1p(-u))  # logistic = difference of two Gumbels
+    hard = (logits > 0).to(logits.dtype)
+    if not torch.is_grad_enabled():
+        return hard
+    soft = torch.sigmoid(logits / tau)
+    return hard + (soft - soft.detach())
+
+
+def categorical_st(logits: torch.Tensor, *, noise: float, tau: float, sample: bool) -> torch.Tensor:
+    """Gumbel-softmax over the last axis: one-hot forward, relaxed backward. No sampling: argmax."""
+    if sample and noise > 0:
+        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits - noise * torch.log(-torch.log(u))
+    hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if not torch.is_grad_enabled():
+        return hard
+    soft = torch.softmax(logits / tau, -1)
+    return hard + (soft - soft.detach())
+
+
+# -- geometry ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Level:
+    """One conv of the branch: its output size, tile size there and the tile grid map from S."""
+
+    out_hw: tuple[int, int]
+    tile: int  # q: output tile side at this resolution
+    rows: torch.Tensor  # (Gq_h,) row of S each output tile takes its decision from
+    cols: torch.Tensor  # (Gq_w,)
+    area: torch.Tensor  # (Gq_h, Gq_w) fraction of the output each tile covers
+    dense_macs: float  # the dense conv's MACs per frame
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    in_hw: tuple[int, int]
+    grid: tuple[int, int]  # (Gh, Gw) = ceil(conv1 output / p)
+    in_tile: int  # p·stride(conv1): tile side on the block input
+    in_area: torch.Tensor  # (Gh, Gw) input pixels per tile (edge tiles are partial)
+    levels: tuple[_Level, ...]  # conv1, conv2, ...
+    policy_macs: float
+
+
+def _conv_out(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[int, int]:
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(hw, conv.padding, conv.dilation, conv.kernel_size, conv.stride)
+    )
+
+
+def _edge_sizes(length: int, tile: int) -> torch.Tensor:
+    count = -(-length // tile)
+    sizes = torch.full((count,), float(tile))
+    sizes[-1] = length - (count - 1) * tile
+    return sizes
+
+
+def tile_mask_at(S: torch.Tensor, level: _Level) -> torch.Tensor:
+    """S on the conv1-output tile grid (N, Gh, Gw) -> the same decisions on this conv's output tiles."""
+    if S.shape[-2] == level.rows.numel() and S.shape[-1] == level.cols.numel():
+        return S
+    return S.index_select(1, level.rows).index_select(2, level.cols)
+
+
+def upsample_tiles(S: torch.Tensor, tile: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, Gh, Gw) -> (N, 1, Ho, Wo): nearest upsample by the tile side, cropped (differentiable)."""
+    m = S.unsqueeze(1)
+    if tile > 1:
+        m = m.repeat_interleave(tile, dim=2).repeat_interleave(tile, dim=3)
+    return m[..., : out_hw[0], : out_hw[1]]
+
+
+def tile_sums(x: torch.Tensor, tile: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, Gh, Gw): sum of x over each input tile (zero-padded at the edges)."""
+    n, c, h, w = x.shape
+    hp, wp = grid[0] * tile, grid[1] * tile
+    x = x[..., :hp, :wp]
+    if (hp, wp) != tuple(x.shape[-2:]):
+        x = F.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2]))
+    return x.view(n, c, grid[0], tile, grid[1], tile).sum((3, 5))
+
+
+# -- the block ----------------------------------------------------------------------------------------
+
+class DStepBlock(nn.Module):
+    """A residual block with the D-STEP gate between its first and second conv.
+
+    Takes over the block's children under their own names (so weights keep
+    their dense names) and adds ``policy``. Streaming state: the previous
+    frame's merged features h_{t-1} and pooled masked input g_{t-1}.
+
+    ``force_compute`` keeps every tile and computes every channel (the
+    equivalence tests use it); ``gating = False`` runs the original block
+    even while streaming (the dense twin of a benchmark); ``path`` is "auto"
+    (gathered execution at inference), "sparse" (always gather tiles) or
+    "dense" (the masked dense formulation, the reference).
+    """
+
+    def __init__(self, block: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS) -> None:
+        super().__init__()
+        pairs = residual_pairs(block)
+        if pairs is None:
+            raise ValueError(f"{type(block).__name__} is not a residual block D-STEP can gate")
+        self.dense_type = type(block)
+        for name, value in vars(block).items():  # plain attributes the original forward may read
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.depth = len(pairs)
+        for i, (conv, _) in enumerate(pairs, 1):
+            setattr(self, f"conv{i}", GatedConv.adopt(conv))
+        self.tile = int(tile)
+        self.settings = settings
+        self.policy = DStepPolicy(pairs[0][0].in_channels, pairs[0][0].out_channels, settings)
+        self.train(block.training)
+        self.streaming = False
+        self.gating = True
+        self.force_compute = False
+        self.path = "auto"
+        self.noise = 1.0  # Gumbel noise scale, set by the policy's schedule
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # per frame: (F (N,), spatial density (N,))
+        self._geometry: dict[tuple[int, int], _Geometry] = {}
+        self._folded: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self.reset_state()
+
+    def extra_repr(self) -> str:
+        return f"dstep: tile={self.tile}, convs={self.depth}, of {self.dense_type.__name__}"
+
+    # -- protocol --------------------------------------------------------------------------------
+    def reset_state(self) -> None:
+        self.h_prev: torch.Tensor | None = None  # (N, C, Hh, Wh) merged features of the previous frame
+        self.g_prev: torch.Tensor | None = None  # (N, Cin) pooled masked input of the previous frame
+
+    def pairs(self) -> list[tuple[GatedConv, nn.BatchNorm2d]]:
+        return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.depth + 1)]
+
+    def convs(self) -> list[GatedConv]:
+        return [getattr(self, f"conv{i}") for i in range(1, self.depth + 1)]
+
+    def dense_macs(self, in_hw: tuple[int, int]) -> float:
+        """F_S of this block: the dense MACs of its gated convs per frame."""
+        return sum(level.dense_macs for level in self.geometry(in_hw).levels)
+
+    def geometry(self, in_hw: tuple[int, int]) -> _Geometry:
+        geo = self._geometry.get(in_hw)
+        if geo is None:
+            geo = self._geometry[in_hw] = self._make_geometry(in_hw)
+        return geo
+
+    def _make_geometry(self, in_hw: tuple[int, int]) -> _Geometry:
+        p = self.tile
+        convs = self.convs()
+        h_hw = _conv_out(convs[0], in_hw)
+        grid = (-(-h_hw[0] // p), -(-h_hw[1] // p))
+        s1 = convs[0].stride[0]
+        in_tile = p * s1
+        hp, wp = min(in_hw[0], grid[0] * in_tile), min(in_hw[1], grid[1] * in_tile)
+        in_area = (_edge_sizes(hp, in_tile)[:, None] * _edge_sizes(wp, in_tile)[None, :]).reshape(grid)
+        levels, hw, stride = [], in_hw, 1
+        for i, conv in enumerate(convs):
+            out_hw = _conv_out(conv, hw)
+            if i > 0:
+                stride *= conv.stride[0]
+            q = max(p // stride, 1)
+            gq = (-(-out_hw[0] // q), -(-out_hw[1] // q))
+            rows = ((torch.arange(gq[0]) * q * stride) // p).clamp_(max=grid[0] - 1)
+            cols = ((torch.arange(gq[1]) * q * stride) // p).clamp_(max=grid[1] - 1)
+            area = _edge_sizes(out_hw[0], q)[:, None] * _edge_sizes(out_hw[1], q)[None, :] / (out_hw[0] * out_hw[1])
+            kh, kw = conv.kernel_size
+            dense = float(conv.out_channels * conv.in_channels * kh * kw * out_hw[0] * out_hw[1])
+            levels.append(_Level(out_hw=out_hw, tile=q, rows=rows, cols=cols, area=area, dense_macs=dense))
+            hw = out_hw
+        policy_macs = self.policy.macs(convs[0].in_channels, in_hw, grid)
+        return _Geometry(in_hw=in_hw, grid=grid, in_tile=in_tile, in_area=in_area, levels=tuple(levels),
+                         policy_macs=policy_macs)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Cin, H, W) -> (N, Cout, Ho, Wo)
+        if not (self.streaming and self.gating):
+            return self.dense_type.forward(self, x)
+        identity = x if self.downsample is None else self.downsample(x)
+        xs = self.shift(x) if isinstance(getattr(self, "shift", None), nn.Module) else x
+        geo = self.geometry(tuple(xs.shape[-2:]))
+        S, T = self.decide(xs, geo)  # (N, Gh, Gw), (N, C, 3)
+        if torch.is_grad_enabled() or self.training or self.path == "dense":
+            branch = self._masked_dense(xs, S, T, geo)
+        else:
+            branch = self._gathered(xs, S, T, geo)
+        return F.relu(identity + branch)
+
+    def decide(self, xs: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_t (N, Gh, Gw) 0/1 and T_t (N, C, 3) one-hot, straight-through when autograd records.
+
+        Also accounts the frame (Eq. 2) for MacCounter and, when training, for the loss.
+        """
+        n = xs.shape[0]
+        c = self.conv1.out_channels
+        if self.force_compute:
+            S = xs.new_ones(n, *geo.grid)
+            T = F.one_hot(torch.full((n, c), COMPUTE, device=xs.device), 3).to(xs.dtype)
+            policy_macs = 0.0
+        else:
+            sample, tau = self.training, self.settings.temperature
+            sums = tile_sums(xs, geo.in_tile, geo.grid)  # (N, Cin, Gh, Gw)
+            S = binary_st(self.policy.spatial_logits(sums / geo.in_area), noise=self.noise, tau=tau, sample=sample)
+            g = (sums * S.unsqueeze(1)).sum((2, 3)) / (xs.shape[-2] * xs.shape[-1])  # (N, Cin): GAP of S ⊙ x
+            g_prev = self.g_prev if self.g_prev is not None and self.g_prev.shape == g.shape else torch.zeros_like(g)
+            T = categorical_st(self.policy.channel_logits(g, g_prev), noise=self.noise, tau=tau, sample=sample)
+            self.g_prev = g
+            policy_macs = geo.policy_macs
+        self._account(S, T, geo, policy_macs)
+        return S, T
+
+    def _account(self, S: torch.Tensor, T: torch.Tensor, geo: _Geometry, policy_macs: float) -> None:
+        """Eq. 2 per stream: conv1 computes the compute channels on active tiles, conv2 reads the
+        non-skipped channels on active tiles, later convs run on active tiles."""
+        c = T.shape[1]
+        out_frac = T[..., COMPUTE].sum(1) / c  # (N,) conv1 output channels computed
+        in_frac = 1.0 - T[..., SKIP].sum(1) / c  # (N,) conv2 input channels read
+        flops = S.new_full((S.shape[0],), policy_macs)
+        for i, (level, conv) in enumerate(zip(geo.levels, self.convs())):
+            area = (tile_mask_at(S, level) * level.area).sum((1, 2))  # (N,) fraction of outputs computed
+            share = area * (out_frac if i == 0 else in_frac if i == 1 else 1.0)
+            conv.record(share.detach(), policy_macs if i == 0 else 0.0, level.dense_macs)
+            flops = flops + share * level.dense_macs
+            if i == 0:
+                spatial = area
+        if torch.is_grad_enabled() and flops.requires_grad:
+            self.records.append((flops, spatial))
+
+    def _masked_dense(self, xs: torch.Tensor, S: torch.Tensor, T: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+        """Eq. 1 as masks on dense convs: what training differentiates, and the reference."""
+        levels = geo.levels
+        a = F.relu(self.bn1(self.conv1(xs)))  # (N, C, Hh, Wh)
+        mixed = T[..., COMPUTE, None, None] * a
+        if self.h_prev is not None and self.h_prev.shape == a.shape:
+            mixed = mixed + T[..., REUSE, None, None] * self.h_prev
+        h = upsample_tiles(S, self.tile, levels[0].out_hw) * mixed  # (N, C, Hh, Wh)
+        self.h_prev = h
+        y = h
+        for i, (conv, bn) in enumerate(self.pairs()[1:], 1):
+            y = bn(conv(y))
+            if i < self.depth - 1:
+                y = F.relu(y)
+        last = levels[-1]
+        return upsample_tiles(tile_mask_at(S, last), last.tile, last.out_hw) * y
+
+    @torch.no_grad()
+    def _gathered(self, xs: torch.Tensor, S: torch.Tensor, T: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+        """Eq. 1 executed: sliced weights (computed outputs, non-skipped inputs), active tiles only."""
+        from gatesearch.ops.channel_gather import select_channels, tile_conv
+
+        levels, convs = geo.levels, self.convs()
+        n, c = xs.shape[0], T.shape[1]
+        active = S > 0.5  # (N, Gh, Gw)
+        choice = T.argmax(-1)  # (N, C)
+        h = xs.new_zeros(n, c, *levels[0].out_hw)  # merged features, kept for the next frame
+        last = levels[-1]
+        branch = xs.new_empty(n, convs[-1].out_channels, *last.out_hw)
+        reuse_ok = self.h_prev is not None and self.h_prev.shape == h.shape
+        for s in range(n):
+            mask = active[s : s + 1]
+            hs = h[s : s + 1]
+            compute = (choice[s] == COMPUTE).nonzero().flatten()
+            if compute.numel():
+                w, b = select_channels(*self._fold(0), compute, None)
+                z = tile_conv(xs[s : s + 1], w, b, mask, tile=self.tile, stride=convs[0].stride,
+                              padding=convs[0].padding, dilation=convs[0].dilation, path=self.path)
+                hs.index_copy_(1, compute, z.relu_())
+            reuse = (choice[s] == REUSE).nonzero().flatten()
+            if reuse.numel() and reuse_ok:
+                kept = self.h_prev[s : s + 1].index_select(1, reuse)
+                hs.index_copy_(1, reuse, kept.mul_(upsample_tiles(mask, self.tile, levels[0].out_hw)))
+            keep = (choice[s] != SKIP).nonzero().flatten()
+            y = hs.index_select(1, keep) if keep.numel() < c else hs
+            for i in range(1, self.depth):
+                w, b = self._fold(i)
+                if i == 1 and keep.numel() < c:
+                    w, b = select_channels(w, b, None, keep)
+                y = tile_conv(y, w, b, tile_mask_at(mask, levels[i]), tile=levels[i].tile, stride=convs[i].stride,
+                              padding=convs[i].padding, dilation=convs[i].dilation, path=self.path)
+                if i < self.depth - 1:
+                    y = y.relu_()
+            branch[s : s + 1] = y
+        self.h_prev = h
+        return branch
+
+    def _fold(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv_i and bn_i folded into one (weight, bias), cached until any of them changes."""
+        from gatesearch.ops.channel_gather import fold_bn
+
+        conv, bn = self.pairs()[i]
+        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        hit = self._folded.get(i)
+        if hit is None or hit[0] != key:
+            w, b = fold_bn(conv, bn)
+            hit = self._folded[i] = (key, w.detach().contiguous(), b.detach().contiguous())
+        return hit[1], hit[2]
+
+
+def dstep_blocks(model: nn.Module) -> list[DStepBlock]:
+    return [m for m in model.modules() if isinstance(m, DStepBlock)]
+
+
+def convert_blocks(model: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS) -> list[DStepBlock]:
+    """Replace every residual block of ``model`` (see the protocol above) by a DStepBlock, in place."""
+    blocks = []
+    for parent in list(model.modules()):
+        if isinstance(parent, DStepBlock):
+            continue
+        for name, child in list(parent.named_children()):
+            if residual_pairs(child) is not None:
+                gated = DStepBlock(child, tile=tile, settings=settings)
+                setattr(parent, name, gated)
+                blocks.append(gated)
+    return blocks
+
+
+__all__ = [
+    "COMPUTE", "DEFAULTS", "REUSE", "SKIP", "DStepBlock", "DStepPolicy", "DStepSettings", "GatedConv",
+    "binary_st", "categorical_st", "convert_blocks", "dstep_blocks", "residual_pairs", "tile_sums",
+]
