@@ -64,6 +64,7 @@ def test_suggest_has_no_side_effects_and_round_trips():
     ({"space": {"clip_length": 5}}, r"^space.clip_length: 5 is not one of 2, 4, 8, 16"),
     ({"space": {"epochs": 2.5}}, r"^space.epochs: expected int, got 2.5"),
     ({"space": {"backbone": "resnet9000"}}, r"^space.backbone: unknown backbone 'resnet9000'"),
+    ({"space": {"task": ["classification", "heatmap"]}}, r"^space.task: one task per search"),
     ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}}, r"^space.gates.input_norm: gate 'input_norm' is not searched"),
     ({"space": {"gate": ["input_norm"], "gates": {"input_norm": {"beta": 1.0}}}}, r"^space.gates.input_norm.beta: gate 'input_norm' does not take 'beta'"),
     ({"data": {"synthetic": {"heigth": 64}}}, r"^data.synthetic: .*heigth"),

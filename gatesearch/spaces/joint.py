@@ -25,7 +25,9 @@ PARAMS: dict[str, Param] = {
         Param(name="gate", kind=str, doc="policy registry name"),
         Param(name="threshold", kind=float, low=0.0, doc="ε of the norm gates"),
         Param(name="beta", kind=float, low=0.0, doc="β of the Gumbel gate loss (Skip-Conv Eq. 9)"),
+        Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0, doc="D: D-STEP target FLOPs ratio (Eq. 3)"),
         Param(name="block_size", kind=int, choices=(1, 2, 4, 8), doc="mask block size b"),
+        Param(name="search_space_size", kind=int, choices=(2, 3, 4), doc="S: VA-RED² alternatives per dimension"),
         Param(name="clip_length", kind=int, choices=(2, 4, 8, 16), doc="frames per training clip"),
         Param(name="lr", kind=float, low=0.0, low_open=True, high=1.0, doc="learning rate"),
         Param(name="epochs", kind=int, low=1, high=1000, doc="training epochs"),
@@ -111,6 +113,8 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     for key, default in SHARED.items():
         shared.setdefault(key, PARAMS[key].domain(default, f"space.{key}"))
     _check_registered(shared["backbone"], BACKBONES, "space.backbone")
+    if isinstance(shared["task"], Choice) and len(shared["task"].values) > 1:
+        raise SpaceError("space.task: one task per search (the quality objective follows the task); run one search per task")
 
     gate_params: dict[str, dict[str, Domain]] = {}
     for g in per_gate:
