@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from gatesearch.backbones import BACKBONES, VideoModel, WeightsError, build, clip_length, load_weights
+from gatesearch.backbones import BACKBONES, ClipBackbone, WeightsError, build, clip_length, load_weights
 from gatesearch.backbones.temporal_shift import TemporalShift
 from gatesearch.objectives import task_loss
 from gatesearch.policies import POLICIES, build_policy
@@ -91,13 +91,13 @@ def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Modul
 
 
 def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *, seed: int = 0,
-               width: float = WIDTH) -> VideoModel:
+               width: float = WIDTH) -> nn.Module:
     torch.manual_seed(seed)
     model = build(backbone, task=task, num_classes=K, width=width)
     return build_policy(gate, **(smallest_knobs(gate) if knobs is None else knobs)).apply(model)
 
 
-def batched(model: VideoModel, clip: torch.Tensor) -> torch.Tensor:
+def batched(model: nn.Module, clip: torch.Tensor) -> torch.Tensor:
     """``model(clip)``, telling clip-aware layers T even before ``VideoModel.forward`` does it itself."""
     with clip_length(model, clip.shape[1]):
         return model(clip)
@@ -165,7 +165,9 @@ def test_every_parameter_gets_a_gradient(batch, backbone, gate):
     task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
     model = make_model(backbone, gate, task).train()
     policy = build_policy(gate, **smallest_knobs(gate))
-    out = model.stream(batch["clip"], reset_every=batch["clip"].shape[1]) if policy.trains_gates else batched(model, batch["clip"])
+    policy.on_epoch(model, 1, 2)  # the last epoch of two, as the trial's trainer runs it: gates train by then
+    clip = batch["clip"]
+    out = model.stream(clip, reset_every=clip.shape[1]) if policy.streams(1, 2) else batched(model, clip)
     loss = task_loss(task, out, batch)
     extra = policy.loss(model)
     if extra is not None:
@@ -206,14 +208,19 @@ def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
 
 @pytest.mark.parametrize("backbone", BACKBONES.list())
 def test_full_width_feature_shapes(backbone):
-    """At width 1: fine is stride 4 with ``fine_channels``, deep has ``deep_channels``."""
+    """At width 1: per-frame nets give fine at stride 4 with ``fine_channels`` and deep with
+    ``deep_channels``; clip nets give ``deep_channels`` from a clip."""
     net = BACKBONES.get(backbone)().eval()
-    with torch.no_grad():
+    assert net.tasks and set(net.tasks) <= {"classification", "heatmap"}
+    with torch.inference_mode():
+        if isinstance(net, ClipBackbone):
+            deep = net.forward_clip(torch.randn(1, 3, 4, 64, 64))  # (B, 3, T, H, W)
+            assert deep.shape[:2] == (1, net.deep_channels)
+            return
         fine = net.fine(torch.randn(1, 3, 64, 64))
         deep = net.deep(fine)
     assert fine.shape == (1, net.fine_channels, 16, 16)
     assert deep.shape[:2] == (1, net.deep_channels) and deep.shape[-1] <= 16
-    assert set(net.tasks) <= {"classification", "heatmap"} and net.tasks
 
 
 @pytest.mark.parametrize(("backbone", "params", "keys"), [
