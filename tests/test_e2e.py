@@ -73,3 +73,44 @@ def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_se
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["frames"] == 8 and {"mean_density", "macs_per_frame", "latency_ms_per_frame"} <= set(out)
+
+
+FOLDER_CONFIG = """
+name: folder-{task}
+trials: 1
+max_concurrent: 1
+data:
+  kind: video_folder
+  train_clips: 16
+  val_clips: 8
+  folder: {{root: vf, height: 32, width: 32}}
+evaluation: {{frames: 4, latency_repeats: 2}}
+space:
+  backbone: {backbone}
+  task: {task}
+  gate: input_norm
+  threshold: 1.0
+  block_size: 2
+  clip_length: 4
+  epochs: 1
+"""
+
+
+@pytest.mark.parametrize("backbone, task", [("resnet18_tiny", "classification"), ("hrnet_small", "heatmap")])
+def test_search_on_video_folder_with_a_corrupt_file(tmp_path, monkeypatch, ray_session, backbone, task):
+    """Issue 5: the synthetic data written as mp4 files, a corrupt one among them, searched through the CLI."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+    r = runner.invoke(main, ["data", "synth", "vf", "--clips-per-class", "3", "--frames", "8", "--height", "32",
+                             "--width", "32", "--shapes", "2", "--directions", "2"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "vf" / "disk-left" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 4000)
+    (tmp_path / "s.yaml").write_text(FOLDER_CONFIG.format(backbone=backbone, task=task))
+    address = ray_session.get_runtime_context().gcs_address
+    r = runner.invoke(main, ["search", "s.yaml", "--json", "--ray-address", address])
+    assert r.exit_code == 0, r.output
+    assert "broken.mp4" in r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["trials_completed"] == 1 and summary["trials_failed"] == 0
+    assert 0.0 <= summary["pareto"][0]["quality"] <= 1.0
