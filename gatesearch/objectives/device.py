@@ -27,6 +27,18 @@ def _open(name: str) -> int:
 
 
 @contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch with ``threads`` threads inside the block (None: leave as is)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _flock(fd: int, mode: int) -> Iterator[None]:
     fcntl.flock(fd, mode)
     try:
@@ -52,14 +64,8 @@ class DeviceLock:
     @contextlib.contextmanager
     def exclusive(self, threads: int | None = None) -> Iterator[None]:
         """Hold the device alone; optionally run torch with ``threads`` threads meanwhile."""
-        with _flock(self._turnstile, fcntl.LOCK_EX), _flock(self._device, fcntl.LOCK_EX):
-            before = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(before)
+        with _flock(self._turnstile, fcntl.LOCK_EX), _flock(self._device, fcntl.LOCK_EX), torch_threads(threads):
+            yield
 
     def close(self) -> None:
         os.close(self._turnstile)
@@ -73,12 +79,5 @@ class NoLock:
     def shared(self) -> Iterator[None]:
         yield
 
-    @contextlib.contextmanager
-    def exclusive(self, threads: int | None = None) -> Iterator[None]:
-        before = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def exclusive(self, threads: int | None = None) -> contextlib.AbstractContextManager:
+        return torch_threads(threads)
