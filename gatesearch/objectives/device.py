@@ -22,8 +22,8 @@ import torch
 _DIR = Path(os.environ.get("GATESEARCH_LOCK_DIR", tempfile.gettempdir()))
 
 
-def _open(name: str) -> int:
-    return os.open(_DIR / f"gatesearch-{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+def _open(folder: Path, name: str) -> int:
+    return os.open(folder / f"gatesearch-{name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
 
 
 @contextlib.contextmanager
@@ -50,9 +50,10 @@ def _flock(fd: int, mode: int) -> Iterator[None]:
 class DeviceLock:
     """Shared for work that may overlap, exclusive for timing."""
 
-    def __init__(self) -> None:
-        self._turnstile = _open("turnstile")
-        self._device = _open("device")
+    def __init__(self, folder: Path | None = None) -> None:
+        folder = Path(folder) if folder is not None else _DIR
+        self._turnstile = _open(folder, "turnstile")
+        self._device = _open(folder, "device")
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
