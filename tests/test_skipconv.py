@@ -107,3 +107,11 @@ def test_first_frame_dense_then_gradient_flows_through_stream(static_clip):
     out = model.stream(static_clip[:, :4])
     out.sum().backward()
     assert all(l.conv.weight.grad is not None for l in skip_layers(model))
+
+
+def test_dense_weights_load_into_the_gated_network(static_clip):
+    dense = randomize_bn(build("tiny", task="heatmap", num_classes=12)).eval()
+    model = gated("tiny", "input_norm", threshold=0.0, block_size=2)
+    model.load_state_dict(dense.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(model.stream(static_clip), dense(static_clip), atol=1e-4)

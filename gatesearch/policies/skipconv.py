@@ -58,6 +58,7 @@ class SkipConv2d(nn.Module):
         self.path = "auto"  # "auto" | "sparse" | "dense" (masked dense, the reference)
         self.reset_state()
         self.reset_stats()
+        self._register_load_state_dict_pre_hook(_accept_dense_names)
 
     # -- state ------------------------------------------------------------
     def reset_state(self) -> None:
@@ -115,6 +116,13 @@ class SkipConv2d(nn.Module):
         self.frames += n
         self.density_sum += float(density.sum())
         self.gate_macs_sum += gate_macs * n
+
+
+def _accept_dense_names(state_dict, prefix, *args) -> None:
+    """Let a dense network's weights load into the gated one: ``<conv>.weight`` -> ``<conv>.conv.weight``."""
+    for key in ("weight", "bias"):
+        if prefix + key in state_dict and prefix + "conv." + key not in state_dict:
+            state_dict[prefix + "conv." + key] = state_dict.pop(prefix + key)
 
 
 def upsample_blocks(mask: torch.Tensor, b: int, out_hw) -> torch.Tensor:
