@@ -71,7 +71,7 @@ def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Modul
     would hide the equivalence being tested.
     """
     g = torch.Generator().manual_seed(0)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
         m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
