@@ -373,3 +373,21 @@ def test_load_weights_missing_unreadable_or_unsafe_file(tmp_path):
     torch.save({"w": torch.zeros(1), "hook": nn.ReLU()}, tmp_path / "pickled.pt")  # weights_only refuses modules
     with pytest.raises(WeightsError, match="cannot read weights file .*pickled.pt"):
         load_weights(BACKBONES.get("tiny")(), tmp_path / "pickled.pt")
+
+
+def test_load_weights_into_a_gated_model_and_no_partial_load(tmp_path, batch):
+    """Dense weights load into a gated model (its layers accept dense names); a refused file changes nothing."""
+    dense = randomize_bn(build("resnet18_tiny", task="heatmap", num_classes=K), batch["clip"]).eval()
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    gated = build_policy("input_norm", threshold=0.0, block_size=2).apply(
+        build("resnet18_tiny", task="heatmap", num_classes=K)).eval()
+    load_weights(gated, tmp_path / "dense.pt")
+    with torch.inference_mode():
+        assert torch.allclose(gated.stream(batch["clip"]), dense(batch["clip"]), atol=1e-4)
+    state = dict(dense.state_dict(), extra=torch.zeros(1))
+    state = {k: (v + 1 if k == "backbone.conv1.weight" else v) for k, v in state.items()}
+    torch.save(state, tmp_path / "extra.pt")
+    before = {k: v.clone() for k, v in gated.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"unexpected 1 key \(extra\)"):
+        load_weights(gated, tmp_path / "extra.pt")
+    assert all(torch.equal(v, before[k]) for k, v in gated.state_dict().items())

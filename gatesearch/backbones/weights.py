@@ -97,12 +97,12 @@ def load_weights(
     Keys are renamed by ``prefix_map`` first (see ``rename``). Given a
     ``VideoModel`` and a file with no ``backbone.`` keys, the file is taken to
     hold backbone weights only and goes into ``model.backbone`` (heads are task
-    specific and stay as they are). Load before applying a gate: gates wrap
-    convolutions and so rename their weights.
+    specific and stay as they are). Key matching is PyTorch's, so a gated model
+    whose layers accept their dense names (``SkipConv2d``) takes dense weights.
 
     ``strict``: every model key must be in the file and every file key in the
-    model; otherwise only the common keys load. Shapes must always match.
-    Returns (missing, unexpected) key names.
+    model; otherwise only the common keys load. Shapes must always match. A
+    failed load leaves the model as it was. Returns (missing, unexpected) key names.
     """
     state = read_state_dict(path)
     if prefix_map:
@@ -111,11 +111,23 @@ def load_weights(
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module) and not any(k.startswith("backbone.") for k in state):
         target = backbone
-    own = target.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
     where = f"weights file {path} does not match {type(target).__name__}"
+    own = target.state_dict()
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if wrong:
+        raise WeightsError(f"{where}: {_shape_error(wrong[0], state[wrong[0]].shape, own[wrong[0]].shape, len(wrong))}")
+    # PyTorch matches the keys, so layers that accept other names (a gated conv takes its dense
+    # conv's weights) get their say; on any failure the model gets its own values back
+    backup = {k: v.detach().clone() for k, v in own.items()}
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a size mismatch under a name a layer renamed
+        target.load_state_dict(backup, strict=False)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("size mismatch")]
+        raise WeightsError(f"{where}: {lines[0] if lines else str(e).splitlines()[0]}") from None
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
+        target.load_state_dict(backup, strict=False)
         parts = []
         if missing:
             parts.append(f"missing {_names(missing)}")
@@ -123,17 +135,14 @@ def load_weights(
             parts.append(f"unexpected {_names(unexpected)}")
         hint = " (prefix_map renames keys)" if missing and unexpected else ""
         raise WeightsError(f"{where}: {'; '.join(parts)}{hint}")
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        more = f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""
-        raise WeightsError(
-            f"{where}: shape of {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model{more}"
-        )
-    if not strict and len(missing) == len(own):
+    if len(unexpected) == len(state):  # no file key was used
         raise WeightsError(f"{where}: no key in common (e.g. file has {_names(unexpected)})")
-    target.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing, unexpected
+
+
+def _shape_error(key: str, file_shape, model_shape, count: int) -> str:
+    more = f" and {count - 1} more" if count > 1 else ""
+    return f"shape of {key} is {tuple(file_shape)} in the file, {tuple(model_shape)} in the model{more}"
 
 
 def _names(keys: list[str]) -> str:
