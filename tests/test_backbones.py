@@ -297,12 +297,7 @@ def test_video_model_tells_the_shift_the_clip_length(batch):
     shift = next(m for m in model.modules() if isinstance(m, TemporalShift))
     shift.register_forward_pre_hook(lambda m, args: seen.append(m.frames_per_clip))
     with torch.inference_mode():
-        try:
-            model(batch["clip"])
-        except ValueError as e:
-            if "no clip length" not in str(e):
-                raise
-            pytest.xfail("VideoModel.forward does not yet wrap its batched pass in clip_length(self, t)")
+        model(batch["clip"])
     assert seen == [T]
 
 

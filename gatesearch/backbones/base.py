@@ -17,6 +17,8 @@ from torch import nn
 
 from gatesearch.stateful import reset_state, streaming
 
+from .temporal_shift import clip_length
+
 TASKS = ("classification", "heatmap")
 
 
@@ -97,7 +99,8 @@ class VideoModel(nn.Module):
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:  # clip: (B, T, 3, H, W)
         b, t = clip.shape[:2]
-        return self._finish(self.frame(clip.flatten(0, 1)).unflatten(0, (b, t)))
+        with clip_length(self, t):  # clip-aware layers (temporal shift) find each frame's predecessor
+            return self._finish(self.frame(clip.flatten(0, 1)).unflatten(0, (b, t)))
 
     def stream(self, clip: torch.Tensor, *, reset_every: int | None = None) -> torch.Tensor:
         """Frame-by-frame inference; state is reset at frame 0 and every ``reset_every`` frames."""
