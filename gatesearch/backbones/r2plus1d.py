@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .registry import BACKBONES
+from .clip3d import BatchNorm3d, Conv3d
 from .resnet3d import VideoResNet, channels
 
 
@@ -21,10 +22,10 @@ class Conv2Plus1D(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, mid: int, stride: int = 1) -> None:
         super().__init__(
-            nn.Conv3d(cin, mid, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
-            nn.BatchNorm3d(mid),
+            Conv3d(cin, mid, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False),
+            BatchNorm3d(mid),
             nn.ReLU(inplace=True),
-            nn.Conv3d(mid, cout, (3, 1, 1), stride=(stride, 1, 1), padding=(1, 0, 0), bias=False),
+            Conv3d(mid, cout, (3, 1, 1), stride=(stride, 1, 1), padding=(1, 0, 0), bias=False),
         )
 
 
@@ -32,11 +33,11 @@ def r2plus1d_stem(width: float) -> nn.Sequential:
     """(2+1)D stem: 1×7×7 conv to 45w channels (stride (1, 2, 2)), then 3×1×1 conv to 64w."""
     mid, c = channels(45, width), channels(64, width)
     return nn.Sequential(
-        nn.Conv3d(3, mid, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
-        nn.BatchNorm3d(mid),
+        Conv3d(3, mid, (1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+        BatchNorm3d(mid),
         nn.ReLU(inplace=True),
-        nn.Conv3d(mid, c, (3, 1, 1), stride=1, padding=(1, 0, 0), bias=False),
-        nn.BatchNorm3d(c),
+        Conv3d(mid, c, (3, 1, 1), stride=1, padding=(1, 0, 0), bias=False),
+        BatchNorm3d(c),
         nn.ReLU(inplace=True),
     )
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .clip3d import ClipBackbone
+from .clip3d import BatchNorm3d, ClipBackbone, Conv3d
 from .registry import BACKBONES
 
 #: conv_builder(cin, cout, mid, stride) -> module; ``mid`` only matters to factorised convs
@@ -30,9 +30,9 @@ def channels(base: int, width: float) -> int:
     return max(4, round(base * width))
 
 
-def conv3x3x3(cin: int, cout: int, mid: int, stride: int = 1) -> nn.Conv3d:
+def conv3x3x3(cin: int, cout: int, mid: int, stride: int = 1) -> Conv3d:
     """A full spatiotemporal 3×3×3 conv (the 3D ResNet block conv); ``mid`` is unused."""
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    return Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 def mid_channels(cin: int, cout: int) -> int:
@@ -46,12 +46,12 @@ class BasicBlock3d(nn.Module):
     def __init__(self, cin: int, planes: int, *, conv: ConvBuilder, stride: int = 1) -> None:
         super().__init__()
         mid = mid_channels(cin, planes)  # torchvision uses the first conv's value for both convs
-        self.conv1 = nn.Sequential(conv(cin, planes, mid, stride), nn.BatchNorm3d(planes), nn.ReLU(inplace=True))
-        self.conv2 = nn.Sequential(conv(planes, planes, mid, 1), nn.BatchNorm3d(planes))
+        self.conv1 = nn.Sequential(conv(cin, planes, mid, stride), BatchNorm3d(planes), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(conv(planes, planes, mid, 1), BatchNorm3d(planes))
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != planes:
-            self.downsample = nn.Sequential(nn.Conv3d(cin, planes, 1, stride=stride, bias=False), nn.BatchNorm3d(planes))
+            self.downsample = nn.Sequential(Conv3d(cin, planes, 1, stride=stride, bias=False), BatchNorm3d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, Cin, T, H, W) -> (B, planes, T/s, H/s, W/s)
         identity = x if self.downsample is None else self.downsample(x)
@@ -63,8 +63,8 @@ def basic_stem(width: float) -> nn.Sequential:
     """3D ResNet stem: one 3×7×7 conv, stride (1, 2, 2)."""
     c = channels(64, width)
     return nn.Sequential(
-        nn.Conv3d(3, c, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
-        nn.BatchNorm3d(c),
+        Conv3d(3, c, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+        BatchNorm3d(c),
         nn.ReLU(inplace=True),
     )
 

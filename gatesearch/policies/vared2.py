@@ -17,6 +17,8 @@ averaged over the clips of a batch. λ_e is the joint space's ``beta`` knob
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -29,10 +31,11 @@ def dynamic_layers(model: nn.Module) -> list[DynamicConv]:
 
 
 def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAULTS) -> list[DynamicConv]:
-    """Replace every conv of ``model.backbone`` by a ``DynamicConv`` in place (heads stay dense).
+    """Replace the convs of ``model.backbone`` by ``DynamicConv`` layers in place (heads stay dense).
 
     A ``ClipModel``'s ``Conv3d`` layers are gated in time and channels, a
-    ``VideoModel``'s ``Conv2d`` layers in channels only. Anything else is refused.
+    ``VideoModel``'s ``Conv2d`` layers in channels only; convs below
+    ``settings.min_share`` of the conv MACs stay dense. Anything else is refused.
     """
     from gatesearch.backbones import ClipModel, VideoModel
 
@@ -41,17 +44,59 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
     if not isinstance(model, (ClipModel, VideoModel)):
         raise ValueError(f"gate 'vared2' does not support {name}: it gates the backbone of a VideoModel or ClipModel")
     kind = nn.Conv3d if isinstance(model, ClipModel) else nn.Conv2d
+    shares = conv_shares(model, kind)
+    if not shares:
+        raise ValueError(f"gate 'vared2' does not support backbone {name}: it has no plain {kind.__name__} to gate")
     layers = []
     for parent_name, parent in list(backbone.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is kind:
-                full = ".".join(p for p in ("backbone", parent_name, child_name) if p)
+            full = ".".join(p for p in ("backbone", parent_name, child_name) if p)
+            if shares.get(full, 0.0) >= settings.min_share:
                 layer = DynamicConv(child, space_size=space_size, settings=settings, name=full)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
     if not layers:
-        raise ValueError(f"gate 'vared2' does not support backbone {name}: it has no plain {kind.__name__} to gate")
+        raise ValueError(f"gate 'vared2' does not support backbone {name}: none of its plain {kind.__name__} layers "
+                         f"carries {settings.min_share:.0%} of the conv MACs (already gated?)")
     return layers
+
+
+def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
+    """Share of the model's ``kind`` conv MACs each such conv of the backbone carries, from one small probe pass.
+
+    Only plain convs count (not those already inside a ``DynamicConv``). Shares
+    of a fully convolutional network hardly depend on the input size, so a
+    64×64 probe (8 frames for clip models) stands for any size. A conv the
+    task never runs (the deep stages of a heatmap model) has share 0.
+    """
+    from gatesearch.backbones import ClipModel
+
+    inner = {id(m.conv) for m in model.modules() if isinstance(m, DynamicConv)}
+    convs = {n: m for n, m in model.named_modules() if n.startswith("backbone.") and id(m) not in inner
+             and isinstance(m, (kind, DynamicConv))}  # gated ones count towards the total
+    macs: dict[str, float] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            conv = module.conv if isinstance(module, DynamicConv) else module
+            macs[name] = out[0].numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(model, ClipModel):
+                model(torch.zeros(1, 8, 3, 64, 64))
+            else:
+                model.frame(torch.zeros(1, 3, 64, 64))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    total = sum(macs.values())
+    return {n: v / total for n, v in macs.items() if not isinstance(convs[n], DynamicConv)} if total else {}
 
 
 def force_full(model: nn.Module, value: bool = True) -> None:

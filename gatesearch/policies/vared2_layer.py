@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.backbones.clip3d import conv3d, window_frames
+
 
 @dataclass(frozen=True, kw_only=True)
 class GateSettings:
@@ -43,6 +45,8 @@ class GateSettings:
     #                    number of bins lets one gate serve any window length, deep layers with T=1 included)
     init_bias: float = 0.5  # β_p at init: every alternative starts at V ≈ tanh(0.5) ≈ 0.46
     init_gain: float = 0.1  # scale of the last FC's initial weights: gates start nearly input-independent
+    min_share: float = 0.05  # convs with less than this share of the network's conv MACs stay dense: on a
+    #                          CPU a gate's fixed cost (a dozen small ops) exceeds what it can save there
 
 
 DEFAULTS = GateSettings()
@@ -63,9 +67,15 @@ class SoftModulationGate(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """G: (N, Ci, T, H, W) -> (N, Ci·bins), or (N, Ci, H, W) -> (N, Ci)."""
-        g = x.mean((-2, -1))  # (N, Ci, T) or (N, Ci)
+        g = x.mean((-2, -1))  # (N, Ci, T) or (N, Ci); adaptive_avg_pool3d is ~10× slower on CPU
         if x.dim() == 5:
-            g = F.adaptive_avg_pool1d(g, self.time_bins).flatten(1)
+            n, c, t = g.shape
+            bins = self.time_bins
+            if t % bins == 0:
+                g = g.view(n, c, bins, t // bins).mean(-1)
+            else:  # one step repeats (as adaptive pooling does); other lengths overlap their bins
+                g = g.expand(n, c, bins) if t == 1 else F.adaptive_avg_pool1d(g, bins)
+            g = g.flatten(1)
         return g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # -> V (N, outputs)
@@ -75,6 +85,29 @@ class SoftModulationGate(nn.Module):
         train_stats = bn.training and h.shape[0] > 1
         h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, train_stats, bn.momentum, bn.eps)
         return torch.relu(torch.tanh(self.fc2(torch.tanh(h))))
+
+    def scores_eval(self, x: torch.Tensor) -> list[list[float]]:
+        """Inference: tanh(FC2(tanh(BN∘FC1(G(X))))) per sample as Python floats, BN folded into FC1.
+
+        max(·, 0) is left to the caller, which reads the values anyway. Few
+        dispatches: this runs once per layer and clip on the deployed path.
+        """
+        weight, bias = self._folded()
+        h = torch.addmm(bias, self.pool(x), weight).tanh_()
+        return torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).tanh_().tolist()
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FC1·BN weight (Ci·bins, D_h), bias), cached until a parameter or statistic changes."""
+        bn = self.bn
+        tensors = (self.fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        # inference tensors (made under inference_mode, e.g. a deep copy there) keep no version counter
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+        if getattr(self, "_fold_key", None) != key:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
+                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                self._fold = ((self.fc1.weight * scale[:, None]).t().contiguous(), bn.bias - bn.running_mean * scale)
+            self._fold_key = key
+        return self._fold
 
     def macs(self, in_shape: tuple[int, ...]) -> float:
         """Per sample: the pooling adds, then the two FCs."""
@@ -87,14 +120,33 @@ class ChannelRebuild(nn.Module):
 
     def __init__(self, keep: int, channels: int) -> None:
         super().__init__()
+        self.keep, self.channels = keep, channels
         self.weight = nn.Parameter(torch.ones(channels - keep))
         self.bias = nn.Parameter(torch.zeros(channels - keep))
+        # whole copies of the k computed channels (the usual case) broadcast; otherwise gather
+        self.copies = (channels - keep) // keep if (channels - keep) % keep == 0 else 0
         self.register_buffer("source", torch.arange(channels - keep) % keep, persistent=False)
 
     def forward(self, head: torch.Tensor) -> torch.Tensor:  # (N, k, ...) -> (N, C_out, ...)
         shape = (1, -1) + (1,) * (head.dim() - 2)
         rest = head.index_select(1, self.source) * self.weight.view(shape) + self.bias.view(shape)
         return torch.cat([head, rest], 1)
+
+    def scaled_into(self, head: torch.Tensor, scale) -> torch.Tensor:
+        """``scale · forward(head)`` written straight into one output tensor (inference: no autograd)."""
+        n, k, *rest = head.shape
+        out = empty_in_layout(head, (n, self.channels, *rest))
+        ones = (1,) * len(rest)
+        w, b = self.weight.view(1, -1, *ones), self.bias.view(1, -1, *ones)
+        if not isinstance(scale, float) or scale != 1.0:
+            w, b = w * scale, b * scale  # (1 or N, C_out - k, 1, ...)
+        torch.mul(head, scale, out=out[:, :k])
+        if self.copies:
+            view = (-1, self.copies, k, *ones)
+            torch.addcmul(b.view(view), head.unsqueeze(1), w.view(view), out=out[:, k:].view(n, self.copies, k, *rest))
+        else:
+            torch.addcmul(b, head.index_select(1, self.source), w, out=out[:, k:])
+        return out
 
 
 class TemporalRebuild(nn.Module):
@@ -106,9 +158,38 @@ class TemporalRebuild(nn.Module):
         self.weight = nn.Parameter(torch.ones(stride - 1, channels))
         self.bias = nn.Parameter(torch.zeros(stride - 1, channels))
 
-    def forward(self, z: torch.Tensor, steps: int) -> torch.Tensor:  # (N, C, T', H, W) -> (N, C, steps, H, W)
-        parts = [z] + [z * w.view(1, -1, 1, 1, 1) + b.view(1, -1, 1, 1, 1) for w, b in zip(self.weight, self.bias)]
-        return torch.stack(parts, 3).flatten(2, 3)[:, :, :steps]  # (N, C, T'·R, H, W), cropped
+    def forward(self, z: torch.Tensor, steps: int, bias_scale=1.0) -> torch.Tensor:
+        """(N, C, T', H, W) -> (N, C, steps, H, W): [z[i], w_1·z[i] + s·b_1, ...] interleaved, cropped."""
+        parts = [z] + [z * w.view(1, -1, 1, 1, 1) + bias_scale * b.view(1, -1, 1, 1, 1)
+                       for w, b in zip(self.weight, self.bias)]
+        return torch.stack(parts, 3).flatten(2, 3)[:, :, :steps]  # (N, C, T'·R, H, W) -> steps
+
+    def into(self, z: torch.Tensor, steps: int, bias_scale=1.0) -> torch.Tensor:
+        """``forward`` written straight into one output tensor (inference: no autograd)."""
+        n, c, t, h, w_ = z.shape
+        out = empty_in_layout(z, (n, c, t, self.stride, h, w_), after=2)  # the R offsets of a step together
+        out[:, :, :, 0].copy_(z)
+        w = self.weight.t().reshape(1, c, 1, -1, 1, 1)
+        b = self.bias.t().reshape(1, c, 1, -1, 1, 1)
+        if not isinstance(bias_scale, float) or bias_scale != 1.0:
+            b = b * bias_scale.view(-1, 1, 1, 1, 1, 1) if isinstance(bias_scale, torch.Tensor) else b * bias_scale
+        torch.addcmul(b, z.unsqueeze(3), w, out=out[:, :, :, 1:])
+        return out.flatten(2, 3)[:, :, :steps]
+
+
+def empty_in_layout(like: torch.Tensor, shape: tuple[int, ...], after: int | None = None) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with the memory order of ``like``'s dimensions.
+
+    Rebuilt features keep the layout of the computed ones (frames-major, see
+    ``clip3d.conv3d``), so elementwise ops never stride across it. With
+    ``after``, ``shape`` has one more dimension, at ``after + 1``, placed in
+    memory right inside dimension ``after`` (so that the two flatten as a view).
+    """
+    order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))  # outermost first
+    if after is not None:
+        order = [e for d in order for e in ((d, after + 1) if d == after else (d + (d > after),))]
+    base = like.new_empty([shape[d] for d in order])
+    return base.permute([order.index(d) for d in range(len(shape))])
 
 
 def channel_counts(conv: nn.Module, space_size: int) -> tuple[int, ...]:
@@ -118,11 +199,19 @@ def channel_counts(conv: nn.Module, space_size: int) -> tuple[int, ...]:
     return tuple(max(unit, math.ceil(co / 2**i / unit) * unit) for i in range(space_size))
 
 
-def first_active(v: torch.Tensor) -> list[int]:
-    """Per sample, the index of the first non-zero weight (the largest alternative), or S when none."""
-    active = v > 0  # (N, S)
-    first = torch.where(active.any(1), active.int().argmax(1), torch.full_like(active[:, 0], v.shape[1], dtype=torch.long))
-    return first.tolist()
+def first_open(weights: list[float]) -> int:
+    """Index of the first non-zero weight (the largest alternative the gate keeps), or S when none."""
+    return next((i for i, w in enumerate(weights) if w > 0), len(weights))
+
+
+@dataclass
+class LayerStats:
+    """What the hard path spent since the last reset (a plain object: counting must stay cheap)."""
+
+    cost: float = 0.0  # MACs spent, rebuilds and V-weighting included
+    dense: float = 0.0  # MACs the dense layer would have spent on the same samples
+    gate: float = 0.0  # the gate's own MACs
+    frames: int = 0  # video frames those samples cover
 
 
 class DynamicConv(nn.Module):
@@ -149,44 +238,48 @@ class DynamicConv(nn.Module):
         self.phi_t = nn.ModuleList([TemporalRebuild(r, conv.out_channels) for r in self.strides[1:]])
         self.force_full = False
         self.path = "auto"
-        if self.temporal:
-            self.frames_per_clip: int | None = None  # video frames per sample, told by ClipModel (clip_length)
         self.records: list[tuple[float, torch.Tensor]] = []  # (dense MACs per sample, cost ratio (N,)) for L_e
+        self.per_position = (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)  # MACs per output value
+        self._geometry: dict[tuple[int, ...], tuple[tuple[int, ...], float, float]] = {}
         self.reset_stats()
 
     # -- accounting ---------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        self.cost_sum = 0.0  # MACs spent by the hard path, rebuilds included
-        self.dense_sum = 0.0  # MACs the dense layer would have spent on the same samples
-        self.gate_sum = 0.0
-        self.frames = 0  # video frames those samples cover
+        self.stats = LayerStats()
 
     @property
     def density(self) -> float:
-        return self.cost_sum / self.dense_sum if self.dense_sum else 1.0
+        return self.stats.cost / self.stats.dense if self.stats.dense else 1.0
 
     @property
     def gate_macs(self) -> float:
-        return self.gate_sum / self.frames if self.frames else 0.0
+        return self.stats.gate / self.stats.frames if self.stats.frames else 0.0
 
     def _record(self, n: int, cost: float, dense: float, gate: float, x: torch.Tensor) -> None:
-        frames = (self.frames_per_clip or x.shape[2]) if self.temporal else 1
-        self.cost_sum += n * cost
-        self.dense_sum += n * dense
-        self.gate_sum += n * gate
-        self.frames += n * frames
+        st = self.stats
+        st.cost += n * cost
+        st.dense += n * dense
+        st.gate += n * gate
+        st.frames += n * ((window_frames() or x.shape[2]) if self.temporal else 1)  # video frames
 
     # -- geometry -----------------------------------------------------------------------------
+    def geometry(self, x: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
+        """(dense output size per sample without channels, dense MACs, gate MACs) for this input size."""
+        key = tuple(x.shape[1:])
+        if key not in self._geometry:
+            c = self.conv
+            out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                        for n, p, d, k, s in zip(x.shape[2:], c.padding, c.dilation, c.kernel_size, c.stride))
+            self._geometry[key] = (out, self.conv_macs(out, c.out_channels), self.gate.macs(key))
+        return self._geometry[key]
+
     def out_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """Dense output size per sample without channels: (To, Ho, Wo) or (Ho, Wo)."""
-        c = self.conv
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                     for n, p, d, k, s in zip(x.shape[2:], c.padding, c.dilation, c.kernel_size, c.stride))
+        return self.geometry(x)[0]
 
     def conv_macs(self, out: tuple[int, ...], keep: int) -> float:
         """MACs per sample of ``keep`` output channels over ``out`` positions."""
-        c = self.conv
-        return float(keep * (c.in_channels // c.groups) * math.prod(c.kernel_size) * math.prod(out))
+        return float(keep * self.per_position * math.prod(out))
 
     def head_conv(self, x: torch.Tensor, keep: int, stride: int) -> torch.Tensor:
         """The first ``keep`` output channels at every ``stride``-th time step, and nothing else (Eq. A.1)."""
@@ -197,7 +290,7 @@ class DynamicConv(nn.Module):
             groups = keep // (c.out_channels // c.groups)
             x = x[:, : groups * (c.in_channels // c.groups)]
         if self.temporal:
-            return F.conv3d(x, weight, bias, (c.stride[0] * stride, *c.stride[1:]), c.padding, c.dilation, groups)
+            return conv3d(x, weight, bias, (c.stride[0] * stride, *c.stride[1:]), c.padding, c.dilation, groups)
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, groups)
 
     # -- alternatives (Eq. 3.1, 3.3, A.1) ------------------------------------------------------------
@@ -225,16 +318,16 @@ class DynamicConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Ci, T, H, W) -> (N, Co, To, Ho, Wo), or 2D
         if torch.jit.is_tracing():  # MAC counting: the dense layer
             return self.conv(x)
-        v_t, v_c = self.scores(x)
         if self.path == "soft" or (self.path == "auto" and self.training):
+            v_t, v_c = self.scores(x)
             if torch.is_grad_enabled():
                 self._record_cost(v_t, v_c, x)
             return self.soft_forward(x, v_t, v_c)
         if self.force_full:  # R = 1, r = 1: the dense conv itself
-            dense = self.conv_macs(self.out_shape(x), self.conv.out_channels)
+            dense = self.geometry(x)[1]
             self._record(x.shape[0], dense, dense, 0.0, x)
             return self.conv(x)
-        return self.hard_forward(x, v_t, v_c)
+        return self.hard_forward(x)
 
     def soft_forward(self, x: torch.Tensor, v_t: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
         """Eq. 3.5 with shared weights: one dense conv, every alternative a slice of it."""
@@ -247,58 +340,80 @@ class DynamicConv(nn.Module):
         return sum(v_t[:, j].view(shape) * self.temporal_alt(z[:, :, :: r], j, steps)
                    for j, r in enumerate(self.strides))
 
-    def hard_forward(self, x: torch.Tensor, v_t: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
-        """Only what the gate selected; samples that selected the same largest alternatives run together."""
-        i_t, i_c = first_active(v_t), first_active(v_c)
-        gate = self.gate.macs(tuple(x.shape[1:]))
+    def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Only what the gate selected (Eq. A.2). The gate's weights come back to Python once; samples
+        that keep the same largest alternatives run together. No gradient reaches the gate here."""
+        n_t = len(self.strides) if self.temporal else 0
+        rows = [[max(v, 0.0) for v in row] for row in self.gate.scores_eval(x)]  # (N, S_t + S_c): Eq. 3.4
+        weights = [(row[:n_t] if n_t else [1.0], row[n_t:]) for row in rows]  # (V_t, V_c) per sample
+        keys = [(first_open(v_t), first_open(v_c)) for v_t, v_c in weights]
+        if len(set(keys)) == 1:
+            return self._hard_group(x, weights, keys[0])
         groups: dict[tuple[int, int], list[int]] = {}
-        for n, key in enumerate(zip(i_t, i_c)):
+        for n, key in enumerate(keys):
             groups.setdefault(key, []).append(n)
-        if len(groups) == 1:
-            (key, _), = groups.items()
-            return self._hard_group(x, v_t, v_c, *key, gate)
         outs, order = [], []
         for key, idx in groups.items():
             index = torch.tensor(idx, device=x.device)
-            outs.append(self._hard_group(x[index], v_t[index], v_c[index], *key, gate))
+            outs.append(self._hard_group(x[index], [weights[n] for n in idx], key))
             order.append(index)
-        out = torch.cat(outs)
-        return out[torch.argsort(torch.cat(order))]  # back to the input order
+        return torch.cat(outs)[torch.argsort(torch.cat(order))]  # back to the input order
 
-    def _hard_group(self, x: torch.Tensor, v_t: torch.Tensor, v_c: torch.Tensor, i_t: int, i_c: int,
-                    gate: float) -> torch.Tensor:
-        """Eq. A.1-A.2: one conv for the largest selected alternatives, the smaller ones sliced from it."""
-        n, co = x.shape[0], self.conv.out_channels
-        out_shape = self.out_shape(x)
-        dense = self.conv_macs(out_shape, co)
+    def _hard_group(self, x: torch.Tensor, weights: list[tuple[list[float], list[float]]],
+                    key: tuple[int, int]) -> torch.Tensor:
+        """Eq. A.1-A.2: one conv for the largest kept alternatives; the smaller ones are slices of it."""
+        n, co = x.shape[0], self.keep[0]
+        i_t, i_c = key
+        out_shape, dense, gate = self.geometry(x)
         if i_t == len(self.strides) or i_c == len(self.keep):  # every weight zero: the layer outputs zeros
             self._record(n, 0.0, dense, gate, x)
             return x.new_zeros(n, co, *out_shape)
         stride = self.strides[i_t]
         y = self.head_conv(x, self.keep[i_c], stride)  # (n, k, ceil(To/R), Ho, Wo)
-        computed = y[0, 0].numel()  # positions per channel
+        computed = math.prod(y.shape[2:])  # positions per channel
         cost = self.conv_macs(tuple(y.shape[2:]), self.keep[i_c])
+        w_t = [[v_t[j] for v_t, _ in weights] for j in range(len(self.strides))]  # per alternative, per sample
+        w_c = [[v_c[i] for _, v_c in weights] for i in range(len(self.keep))]
+        open_t = [j for j in range(i_t, len(self.strides)) if any(w > 0 for w in w_t[j])]
+        open_c = [i for i in range(i_c, len(self.keep)) if any(w > 0 for w in w_c[i])]
+        into = not torch.is_grad_enabled()  # inference: write into fresh tensors, in place
         shape = (-1,) + (1,) * (y.dim() - 1)
-        active_c = [i for i in range(i_c, len(self.keep)) if bool((v_c[:, i] > 0).any())]
+
+        def scale(ws: list[float]):
+            return ws[0] if n == 1 else torch.tensor(ws, dtype=y.dtype, device=y.device).view(shape)
+
+        steps, plane = (out_shape[0], math.prod(out_shape[1:])) if self.temporal else (1, computed)
+        if len(open_t) == len(open_c) == 1:  # one alternative per dimension: both V folded into one scaling
+            s_t = scale(w_t[i_t])
+            u = self._channel_scaled(y, i_c, scale(w_c[i_c]) * s_t, into)  # V_c·V_t·f^c
+            cost += (co - self.keep[i_c]) * computed + co * computed
+            if stride > 1:  # V_t·f^t(V_c·f^c) = [u, Φ^t(u) with its bias × V_t]
+                u = self.phi_t[i_t - 1].into(u, steps, s_t) if into else self.phi_t[i_t - 1](u, steps, s_t)
+                cost += co * (steps - y.shape[2]) * plane
+            self._record(n, cost, dense, gate, x)
+            return u
         z = None
-        for i in active_c:
-            alt = v_c[:, i].view(shape) * self.channel_alt(y, i)
+        for i in open_c:
+            alt = scale(w_c[i]) * self.channel_alt(y, i)
             z = alt if z is None else z + alt
             cost += (co - self.keep[i]) * computed + co * computed  # Φ^c, then the V-weighting
         if not self.temporal:
             self._record(n, cost, dense, gate, x)
             return z
-        steps, plane = out_shape[0], math.prod(out_shape[1:])
         out = None
-        for j in range(i_t, len(self.strides)):
-            if not bool((v_t[:, j] > 0).any()):
-                continue
+        for j in open_t:
             zs = z[:, :, :: self.strides[j] // stride]  # (n, Co, ceil(To/R_j), Ho, Wo)
-            alt = v_t[:, j].view(shape) * self.temporal_alt(zs, j, steps)
+            alt = scale(w_t[j]) * self.temporal_alt(zs, j, steps)
             out = alt if out is None else out + alt
             cost += co * (steps - zs.shape[2]) * plane + co * steps * plane  # Φ^t, then the V-weighting
         self._record(n, cost, dense, gate, x)
         return out
+
+    def _channel_scaled(self, y: torch.Tensor, i: int, s, into: bool) -> torch.Tensor:
+        """s·f^c(X, r = (1/2)^i) from features holding exactly its k_i channels."""
+        if i == 0:
+            return y.mul_(s) if into else y * s
+        return self.phi_c[i - 1].scaled_into(y, s) if into else s * self.phi_c[i - 1](y)
 
     def _record_cost(self, v_t: torch.Tensor, v_c: torch.Tensor, x: torch.Tensor) -> None:
         """Keep r^s/R^s of Eq. 3.6 per sample for the efficiency loss (straight-through, see ``st_cost``)."""
@@ -323,4 +438,4 @@ def st_cost(v: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["DEFAULTS", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate", "TemporalRebuild",
-           "channel_counts", "first_active", "st_cost"]
+           "channel_counts", "first_open", "st_cost"]
