@@ -1,0 +1,93 @@
+"""Issue 4 bar: a whole gated ResNet on a real (decoded mp4) clip, against its dense twin.
+
+1. Train the dense backbone on the synthetic task (norm gates need no training
+   of their own: Skip-Convolutions, Section 3.2.1).
+2. Sweep the Skip-Conv threshold ε and keep the largest one whose held-out
+   top-1 stays within one point of dense.
+3. Write held-out clips to mp4, decode one back (a real video path), and time
+   dense vs gated side by side with ``gatesearch.objectives.bench.bench_model``.
+
+Prints speedup, MAC reduction and efficiency (speedup / MAC reduction; the
+paper reports 0.44-0.59 on a Xeon CPU, Table 2). Minutes on 2 cores.
+
+    python benchmarks/skipconv_model.py --backbone resnet18 --width 0.5 --size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--gate", default="input_norm", choices=["input_norm", "output_norm"])
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--thresholds", default="0.5,1,2,4,8,16,32,64")
+    ap.add_argument("--train-clips", type=int, default=256)
+    ap.add_argument("--val-clips", type=int, default=96)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--frames", type=int, default=32, help="frames of the timed clip")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from gatesearch.data import read_frames, write_video
+    from gatesearch.data.source import load_clips
+    from gatesearch.objectives.bench import bench_model
+    from gatesearch.policies import build_policy
+    from gatesearch.search.trial import build_model, evaluate, train
+    from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
+
+    torch.set_num_threads(args.threads)
+    data = DataConfig(train_clips=args.train_clips, val_clips=args.val_clips,
+                      synthetic={"height": args.size, "width": args.size})
+    trial = TrialConfig(backbone=args.backbone, width=args.width, clip_length=4, epochs=args.epochs, lr=5e-3)
+    t0 = time.time()
+    dense = build_model(trial, 12)
+    train(dense, trial, load_clips(data, split="train", frames=4, count=args.train_clips))
+    print(f"trained {args.backbone} (width {args.width}) at {args.size}px in {time.time() - t0:.0f} s")
+    val = load_clips(data, split="val", frames=16, count=args.val_clips)
+    quick = EvalConfig(frames=16, latency_warmup=0, latency_repeats=1, reference_every=0)
+    base = evaluate(dense, trial, val, quick).metrics["quality"]
+    print(f"dense top-1 {base:.3f}")
+
+    chosen = None
+    for eps in [float(x) for x in args.thresholds.split(",")]:
+        gated = build_policy(args.gate, threshold=eps, block_size=args.block_size).apply(copy.deepcopy(dense))
+        m = evaluate(gated, TrialConfig(**{**trial.to_dict(), "gate": args.gate, "threshold": eps,
+                                           "block_size": args.block_size}), val, quick).metrics
+        ok = m["quality"] >= base - 0.01
+        print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  MAC reduction {m['mac_reduction']:.2f}  {'ok' if ok else 'too lossy'}")
+        if ok:
+            chosen = (eps, gated)
+    if chosen is None:
+        raise SystemExit("no threshold keeps quality within one point")
+    eps, gated = chosen
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from gatesearch.data import SyntheticConfig, make_clip
+
+        path = Path(tmp) / "clip.mp4"
+        write_video(path, make_clip(SyntheticConfig(height=args.size, width=args.size, frames=args.frames), 0, "test")["clip"])
+        clip = read_frames(path, size=(args.size, args.size))[None]  # decoded: codec noise included
+    result = bench_model(dense.eval(), gated.eval(), clip, reset_every=None, repeats=10)
+    result.update(threshold=eps, dense_top1=base, backbone=args.backbone, width=args.width, size=args.size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k in ("threshold", "dense_ms", "gated_ms", "speedup", "mac_reduction", "efficiency", "mean_density", "max_abs_diff"):
+            print(f"{k:>14}: {result[k]:.4g}")
+
+
+if __name__ == "__main__":
+    main()
