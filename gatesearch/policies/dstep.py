@@ -11,13 +11,14 @@ the static network. Training minimises (Eq. 3)
 
 so the target ratio D is the family's efficiency knob (``target_flops_ratio``).
 L_bound (after Dynamic Dual Gating, the paper's [16]) holds each block's
-spatial density within bounds that start tight around D (± ``bound_width``)
-and widen linearly to [0, 1] by the end of training, so no block's mask
-collapses to all-0 or all-1 early.
+spatial density within bounds that start tight around D and widen linearly
+over training (``bound_start`` → ``bound_end``, short of [0, 1]), so no block's
+mask collapses to all-0 or all-1 tiles.
 
 The schedule needs the epoch: the trainer calls ``on_epoch(model, epoch,
 epochs)`` at the start of every epoch. Without it, λ stays at its first
-post-warm-up value, L_bound is off and the Gumbel noise is not annealed.
+post-warm-up value, L_bound keeps its final bounds and the Gumbel noise is
+not annealed.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def flops_ratio(model: nn.Module) -> float:
     return spent / static if static else 1.0
 
 
+def decisions(model: nn.Module) -> dict[str, float]:
+    """What the gates chose since the last ``reset_stats``, averaged over blocks (each weighted by its F_S):
+    active-tile fraction and the fractions of skip / reuse / compute channels."""
+    total, weight = {}, 0.0
+    for block in dstep_blocks(model):
+        w = sum(conv.dense_macs for conv in block.convs())
+        for key, value in block.conv1.decisions.items():
+            total[key] = total.get(key, 0.0) + w * value
+        weight += w
+    return {k: v / weight for k, v in total.items()} if weight else {}
+
+
 def set_gating(model: nn.Module, on: bool) -> None:
     """Off: every block runs its original dense forward, also while streaming (the dense twin)."""
     for block in dstep_blocks(model):
@@ -95,7 +108,7 @@ class DStep(Policy):
         self.epochs = 1
 
     def apply(self, model: nn.Module) -> nn.Module:
-        convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings)
+        convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings, target=self.target)
         return model
 
     def keep_all(self, model: nn.Module) -> None:
@@ -106,9 +119,15 @@ class DStep(Policy):
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
         """Trainer hook at the start of each epoch: λ(e), L_bound's bounds and the Gumbel noise follow it."""
         self.epoch, self.epochs = int(epoch), max(1, int(epochs))
-        noise = 1.0 - self.progress() if self.settings.anneal_noise else 1.0
+        off = self.settings.noise_off
+        noise = 1.0 if off is None else max(0.0, 1.0 - self.progress() / off)
         for block in dstep_blocks(model):
             block.noise = noise
+        freeze = self.settings.freeze_bn
+        if freeze is not None and self.progress() >= freeze and model.training:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def lam(self) -> float:
         """λ(e) of Eq. 3: 0 during the K warm-up epochs, then α·exp(β·e)."""
@@ -123,9 +142,10 @@ class DStep(Policy):
         return min(1.0, self.epoch / max(1, self.epochs - 1))
 
     def bounds(self) -> tuple[float, float]:
-        """L_bound's interval for each block's spatial density: D ± w, w growing from bound_width to 1."""
-        w = self.settings.bound_width + (1.0 - self.settings.bound_width) * self.progress()
-        return max(0.0, self.target - w), min(1.0, self.target + w)
+        """L_bound's interval for each block's spatial density: [D·(1-r), D + (1-D)·r], r relaxing over training."""
+        s = self.settings
+        r = s.bound_start + (s.bound_end - s.bound_start) * self.progress()
+        return self.target * (1.0 - r), self.target + (1.0 - self.target) * r
 
     # -- loss -----------------------------------------------------------------------------------
     def loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -134,6 +154,11 @@ class DStep(Policy):
         if terms is None:
             return None
         ratio, densities = terms
+        gain = self.settings.control_gain * (1.0 - 0.75 * self.progress())  # smaller steps as training settles
+        if gain:
+            with torch.no_grad():
+                for block in dstep_blocks(model):
+                    block.policy.offset -= gain * (float(ratio) - self.target)
         total = ratio.new_zeros(())
         lam = self.lam()
         if lam > 0:
@@ -146,4 +171,4 @@ class DStep(Policy):
         return total
 
 
-__all__ = ["DStep", "DStepBlock", "DStepSettings", "flops_ratio", "force_compute", "set_gating", "sparsity_terms"]
+__all__ = ["DStep", "DStepBlock", "DStepSettings", "decisions", "flops_ratio", "force_compute", "set_gating", "sparsity_terms"]

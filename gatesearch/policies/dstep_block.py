@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SKIP, REUSE, COMPUTE = 0, 1, 2  # channel decisions (last axis of T)
+GATHER_ALWAYS, DENSE_ALWAYS = 0.1, 0.95  # active fractions with an obvious kernel (no calibration needed)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,8 @@ class DStepSettings:
 
     temperature: float = 2 / 3  # τ of both relaxations (only shapes the backward pass)
     hidden_min: int = 16  # MLP hidden width: max(hidden_min, C_in // 2)
-    spatial_init: float = 3.0  # spatial logit bias at start: σ(3) ≈ 0.95, tiles start active
+    spatial_init: float | None = None  # spatial logit bias at start; None: logit(D), so tiles start active at
+    #                                   the target rate ("the spatial sparsity has to be properly initialized")
     compute_init: float = 3.0  # "compute" logit bias at start (skip, reuse start at 0)
     bias_gain: float = 100.0  # logit biases stored / gain: under Adam they move gain× faster than weights,
     #                          so decisions can shift within the few dozen steps of a CPU trial
@@ -58,9 +60,17 @@ class DStepSettings:
     lambda_alpha: float = 4.0  # α of λ(e) = α·exp(β·e)
     lambda_beta: float = 0.3  # β of λ(e) (not the joint-space β of the Gumbel gate)
     gamma: float = 2.0  # γ: weight of L_bound
-    bound_width: float = 0.1  # L_bound: spatial density of each block starts held to D ± this
-    anneal_noise: bool = True  # Gumbel noise scale 1 → 0 over training, so the last epoch trains the
-    #                            decisions inference makes (rounding / argmax, no noise)
+    bound_start: float = 0.1  # L_bound: each block's spatial density is held to [D·(1-r), D + (1-D)·r], r growing
+    bound_end: float = 0.5  # linearly from bound_start to bound_end over training; r < 1 keeps any block from
+    #                         collapsing to all-off or all-on tiles (which would be layer skipping, not tiles)
+    freeze_bn: float | None = 0.8  # from this fraction of training on, batch norm runs on its running statistics,
+    #                               so training sees the FLOPs that inference will spend (decisions near the
+    #                               threshold flip between batch and running statistics); None: never
+    control_gain: float = 1.0  # integral control of the operating point: after each step every block's logit
+    #                            offset moves by -gain·(F/F_S - D) of the batch (0: Eq. 3 alone; see dstep.py)
+    noise_off: float | None = 0.6  # Gumbel noise scale falls linearly from 1 to 0 at this fraction of training,
+    #                                so the rest trains the decisions inference makes (rounding / argmax) while
+    #                                the learning rate can still correct the FLOPs; None: noise throughout
 
 
 DEFAULTS = DStepSettings()
@@ -118,13 +128,24 @@ class GatedConv(nn.Conv2d):
         self.density_sum = 0.0
         self.gate_macs_sum = 0.0
         self.dense_macs = 0.0  # MACs of the dense conv per frame, at the size last seen
+        self.decision_sum = [0.0, 0.0, 0.0, 0.0]  # conv1 only: Σ over frames of (tiles, skip, reuse, compute)
 
-    def record(self, density: torch.Tensor, gate_macs: float, dense_macs: float) -> None:
-        n = density.numel()
-        self.frames += n
-        self.density_sum += float(density.sum())
-        self.gate_macs_sum += gate_macs * n
+    def record(self, share: float, gate_macs: float, dense_macs: float) -> None:
+        """One frame of one stream: the fraction of the dense MACs spent, the gate's own MACs."""
+        self.frames += 1
+        self.density_sum += share
+        self.gate_macs_sum += gate_macs
         self.dense_macs = dense_macs
+
+    def record_decisions(self, tiles: float, skip: float, reuse: float, compute: float) -> None:
+        for i, value in enumerate((tiles, skip, reuse, compute)):
+            self.decision_sum[i] += value
+
+    @property
+    def decisions(self) -> dict[str, float]:
+        """Mean active-tile fraction and channel-choice fractions over the frames streamed (conv1)."""
+        mean = [v / max(1, self.frames) for v in self.decision_sum]
+        return dict(zip(("tiles", "skip", "reuse", "compute"), mean))
 
     @property
     def density(self) -> float:
@@ -145,26 +166,39 @@ class DStepPolicy(nn.Module):
     ``bias_gain`` (see ``DStepSettings``).
     """
 
-    def __init__(self, c_in: int, channels: int, settings: DStepSettings = DEFAULTS) -> None:
+    def __init__(self, c_in: int, channels: int, settings: DStepSettings = DEFAULTS, *,
+                 target: float | None = None) -> None:
         super().__init__()
         self.gain = settings.bias_gain
         self.channels = channels
         hidden = max(settings.hidden_min, c_in // 2)
         self.spatial_weight = nn.Parameter(_uniform(1, c_in, 3, 3))
-        self.spatial_bias = nn.Parameter(torch.full((1,), settings.spatial_init / self.gain))
+        init = settings.spatial_init
+        if init is None:
+            d = min(0.95, max(0.05, 1.0 if target is None else target))
+            init = math.log(d / (1 - d))
+        self.spatial_bias = nn.Parameter(torch.full((1,), init / self.gain))
         self.fc1_weight = nn.Parameter(_uniform(hidden, 2 * c_in))
         self.fc1_bias = nn.Parameter(_uniform(hidden, fan_in=2 * c_in))
         self.fc2_weight = nn.Parameter(_uniform(3 * channels, hidden))
         bias = torch.zeros(channels, 3)
         bias[:, COMPUTE] = settings.compute_init / self.gain
         self.fc2_bias = nn.Parameter(bias.flatten())
+        self.register_buffer("offset", torch.zeros(1))  # added to the spatial and "compute" logits (control)
 
     def spatial_logits(self, tile_means: torch.Tensor) -> torch.Tensor:  # (N, Cin, Gh, Gw) -> (N, Gh, Gw)
-        return F.conv2d(tile_means, self.spatial_weight, self.spatial_bias * self.gain, padding=1)[:, 0]
+        """The 3×3 conv to one map, as one GEMM over channels (N, 9, G) and a fold of the nine taps:
+        a conv with a single output channel is a slow case for CPU conv kernels (3-10×)."""
+        n, c, gh, gw = tile_means.shape
+        taps = torch.matmul(self.spatial_weight.view(c, 9).t(), tile_means.reshape(n, c, gh * gw))  # (N, 9, G)
+        out = F.fold(taps.flip(1), (gh, gw), 3, padding=1)  # (N, 1, Gh, Gw): Σ_k w_k · m[shifted by k]
+        return out[:, 0] + (self.spatial_bias * self.gain + self.offset)
 
     def channel_logits(self, g: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:  # (N, Cin) ×2 -> (N, C, 3)
         hidden = F.relu(F.linear(torch.cat([g, g_prev], 1), self.fc1_weight, self.fc1_bias))  # (N, hidden)
-        return F.linear(hidden, self.fc2_weight, self.fc2_bias * self.gain).view(-1, self.channels, 3)
+        shift = self.offset * F.one_hot(torch.tensor(COMPUTE), 3).to(self.offset.dtype)  # (3,): compute only
+        bias = (self.fc2_bias * self.gain).view(self.channels, 3) + shift
+        return F.linear(hidden, self.fc2_weight, bias.flatten()).view(-1, self.channels, 3)
 
     def macs(self, c_in: int, in_hw: tuple[int, int], grid: tuple[int, int]) -> float:
         """Per frame: tile sums (one add per input value), the 3×3 conv and the masked GAP on the
@@ -260,13 +294,22 @@ def upsample_tiles(S: torch.Tensor, tile: int, out_hw: tuple[int, int]) -> torch
 
 
 def tile_sums(x: torch.Tensor, tile: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, Gh, Gw): sum of x over each input tile (zero-padded at the edges)."""
+    """(N, C, H, W) -> (N, C, Gh, Gw): sum of x over each input tile (edge tiles partial, zero-padded).
+
+    Rows are summed as a middle-axis reduction and columns by strided adds,
+    which is 2-5× faster than ``avg_pool2d`` for these small windows on CPU.
+    """
+    if tile == 1:
+        return x
     n, c, h, w = x.shape
     hp, wp = grid[0] * tile, grid[1] * tile
-    x = x[..., :hp, :wp]
-    if (hp, wp) != tuple(x.shape[-2:]):
-        x = F.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2]))
-    return x.view(n, c, grid[0], tile, grid[1], tile).sum((3, 5))
+    if (h, w) != (hp, wp):
+        x = F.pad(x[..., :hp, :wp], (0, max(0, wp - w), 0, max(0, hp - h)))
+    rows = x.reshape(n, c, grid[0], tile, wp).sum(3)  # (N, C, Gh, W)
+    cols = rows[..., 0::tile]
+    for j in range(1, tile):
+        cols = cols + rows[..., j::tile]
+    return cols  # (N, C, Gh, Gw)
 
 
 # -- the block ----------------------------------------------------------------------------------------
@@ -285,7 +328,8 @@ class DStepBlock(nn.Module):
     "dense" (the masked dense formulation, the reference).
     """
 
-    def __init__(self, block: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS) -> None:
+    def __init__(self, block: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS,
+                 target: float | None = None) -> None:
         super().__init__()
         pairs = residual_pairs(block)
         if pairs is None:
@@ -301,7 +345,7 @@ class DStepBlock(nn.Module):
             setattr(self, f"conv{i}", GatedConv.adopt(conv))
         self.tile = int(tile)
         self.settings = settings
-        self.policy = DStepPolicy(pairs[0][0].in_channels, pairs[0][0].out_channels, settings)
+        self.policy = DStepPolicy(pairs[0][0].in_channels, pairs[0][0].out_channels, settings, target=target)
         self.train(block.training)
         self.streaming = False
         self.gating = True
@@ -310,7 +354,8 @@ class DStepBlock(nn.Module):
         self.noise = 1.0  # Gumbel noise scale, set by the policy's schedule
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # per frame: (F (N,), spatial density (N,))
         self._geometry: dict[tuple[int, int], _Geometry] = {}
-        self._folded: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._crossover: dict[tuple[int, int, int], list[float]] = {}  # block input shape -> per conv
+        self._folded: dict[int, tuple] = {}  # conv index -> (version key, FoldedConv)
         self.reset_state()
 
     def extra_repr(self) -> str:
@@ -319,6 +364,7 @@ class DStepBlock(nn.Module):
     # -- protocol --------------------------------------------------------------------------------
     def reset_state(self) -> None:
         self.h_prev: torch.Tensor | None = None  # (N, C, Hh, Wh) merged features of the previous frame
+        self._compact: list | None = None  # the same, as the inference path keeps it (see _infer)
         self.g_prev: torch.Tensor | None = None  # (N, Cin) pooled masked input of the previous frame
 
     def pairs(self) -> list[tuple[GatedConv, nn.BatchNorm2d]]:
@@ -371,11 +417,11 @@ class DStepBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         xs = self.shift(x) if isinstance(getattr(self, "shift", None), nn.Module) else x
         geo = self.geometry(tuple(xs.shape[-2:]))
-        S, T = self.decide(xs, geo)  # (N, Gh, Gw), (N, C, 3)
         if torch.is_grad_enabled() or self.training or self.path == "dense":
+            S, T = self.decide(xs, geo)  # (N, Gh, Gw), (N, C, 3)
             branch = self._masked_dense(xs, S, T, geo)
         else:
-            branch = self._gathered(xs, S, T, geo)
+            branch = self._infer(xs, geo)
         return F.relu(identity + branch)
 
     def decide(self, xs: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,20 +449,30 @@ class DStepBlock(nn.Module):
 
     def _account(self, S: torch.Tensor, T: torch.Tensor, geo: _Geometry, policy_macs: float) -> None:
         """Eq. 2 per stream: conv1 computes the compute channels on active tiles, conv2 reads the
-        non-skipped channels on active tiles, later convs run on active tiles."""
+        non-skipped channels on active tiles, later convs run on active tiles.
+
+        Statistics go to the convs (MacCounter) as floats, read in one sync; when
+        autograd records, the same F (differentiable, straight-through) goes to the loss.
+        """
         c = T.shape[1]
-        out_frac = T[..., COMPUTE].sum(1) / c  # (N,) conv1 output channels computed
-        in_frac = 1.0 - T[..., SKIP].sum(1) / c  # (N,) conv2 input channels read
-        flops = S.new_full((S.shape[0],), policy_macs)
-        for i, (level, conv) in enumerate(zip(geo.levels, self.convs())):
-            area = (tile_mask_at(S, level) * level.area).sum((1, 2))  # (N,) fraction of outputs computed
-            share = area * (out_frac if i == 0 else in_frac if i == 1 else 1.0)
-            conv.record(share.detach(), policy_macs if i == 0 else 0.0, level.dense_macs)
-            flops = flops + share * level.dense_macs
-            if i == 0:
-                spatial = area
-        if torch.is_grad_enabled() and flops.requires_grad:
-            self.records.append((flops, spatial))
+        choice = T.sum(1) / c  # (N, 3): skip, reuse, compute fractions
+        areas = []  # (N,) each: fraction of each conv's outputs on active tiles
+        for level in geo.levels:
+            same = areas and level.out_hw == geo.levels[0].out_hw and level.tile == self.tile
+            areas.append(areas[0] if same else (tile_mask_at(S, level) * level.area).sum((1, 2)))
+        convs = self.convs()
+        for row in torch.stack([*areas, choice[:, SKIP], choice[:, REUSE], choice[:, COMPUTE]], 1).tolist():
+            *area, skip, reuse, compute = row
+            for i, (level, conv) in enumerate(zip(geo.levels, convs)):
+                share = area[i] * (compute if i == 0 else 1.0 - skip if i == 1 else 1.0)
+                conv.record(share, policy_macs if i == 0 else 0.0, level.dense_macs)
+            convs[0].record_decisions(area[0], skip, reuse, compute)
+        if torch.is_grad_enabled() and T.requires_grad:
+            flops = S.new_full((S.shape[0],), policy_macs)
+            for i, (level, area) in enumerate(zip(geo.levels, areas)):
+                chans = choice[:, COMPUTE] if i == 0 else 1.0 - choice[:, SKIP] if i == 1 else 1.0
+                flops = flops + area * chans * level.dense_macs
+            self.records.append((flops, areas[0]))  # F (N,) and the spatial density (N,) of this frame
 
     def _masked_dense(self, xs: torch.Tensor, S: torch.Tensor, T: torch.Tensor, geo: _Geometry) -> torch.Tensor:
         """Eq. 1 as masks on dense convs: what training differentiates, and the reference."""
@@ -426,7 +482,7 @@ class DStepBlock(nn.Module):
         if self.h_prev is not None and self.h_prev.shape == a.shape:
             mixed = mixed + T[..., REUSE, None, None] * self.h_prev
         h = upsample_tiles(S, self.tile, levels[0].out_hw) * mixed  # (N, C, Hh, Wh)
-        self.h_prev = h
+        self.h_prev, self._compact = h, None
         y = h
         for i, (conv, bn) in enumerate(self.pairs()[1:], 1):
             y = bn(conv(y))
@@ -436,65 +492,124 @@ class DStepBlock(nn.Module):
         return upsample_tiles(tile_mask_at(S, last), last.tile, last.out_hw) * y
 
     @torch.no_grad()
-    def _gathered(self, xs: torch.Tensor, S: torch.Tensor, T: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-        """Eq. 1 executed: sliced weights (computed outputs, non-skipped inputs), active tiles only."""
-        from gatesearch.ops.channel_gather import select_channels, tile_conv
+    def _infer(self, xs: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+        """One inference frame: rounded / argmax decisions, Eq. 2 statistics, then Eq. 1 executed with
+        weights cut to the computed outputs and non-skipped inputs, on the active tiles only.
 
-        levels, convs = geo.levels, self.convs()
-        n, c = xs.shape[0], T.shape[1]
-        active = S > 0.5  # (N, Gh, Gw)
-        choice = T.argmax(-1)  # (N, C)
-        h = xs.new_zeros(n, c, *levels[0].out_hw)  # merged features, kept for the next frame
-        last = levels[-1]
-        branch = xs.new_empty(n, convs[-1].out_channels, *last.out_hw)
-        reuse_ok = self.h_prev is not None and self.h_prev.shape == h.shape
+        Same numbers as ``decide`` + ``_masked_dense`` (the tests hold them to it),
+        in few operations: at batch 1 a block is ~60 small ops besides its convs.
+        The merged features h_t are kept compact: the computed channels, then
+        the reused ones (``order``); reusing a channel that was zero at t-1 reuses
+        zero, so it is dropped like a skipped one.
+        """
+        from gatesearch.ops.channel_gather import tile_conv
+
+        levels = geo.levels
+        n, c = xs.shape[0], self.conv1.out_channels
+        if self.force_compute:
+            active = torch.ones(n, *geo.grid, dtype=torch.bool, device=xs.device)
+            choice = torch.full((n, c), COMPUTE, device=xs.device)
+            policy_macs = 0.0
+        else:
+            sums = tile_sums(xs, geo.in_tile, geo.grid)  # (N, Cin, Gh, Gw)
+            active = self.policy.spatial_logits(sums / geo.in_area) > 0  # (N, Gh, Gw): round(σ(·))
+            g = (sums * active.unsqueeze(1)).sum((2, 3)).mul_(1.0 / (xs.shape[-2] * xs.shape[-1]))  # GAP(S ⊙ x)
+            g_prev = self.g_prev if self.g_prev is not None and self.g_prev.shape == g.shape else torch.zeros_like(g)
+            choice = self.policy.channel_logits(g, g_prev).argmax(-1)  # (N, C)
+            self.g_prev = g
+            policy_macs = geo.policy_macs
+        order = torch.argsort(choice, dim=1, descending=True, stable=True)  # (N, C): compute, reuse, skip
+        areas = [(active * levels[0].area).sum((1, 2))]
+        for level in levels[1:]:
+            same = level.out_hw == levels[0].out_hw and level.tile == self.tile
+            areas.append(areas[0] if same else (tile_mask_at(active, level) * level.area).sum((1, 2)))
+        counts = torch.stack([(choice == k).sum(1) for k in (SKIP, REUSE, COMPUTE)], 1)  # (N, 3)
+        stats = torch.cat([torch.stack(areas, 1), counts.to(areas[0].dtype)], 1).tolist()  # one sync
+        cross = self._crossovers(tuple(xs.shape[1:]), levels, stats)
+        folded = [self._fold(i) for i in range(self.depth)]
+        prev = self._compact if self._compact is not None and len(self._compact) == n else [None] * n
+        outs, state = [], []
         for s in range(n):
-            mask = active[s : s + 1]
-            hs = h[s : s + 1]
-            compute = (choice[s] == COMPUTE).nonzero().flatten()
-            if compute.numel():
-                w, b = select_channels(*self._fold(0), compute, None)
-                z = tile_conv(xs[s : s + 1], w, b, mask, tile=self.tile, stride=convs[0].stride,
-                              padding=convs[0].padding, dilation=convs[0].dilation, path=self.path)
-                hs.index_copy_(1, compute, z.relu_())
-            reuse = (choice[s] == REUSE).nonzero().flatten()
-            if reuse.numel() and reuse_ok:
-                kept = self.h_prev[s : s + 1].index_select(1, reuse)
-                hs.index_copy_(1, reuse, kept.mul_(upsample_tiles(mask, self.tile, levels[0].out_hw)))
-            keep = (choice[s] != SKIP).nonzero().flatten()
-            y = hs.index_select(1, keep) if keep.numel() < c else hs
+            *area, skip, reuse, compute = stats[s]
+            skip, reuse, compute = int(skip), int(reuse), int(compute)
+            self._record(area, skip, reuse, compute, policy_macs, levels)
+            mask = active[s : s + 1]  # (1, Gh, Gw)
+            parts, used = [], order[s, :compute]
+            if compute:
+                parts.append(tile_conv(xs[s : s + 1], folded[0], mask, tile=self.tile,
+                                       out_idx=None if compute == c else used, density=area[0],
+                                       crossover=cross[0], path=self.path).relu_())  # (1, compute, Hh, Wh)
+            if reuse and prev[s] is not None:
+                chans = order[s, compute : compute + reuse]
+                y_prev, kept_order = prev[s]
+                where = torch.full((c,), -1, dtype=torch.long, device=xs.device)
+                where[kept_order] = torch.arange(kept_order.numel(), device=xs.device)
+                pos = where[chans]
+                live = pos >= 0
+                chans, pos = chans[live], pos[live]
+                if chans.numel():
+                    kept = y_prev.index_select(1, pos)
+                    parts.append(kept.mul_(upsample_tiles(mask, self.tile, levels[0].out_hw)))
+                    used = torch.cat([used, chans])
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, 1) if parts else xs.new_zeros(1, 0, *levels[0].out_hw)
+            state.append((y, used) if used.numel() else None)
+            full = used.numel() == c and compute == c
             for i in range(1, self.depth):
-                w, b = self._fold(i)
-                if i == 1 and keep.numel() < c:
-                    w, b = select_channels(w, b, None, keep)
-                y = tile_conv(y, w, b, tile_mask_at(mask, levels[i]), tile=levels[i].tile, stride=convs[i].stride,
-                              padding=convs[i].padding, dilation=convs[i].dilation, path=self.path)
+                y = tile_conv(y, folded[i], tile_mask_at(mask, levels[i]), tile=levels[i].tile,
+                              in_idx=None if i > 1 or full else used, density=area[i], crossover=cross[i],
+                              path=self.path)
                 if i < self.depth - 1:
                     y = y.relu_()
-            branch[s : s + 1] = y
-        self.h_prev = h
-        return branch
+            outs.append(y)
+        self.h_prev, self._compact = None, state
+        return outs[0] if n == 1 else torch.cat(outs, 0)
 
-    def _fold(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """conv_i and bn_i folded into one (weight, bias), cached until any of them changes."""
-        from gatesearch.ops.channel_gather import fold_bn
+    def _record(self, area: list[float], skip: int, reuse: int, compute: int, policy_macs: float, levels) -> None:
+        """Eq. 2 statistics of one stream's frame for MacCounter (inference path)."""
+        c = skip + reuse + compute
+        for i, (level, conv) in enumerate(zip(levels, self.convs())):
+            share = area[i] * (compute / c if i == 0 else (c - skip) / c if i == 1 else 1.0)
+            conv.record(share, policy_macs if i == 0 else 0.0, level.dense_macs)
+        self.conv1.record_decisions(area[0], skip / c, reuse / c, compute / c)
 
-        conv, bn = self.pairs()[i]
-        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                   if t is not None]
-        key = tuple((id(t), t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+    def _crossovers(self, in_shape: tuple[int, int, int], levels, stats) -> list[float]:
+        """Per conv, the active fraction below which gathering tiles is faster.
+
+        Clear cases need no measurement: at most ``GATHER_ALWAYS`` active always
+        gathers, at least ``DENSE_ALWAYS`` never does; in between the layer's
+        crossover is measured once (``ops.channel_gather.layer_crossover``).
+        """
+        known = self._crossover.setdefault(in_shape, [None] * len(levels))
+        out, shape = [], in_shape
+        for i, level in enumerate(levels):
+            conv = self.convs()[i]
+            if known[i] is None and GATHER_ALWAYS < max(r[i] for r in stats) and min(r[i] for r in stats) < DENSE_ALWAYS:
+                from gatesearch.ops.channel_gather import layer_crossover
+
+                known[i] = layer_crossover(self._fold(i), shape, level.tile)
+            out.append(0.5 if known[i] is None else known[i])
+            shape = (conv.out_channels, *level.out_hw)
+        return out
+
+    def _fold(self, i: int):
+        """conv_i and bn_i folded into one conv (``FoldedConv``), cached until any of them changes."""
+        from gatesearch.ops.channel_gather import FoldedConv
+
+        conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"bn{i + 1}")
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple(-1 if t is None or t.is_inference() else t._version for t in tensors) + (conv.weight.data_ptr(),)
         hit = self._folded.get(i)
         if hit is None or hit[0] != key:
-            w, b = fold_bn(conv, bn)
-            hit = self._folded[i] = (key, w.detach().contiguous(), b.detach().contiguous())
-        return hit[1], hit[2]
+            hit = self._folded[i] = (key, FoldedConv.fold(conv, bn))
+        return hit[1]
 
 
 def dstep_blocks(model: nn.Module) -> list[DStepBlock]:
     return [m for m in model.modules() if isinstance(m, DStepBlock)]
 
 
-def convert_blocks(model: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS) -> list[DStepBlock]:
+def convert_blocks(model: nn.Module, *, tile: int, settings: DStepSettings = DEFAULTS,
+                   target: float | None = None) -> list[DStepBlock]:
     """Replace every residual block of ``model`` (see the protocol above) by a DStepBlock, in place."""
     blocks = []
     for parent in list(model.modules()):
@@ -502,7 +617,7 @@ def convert_blocks(model: nn.Module, *, tile: int, settings: DStepSettings = DEF
             continue
         for name, child in list(parent.named_children()):
             if residual_pairs(child) is not None:
-                gated = DStepBlock(child, tile=tile, settings=settings)
+                gated = DStepBlock(child, tile=tile, settings=settings, target=target)
                 setattr(parent, name, gated)
                 blocks.append(gated)
     return blocks
