@@ -23,7 +23,7 @@ def layer(conv: nn.Module, space_size: int = 2, *, seed: int = 0, spread: float 
     dyn = DynamicConv(conv, space_size=space_size).eval()
     with torch.no_grad():
         dyn.gate.fc2.weight.normal_(0, spread)
-        dyn.gate.fc2.bias.uniform_(-0.5, 0.8)
+        dyn.gate.fc2.bias.uniform_(-0.5, 0.8).div_(dyn.gate.bias_gain)
         dyn.gate.bn.running_mean.normal_(0, 0.1)
     return dyn
 
@@ -33,7 +33,7 @@ def decide(dyn: DynamicConv, v_t: list[float], v_c: list[float]) -> None:
     v = ([] if not dyn.temporal else v_t) + v_c
     with torch.no_grad():
         dyn.gate.fc2.weight.zero_()
-        dyn.gate.fc2.bias.copy_(torch.tensor([math.atanh(x) if x > 0 else -1.0 for x in v]))
+        dyn.gate.fc2.bias.copy_(torch.tensor([math.atanh(x) if x > 0 else -1.0 for x in v]) / dyn.gate.bias_gain)
 
 
 def model(backbone: str, space_size: int = 2, *, seed: int = 0, width: float = 0.5) -> nn.Module:
@@ -147,7 +147,7 @@ def test_whole_model_keep_all_equals_dense_network():
 def test_gate_outputs_in_unit_interval_with_exact_zeros():
     gate = SoftModulationGate(6, 4, time_bins=2).eval()
     with torch.no_grad():
-        gate.fc2.bias.copy_(torch.tensor([-2.0, 3.0, 0.0, 0.5]))
+        gate.fc2.bias.copy_(torch.tensor([-2.0, 3.0, 0.0, 0.5]) / gate.bias_gain)
         gate.fc2.weight.zero_()
         v = gate(torch.randn(3, 6, 5, 7, 7))
     assert v.shape == (3, 4)

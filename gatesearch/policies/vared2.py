@@ -66,7 +66,7 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
 
     Only plain convs count (not those already inside a ``DynamicConv``). Shares
     of a fully convolutional network hardly depend on the input size, so a
-    64×64 probe (8 frames for clip models) stands for any size. A conv the
+    32×32 probe (8 frames for clip models) stands for any size. A conv the
     task never runs (the deep stages of a heatmap model) has share 0.
     """
     from gatesearch.backbones import ClipModel
@@ -88,9 +88,9 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             if isinstance(model, ClipModel):
-                model(torch.zeros(1, 8, 3, 64, 64))
+                model(torch.zeros(1, 8, 3, 32, 32))
             else:
-                model.frame(torch.zeros(1, 3, 64, 64))
+                model.frame(torch.zeros(1, 3, 32, 32))
     finally:
         model.train(was_training)
         for h in handles:
@@ -154,16 +154,29 @@ class VaRed2(Policy):
     params = {"search_space_size": [2, 3, 4], "beta": {"low": 0.01, "high": 10.0, "log": True}}
     # the gates train in the ordinary batched forward: no frame-by-frame state to stream through
     trains_gates = False
+    #: share of a trial's epochs trained without L_e: VA-RED² fine-tunes a trained dynamic model with the
+    #: efficiency loss (Section 4.3: 40 of 160 epochs on Mini-Kinetics); a short trial splits its epochs
+    warmup_fraction = 0.5
+
+    def __init__(self, **knobs) -> None:
+        super().__init__(**knobs)
+        self.efficiency_on = True  # without epoch hooks (a bare training loop), L_e counts from the start
 
     def apply(self, model: nn.Module) -> nn.Module:
         convert(model, space_size=int(self.knobs["search_space_size"]))
         return model
 
+    def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        self.efficiency_on = epoch >= int(self.warmup_fraction * epochs)
+
     def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
              batch: dict | None = None) -> torch.Tensor | None:
-        """λ_e·L_e (Eq. 3.6); μ0 from ``output`` and ``batch["label"]`` when given. Records are drained even when λ_e = 0."""
+        """λ_e·L_e (Eq. 3.6); μ0 from ``output`` and ``batch["label"]`` when given.
+
+        The layers' records are drained at every call, warm-up and λ_e = 0 included.
+        """
         l_e = efficiency_loss(model, correct_clips(output, batch))
-        lam = float(self.knobs["beta"])
+        lam = float(self.knobs["beta"]) if self.efficiency_on else 0.0
         return None if l_e is None or lam == 0 else lam * l_e
 
     def keep_all(self, model: nn.Module) -> None:

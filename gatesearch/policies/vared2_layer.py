@@ -45,6 +45,9 @@ class GateSettings:
     #                    number of bins lets one gate serve any window length, deep layers with T=1 included)
     init_bias: float = 0.5  # β_p at init: every alternative starts at V ≈ tanh(0.5) ≈ 0.46
     init_gain: float = 0.1  # scale of the last FC's initial weights: gates start nearly input-independent
+    bias_gain: float = 20.0  # β_p = gain·b̃ with b̃ stored: Adam moves every parameter ~lr a step, so the
+    #                          operating point of a gate moves gain× faster than its weights, enough to close
+    #                          alternatives within the few epochs of a search trial (the thesis fine-tunes 40)
     min_share: float = 0.05  # convs with less than this share of the network's conv MACs stay dense: on a
     #                          CPU a gate's fixed cost (a dozen small ops) exceeds what it can save there
 
@@ -60,10 +63,11 @@ class SoftModulationGate(nn.Module):
         self.time_bins = time_bins
         self.fc1 = nn.Linear(cin * time_bins, settings.hidden, bias=False)
         self.bn = nn.BatchNorm1d(settings.hidden)
-        self.fc2 = nn.Linear(settings.hidden, outputs)
+        self.fc2 = nn.Linear(settings.hidden, outputs)  # its bias is stored as β_p / bias_gain
+        self.bias_gain = settings.bias_gain
         with torch.no_grad():
             self.fc2.weight.mul_(settings.init_gain)
-            self.fc2.bias.fill_(settings.init_bias)
+            self.fc2.bias.fill_(settings.init_bias / settings.bias_gain)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """G: (N, Ci, T, H, W) -> (N, Ci·bins), or (N, Ci, H, W) -> (N, Ci)."""
@@ -84,7 +88,7 @@ class SoftModulationGate(nn.Module):
         # BN needs two samples to take batch statistics; a lone clip in training uses the running ones
         train_stats = bn.training and h.shape[0] > 1
         h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, train_stats, bn.momentum, bn.eps)
-        return torch.relu(torch.tanh(self.fc2(torch.tanh(h))))
+        return torch.relu(torch.tanh(F.linear(torch.tanh(h), self.fc2.weight, self.fc2.bias * self.bias_gain)))
 
     def scores_eval(self, x: torch.Tensor) -> list[list[float]]:
         """Inference: tanh(FC2(tanh(BN∘FC1(G(X))))) per sample as Python floats, BN folded into FC1.
@@ -94,7 +98,7 @@ class SoftModulationGate(nn.Module):
         """
         weight, bias = self._folded()
         h = torch.addmm(bias, self.pool(x), weight).tanh_()
-        return torch.addmm(self.fc2.bias, h, self.fc2.weight.t()).tanh_().tolist()
+        return torch.addmm(self.fc2.bias * self.bias_gain, h, self.fc2.weight.t()).tanh_().tolist()
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(FC1·BN weight (Ci·bins, D_h), bias), cached until a parameter or statistic changes."""
