@@ -209,7 +209,8 @@ def test_tile_conv_computes_active_tiles_of_the_used_channels(stride, kernel, ti
     x = torch.randn(1, in_idx.numel(), 13, 13)
     ref = F.conv2d(x, conv.weight[out_idx][:, in_idx], conv.bias[out_idx], conv.stride, conv.padding)
     grid = (-(-ref.shape[-2] // tile), -(-ref.shape[-1] // tile))
-    for mask in (torch.rand(1, *grid) < 0.4, torch.zeros(1, *grid, dtype=torch.bool), torch.ones(1, *grid, dtype=torch.bool)):
+    masks = (torch.rand(1, *grid) < 0.4, torch.zeros(1, *grid, dtype=torch.bool), torch.ones(1, *grid, dtype=torch.bool))
+    for mask in masks:
         want = ref * upsample_tiles(mask.float(), tile, ref.shape[-2:])
         for path, crossover in (("sparse", 0.5), ("auto", 0.0), ("auto", 1.1)):
             got = tile_conv(x, conv, mask, tile=tile, out_idx=out_idx, in_idx=in_idx, crossover=crossover, path=path)

@@ -583,7 +583,8 @@ class DStepBlock(nn.Module):
         out, shape = [], in_shape
         for i, level in enumerate(levels):
             conv = self.convs()[i]
-            if known[i] is None and GATHER_ALWAYS < max(r[i] for r in stats) and min(r[i] for r in stats) < DENSE_ALWAYS:
+            unclear = GATHER_ALWAYS < max(r[i] for r in stats) and min(r[i] for r in stats) < DENSE_ALWAYS
+            if known[i] is None and unclear:
                 from gatesearch.ops.channel_gather import layer_crossover
 
                 known[i] = layer_crossover(self._fold(i), shape, level.tile)

@@ -35,7 +35,9 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
 
     A ``ClipModel``'s ``Conv3d`` layers are gated in time and channels, a
     ``VideoModel``'s ``Conv2d`` layers in channels only; convs below
-    ``settings.min_share`` of the conv MACs stay dense. Anything else is refused.
+    ``settings.min_share`` of the conv MACs stay dense (in a network of many
+    small convs, such as HRNet-w32, those below half the largest share).
+    A model gated already, or anything else, is refused.
     """
     from gatesearch.backbones import ClipModel, VideoModel
 
@@ -44,20 +46,20 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
     if not isinstance(model, (ClipModel, VideoModel)):
         raise ValueError(f"gate 'vared2' does not support {name}: it gates the backbone of a VideoModel or ClipModel")
     kind = nn.Conv3d if isinstance(model, ClipModel) else nn.Conv2d
+    if dynamic_layers(model):
+        raise ValueError(f"gate 'vared2' does not support backbone {name} gated already: apply it to a plain model")
     shares = conv_shares(model, kind)
     if not shares:
         raise ValueError(f"gate 'vared2' does not support backbone {name}: it has no plain {kind.__name__} to gate")
+    floor = min(settings.min_share, max(shares.values()) / 2)
     layers = []
     for parent_name, parent in list(backbone.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = ".".join(p for p in ("backbone", parent_name, child_name) if p)
-            if shares.get(full, 0.0) >= settings.min_share:
+            if shares.get(full, 0.0) >= floor:
                 layer = DynamicConv(child, space_size=space_size, settings=settings, name=full)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
-    if not layers:
-        raise ValueError(f"gate 'vared2' does not support backbone {name}: none of its plain {kind.__name__} layers "
-                         f"carries {settings.min_share:.0%} of the conv MACs (already gated?)")
     return layers
 
 

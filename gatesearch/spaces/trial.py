@@ -15,7 +15,9 @@ class TrialConfig:
     gate: str = "dense"  # policy registry name
     threshold: float | None = None  # ε of the norm gates (Skip-Conv Eq. 5, 7)
     beta: float | None = None  # Gumbel β (Skip-Conv Eq. 9)
+    target_flops_ratio: float | None = None  # D: D-STEP's target F/F_S (Eq. 3)
     block_size: int | None = None  # b: masks are constant on b×b blocks
+    search_space_size: int | None = None  # S: VA-RED² alternatives per dimension (Eq. 3.5)
     clip_length: int = 4  # T: frames per training clip; reference-frame reset period at inference
     lr: float = 3e-3  # AdamW learning rate
     epochs: int = 3  # passes over the training clips
