@@ -30,7 +30,7 @@ import torch
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lam", type=float, default=1.0, help="λ_e of Eq. 3.6 (the joint space's beta)")
+    p.add_argument("--lam", type=float, default=1.0, help="λ_e of Eq. 3.6 (the joint space's lambda_e)")
     p.add_argument("--space-size", type=int, default=2, help="S, alternatives per dimension")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--clip-length", type=int, default=8, help="frames per training clip and per deployed window")
@@ -59,7 +59,7 @@ def main() -> None:
     evaluation = EvalConfig(latency_warmup=2, latency_repeats=10)
     dense_cfg = TrialConfig(backbone="r2plus1d_tiny", gate="dense", clip_length=args.clip_length, epochs=args.epochs,
                             lr=args.lr, seed=args.seed)
-    gated_cfg = dataclasses.replace(dense_cfg, gate="vared2", search_space_size=args.space_size, beta=args.lam)
+    gated_cfg = dataclasses.replace(dense_cfg, gate="vared2", search_space_size=args.space_size, lambda_e=args.lam)
 
     outcomes = {}
     for name, cfg in (("dense", dense_cfg), ("vared2", gated_cfg)):

@@ -90,8 +90,28 @@ def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Modul
     return model
 
 
+SKIP_CONV_GATES = ("input_norm", "output_norm", "gumbel")
+
+
+def refused(backbone: str, gate: str) -> bool:
+    """The pairs a gate cannot convert, by the structure it needs: Skip-Conv gates per-frame Conv2d
+    layers (not clip backbones), D-STEP residual blocks of the conv1/bn1, conv2/bn2 kind."""
+    clip = isinstance(BACKBONES.get(backbone)(width=WIDTH), ClipBackbone)
+    if gate in SKIP_CONV_GATES:
+        return clip
+    if gate == "dstep":
+        return clip or backbone == "tiny" or backbone.startswith("mobilenet")
+    return False
+
+
+def skip_refused(backbone: str, gate: str) -> None:
+    if refused(backbone, gate):
+        pytest.skip(f"gate {gate!r} does not apply to {backbone!r} (test_gates_refuse_what_they_cannot_gate)")
+
+
 def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *, seed: int = 0,
                width: float = WIDTH) -> nn.Module:
+    skip_refused(backbone, gate)
     torch.manual_seed(seed)
     model = build(backbone, task=task, num_classes=K, width=width)
     return build_policy(gate, **(smallest_knobs(gate) if knobs is None else knobs)).apply(model)
@@ -202,6 +222,20 @@ def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
         err = (streamed - dense).abs().max().item()
         scale = max(1.0, dense.abs().max().item())
         assert err <= 1e-4 * scale, f"{task}: streamed differs from batched by {err:.2e} (scale {scale:.1f})"
+
+
+@pytest.mark.parametrize("backbone", BACKBONES.list())
+def test_gates_refuse_what_they_cannot_gate(backbone):
+    """Exactly the pairs ``refused`` names fail to apply, each with one line naming the gate;
+    the search space checks the same way (``spaces.compat``) before any trial starts."""
+    from gatesearch.spaces.compat import incompatibility
+
+    task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
+    for gate in POLICIES.list():
+        why = incompatibility(backbone, gate, task, smallest_knobs(gate))
+        assert (why is not None) == refused(backbone, gate), (gate, why)
+        if why:
+            assert "\n" not in why and ("gate" in why or "Gate" in why or "Skip-Conv" in why), why
 
 
 # -- full-size layouts ---------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from gatesearch.policies import build_policy
 B, T, SIZE, K = 2, 4, 32, 12
 CLIP_BACKBONES = [n for n in BACKBONES.list() if isinstance(BACKBONES.get(n)(width=0.1), ClipBackbone)]
 # the gates that act on clip-level backbones, with their knobs (the skip-conv family gates 2D convs only)
-GATES = {"dense": {}, "vared2-S2": {"search_space_size": 2, "beta": 1.0},
-         "vared2-S4": {"search_space_size": 4, "beta": 1.0}}
+GATES = {"dense": {}, "vared2-S2": {"search_space_size": 2, "lambda_e": 1.0},
+         "vared2-S4": {"search_space_size": 4, "lambda_e": 1.0}}
 
 
 def make(backbone: str, gate: str, *, seed: int = 0, width: float = 0.25) -> ClipModel:
@@ -174,13 +174,11 @@ def test_contract(batch, backbone, gate):
             assert (gated(batch["clip"]) - dense(batch["clip"])).abs().max() <= 1e-4
 
 
-def test_skip_conv_gates_leave_clip_backbones_dense(batch):
-    """The Skip-Conv gates convert ``Conv2d`` only: on a clip backbone they change nothing."""
-    model = make("r2plus1d_tiny", "dense").eval()
-    build_policy("input_norm", threshold=1.0, block_size=1).apply(model)
-    reference = make("r2plus1d_tiny", "dense").eval()
-    with torch.inference_mode():
-        assert torch.equal(model.stream(batch["clip"]), reference.stream(batch["clip"]))
+def test_skip_conv_gates_refuse_clip_backbones():
+    """The Skip-Conv gates convert per-frame ``Conv2d`` layers: a clip backbone is refused, not silently dense."""
+    model = make("r2plus1d_tiny", "dense")
+    with pytest.raises(ValueError, match="found no Conv2d"):
+        build_policy("input_norm", threshold=1.0, block_size=1).apply(model)
 
 
 # -- export: the runner's clip-window mode ------------------------------------------------------------
@@ -191,7 +189,7 @@ def test_run_stream_in_windows(tmp_path, batch):
     from gatesearch.search.trial import build_model
     from gatesearch.spaces import DataConfig, TrialConfig
 
-    trial = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, beta=1.0,
+    trial = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, lambda_e=1.0,
                         clip_length=2)
     model = build_model(trial, K).eval()
     meta = trial_meta(trial, metrics={}, data=DataConfig(), num_classes=K, frame_shape=(3, SIZE, SIZE))

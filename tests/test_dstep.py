@@ -95,8 +95,8 @@ def test_converts_residual_blocks_and_keeps_dense_weight_names():
     dense = build("resnet18_tiny", task="classification", num_classes=4)
     gated = build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(copy.deepcopy(dense))
     assert len(dstep_blocks(gated)) == 4
-    assert not dstep_blocks(build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(
-        build("tiny", task="classification", num_classes=4)))
+    with pytest.raises(ValueError, match="^gate 'dstep' found no residual blocks"):
+        build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(build("tiny", task="classification", num_classes=4))
     dense_keys, gated_keys = set(dense.state_dict()), set(gated.state_dict())
     assert dense_keys <= gated_keys and all(".policy." in k for k in gated_keys - dense_keys)
     for k, v in dense.state_dict().items():

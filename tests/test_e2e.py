@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from gatesearch.cli import main
@@ -114,3 +115,37 @@ def test_search_on_video_folder_with_a_corrupt_file(tmp_path, monkeypatch, ray_s
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["trials_completed"] == 1 and summary["trials_failed"] == 0
     assert 0.0 <= summary["pareto"][0]["quality"] <= 1.0
+
+
+FAMILY_CONFIG = """
+name: family-{gate}
+trials: 2
+max_concurrent: 2
+data: {{train_clips: 16, val_clips: 8, synthetic: {{height: 32, width: 32}}}}
+evaluation: {{frames: 8, latency_repeats: 2}}
+space:
+  backbone: {backbone}
+  gate: {gate}
+  clip_length: 4
+  epochs: 2
+  gates: {{{gate}: {knobs}}}
+"""
+
+
+@pytest.mark.parametrize("backbone, gate, knobs", [
+    ("resnet18_tiny", "dstep", "{target_flops_ratio: {low: 0.3, high: 0.8}, block_size: [2, 4]}"),
+    ("r2plus1d_tiny", "vared2", "{search_space_size: [2, 3], lambda_e: {low: 0.1, high: 3.0, log: true}}"),
+])
+def test_dstep_and_vared2_search_through_the_cli(tmp_path, monkeypatch, ray_session, backbone, gate, knobs):
+    """Issues 6 and 7: each family's knobs are sampled from YAML and its trials complete with MACs recorded."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "s.yaml").write_text(FAMILY_CONFIG.format(backbone=backbone, gate=gate, knobs=knobs))
+    address = ray_session.get_runtime_context().gcs_address
+    r = CliRunner().invoke(main, ["search", "s.yaml", "--json", "--ray-address", address])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["trials_completed"] == 2 and summary["trials_failed"] == 0
+    row = summary["pareto"][0]
+    assert row["gate"] == gate and set(row["params"]) >= set(yaml.safe_load(knobs))
+    assert row["macs"] > 0 and row["dense_macs"] > 0

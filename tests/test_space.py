@@ -67,6 +67,12 @@ def test_suggest_has_no_side_effects_and_round_trips():
     ({"space": {"task": ["classification", "heatmap"]}}, r"^space.task: one task per search"),
     ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}}, r"^space.gates.input_norm: gate 'input_norm' is not searched"),
     ({"space": {"gate": ["input_norm"], "gates": {"input_norm": {"beta": 1.0}}}}, r"^space.gates.input_norm.beta: gate 'input_norm' does not take 'beta'"),
+    ({"space": {"backbone": ["resnet18_tiny", "tiny"], "gate": ["input_norm", "dstep"]}},
+     r"^space.gate: backbone 'tiny' cannot take gate 'dstep': .*residual blocks"),
+    ({"space": {"backbone": "r2plus1d_tiny", "gate": ["vared2", "gumbel"]}},
+     r"^space.gate: backbone 'r2plus1d_tiny' cannot take gate 'gumbel': .*Conv2d"),
+    ({"space": {"backbone": "r2plus1d_tiny", "task": "heatmap"}}, r"^space.backbone: 'r2plus1d_tiny': .*heatmap"),
+    ({"space": {"backbone": ["tiny", "r2plus1d_tiny"], "gate": ["dstep", "input_norm"]}}, r"^space.gate: backbone"),
     ({"data": {"synthetic": {"heigth": 64}}}, r"^data.synthetic: .*heigth"),
     ({"data": {"train_clips": 0}}, r"^data.train_clips: must be >= 1"),
     ({"evaluation": {"frames": "16"}}, r"^evaluation.frames: expected int"),
@@ -77,6 +83,15 @@ def test_validation_errors_name_the_key(raw, message):
     with pytest.raises(SpaceError, match=message) as e:
         parse_search_config(raw)
     assert "\n" not in str(e.value)
+
+
+def test_all_gates_by_default_means_those_that_fit_every_backbone():
+    """Leaving ``gate`` out searches every registered gate that can convert the searched backbones."""
+    from gatesearch.policies import POLICIES
+
+    assert set(parse_search_config({"space": {"backbone": "resnet18_tiny"}}).space.gate.values) == set(POLICIES)
+    assert set(parse_search_config({"space": {"backbone": "r2plus1d_tiny"}}).space.gate.values) == {"dense", "vared2"}
+    assert "dstep" not in parse_search_config({"space": {"backbone": ["tiny", "resnet18_tiny"]}}).space.gate.values
 
 
 def test_yaml_file_errors(tmp_path):

@@ -38,7 +38,7 @@ def decide(dyn: DynamicConv, v_t: list[float], v_c: list[float]) -> None:
 
 def model(backbone: str, space_size: int = 2, *, seed: int = 0, width: float = 0.5) -> nn.Module:
     torch.manual_seed(seed)
-    return build_policy("vared2", search_space_size=space_size, beta=1.0).apply(
+    return build_policy("vared2", search_space_size=space_size, lambda_e=1.0).apply(
         build(backbone, task="classification", num_classes=K, width=width))
 
 
@@ -132,7 +132,7 @@ def test_rebuilt_features_are_cheap_linear_maps_of_computed_ones():
 def test_whole_model_keep_all_equals_dense_network():
     """Every layer forced open: the VA-RED² model reproduces the dense model with the same weights."""
     gated = model("r2plus1d_tiny").eval()
-    POLICIES.get("vared2")(search_space_size=2, beta=1.0).keep_all(gated)
+    POLICIES.get("vared2")(search_space_size=2, lambda_e=1.0).keep_all(gated)
     torch.manual_seed(0)
     dense = build("r2plus1d_tiny", task="classification", num_classes=K, width=0.5).eval()
     state = {k.replace(".conv.weight", ".weight"): v for k, v in gated.state_dict().items()}
@@ -237,7 +237,7 @@ def test_efficiency_loss_pushes_open_alternatives_to_close():
 
 def test_policy_loss_uses_correctness_and_lambda():
     net = model("r2plus1d_tiny").train()
-    policy = build_policy("vared2", search_space_size=2, beta=0.5)
+    policy = build_policy("vared2", search_space_size=2, lambda_e=0.5)
     clip = torch.randn(2, 4, 3, 32, 32)
     out = net(clip)
     labels = out.argmax(1)
@@ -252,18 +252,18 @@ def test_policy_loss_uses_correctness_and_lambda():
 
 def test_policy_declares_its_knobs():
     cls = POLICIES.get("vared2")
-    assert cls.params["search_space_size"] == [2, 3, 4] and cls.params["beta"]["log"] is True
-    with pytest.raises(ValueError, match="needs 'beta'"):
+    assert cls.params["search_space_size"] == [2, 3, 4] and cls.params["lambda_e"]["log"] is True
+    with pytest.raises(ValueError, match="needs 'lambda_e'"):
         build_policy("vared2", search_space_size=2)
 
 
 def test_refuses_what_it_cannot_gate():
     with pytest.raises(ValueError, match=r"^gate 'vared2' does not support Sequential: ") as e:
-        build_policy("vared2", search_space_size=2, beta=1.0).apply(nn.Sequential(nn.Conv3d(3, 4, 1)))
+        build_policy("vared2", search_space_size=2, lambda_e=1.0).apply(nn.Sequential(nn.Conv3d(3, 4, 1)))
     assert "\n" not in str(e.value)
     net = model("resnet3d_small")
     with pytest.raises(ValueError, match=r"^gate 'vared2' does not support backbone VideoResNet gated already"):
-        build_policy("vared2", search_space_size=2, beta=1.0).apply(net)  # already converted
+        build_policy("vared2", search_space_size=2, lambda_e=1.0).apply(net)  # already converted
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "mobilenet_v2_tiny"])
@@ -282,7 +282,7 @@ def test_2d_backbones_get_channel_only_gates(backbone):
 def test_efficiency_loss_closes_gates():
     """Minimising λ_e·L_e (with the task loss) closes costly alternatives: the density of inference falls."""
     net = model("r2plus1d_tiny", width=0.25)
-    policy = build_policy("vared2", search_space_size=2, beta=10.0)
+    policy = build_policy("vared2", search_space_size=2, lambda_e=10.0)
     g = torch.Generator().manual_seed(0)
     clip, labels = torch.randn(4, 4, 3, 16, 16, generator=g), torch.arange(4)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
@@ -310,7 +310,7 @@ def test_trial_end_to_end():
     from gatesearch.search.trial import run_trial
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
-    cfg = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, beta=5.0,
+    cfg = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, lambda_e=5.0,
                       epochs=1, batch_size=4, clip_length=4)
     data = DataConfig(train_clips=8, val_clips=4, synthetic={"height": 32, "width": 32})
     out = run_trial(cfg, data, EvalConfig(frames=8, latency_warmup=0, latency_repeats=1))

@@ -118,7 +118,8 @@ class DStep(Policy):
         self.epochs = 1
 
     def apply(self, model: nn.Module) -> nn.Module:
-        convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings, target=self.target)
+        if not convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings, target=self.target):
+            raise ValueError("gate 'dstep' found no residual blocks to gate (it needs a ResNet-style backbone)")
         return model
 
     def keep_all(self, model: nn.Module) -> None:

@@ -168,6 +168,8 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int) -> list[SkipC
                 layer = SkipConv2d(child, make_gate(child), block_size=block_size, name=full)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
+    if not layers:
+        raise ValueError("Skip-Convolution gates found no Conv2d to gate (they need a per-frame 2D backbone)")
     for m in model.modules():
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False

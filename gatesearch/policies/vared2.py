@@ -11,7 +11,7 @@ Training minimises L_a + λ_e·L_e (Section 3.4), with the efficiency loss
 
     L_e = (μ0 · Σ_l C(f_l)/Σ_k C(f_k) · r_l^s / R_l^s)²,  μ0 = 1 iff the clip is classified correctly  (Eq. 3.6)
 
-averaged over the clips of a batch. λ_e is the joint space's ``beta`` knob
+averaged over the clips of a batch. λ_e is the joint space's ``lambda_e`` knob
 (log scale) and S its ``search_space_size``.
 """
 
@@ -153,7 +153,7 @@ def correct_clips(output: torch.Tensor | None, batch: dict | None) -> torch.Tens
 class VaRed2(Policy):
     """VA-RED² (Eq. 3.1-3.6): per-conv soft gates choose temporal stride ×2^j and channel ratio 2^-i; the rest rebuilt cheaply."""
 
-    params = {"search_space_size": [2, 3, 4], "beta": {"low": 0.01, "high": 10.0, "log": True}}
+    params = {"search_space_size": [2, 3, 4], "lambda_e": {"low": 0.01, "high": 10.0, "log": True}}
     # the gates train in the ordinary batched forward: no frame-by-frame state to stream through
     trains_gates = False
     #: share of a trial's epochs trained without L_e: VA-RED² fine-tunes a trained dynamic model with the
@@ -178,7 +178,7 @@ class VaRed2(Policy):
         The layers' records are drained at every call, warm-up and λ_e = 0 included.
         """
         l_e = efficiency_loss(model, correct_clips(output, batch))
-        lam = float(self.knobs["beta"]) if self.efficiency_on else 0.0
+        lam = float(self.knobs["lambda_e"]) if self.efficiency_on else 0.0
         return None if l_e is None or lam == 0 else lam * l_e
 
     def keep_all(self, model: nn.Module) -> None:

@@ -28,6 +28,7 @@ PARAMS: dict[str, Param] = {
         Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0, doc="D: D-STEP target FLOPs ratio (Eq. 3)"),
         Param(name="block_size", kind=int, choices=(1, 2, 4, 8), doc="mask block size b"),
         Param(name="search_space_size", kind=int, choices=(2, 3, 4), doc="S: VA-RED² alternatives per dimension"),
+        Param(name="lambda_e", kind=float, low=0.0, doc="λ_e: weight of VA-RED²'s efficiency loss (Eq. 3.6)"),
         Param(name="clip_length", kind=int, choices=(2, 4, 8, 16), doc="frames per training clip"),
         Param(name="lr", kind=float, low=0.0, low_open=True, high=1.0, doc="learning rate"),
         Param(name="epochs", kind=int, low=1, high=1000, doc="training epochs"),
@@ -89,6 +90,7 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     if not isinstance(per_gate, dict):
         raise SpaceError("space.gates: expected a mapping of gate name -> parameters")
 
+    gate_given = "gate" in raw
     gate_raw = raw.pop("gate", list(POLICIES))
     gate_dom = PARAMS["gate"].domain(gate_raw, "space.gate")
     gates = gate_dom.values if isinstance(gate_dom, Choice) else (gate_dom.value,)
@@ -115,6 +117,11 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     _check_registered(shared["backbone"], BACKBONES, "space.backbone")
     if isinstance(shared["task"], Choice) and len(shared["task"].values) > 1:
         raise SpaceError("space.task: one task per search (the quality objective follows the task); run one search per task")
+    from .compat import incompatibility
+
+    for b in _values(shared["backbone"]):
+        if why := incompatibility(b, "dense", _values(shared["task"])[0], {}):
+            raise SpaceError(f"space.backbone: {b!r}: {why}")
 
     gate_params: dict[str, dict[str, Domain]] = {}
     for g in per_gate:
@@ -134,11 +141,39 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
             value = overrides.get(key, common.get(key, default))
             doms[key] = PARAMS[key].domain(value, where)
         gate_params[g] = doms
-    return Space(gate=gate_dom, shared=shared, gate_params=gate_params, seed=seed)
+    gates = _compatible_gates(gates, shared, gate_params, strict=gate_given)
+    gate_params = {g: gate_params[g] for g in gates}
+    return Space(gate=Choice(gates), shared=shared, gate_params=gate_params, seed=seed)
+
+
+def _compatible_gates(gates: tuple, shared: dict[str, Domain], gate_params: dict[str, dict[str, Domain]], *,
+                      strict: bool) -> tuple:
+    """The gates that can convert every searched backbone. A gate the user named that cannot convert one of
+    them is an error; when the gate was left out (all gates), the incompatible ones are dropped."""
+    from .compat import example, incompatibility
+
+    backbones = _values(shared["backbone"])
+    task = _values(shared["task"])[0]
+    kept = []
+    for g in gates:
+        knobs = {k: example(d) for k, d in gate_params[g].items()}
+        reasons = [(b, why) for b in backbones if (why := incompatibility(b, g, task, knobs))]
+        if reasons and strict:
+            b, why = reasons[0]
+            raise SpaceError(f"space.gate: backbone {b!r} cannot take gate {g!r}: {why}; search them separately")
+        if not reasons:
+            kept.append(g)
+    if not kept:
+        raise SpaceError(f"space.gate: no gate can be applied to every backbone of space.backbone "
+                         f"({', '.join(backbones)})")
+    return tuple(kept)
+
+
+def _values(dom: Domain) -> tuple:
+    return dom.values if isinstance(dom, Choice) else (dom.value,) if isinstance(dom, Fixed) else ()
 
 
 def _check_registered(dom: Domain, registry, where: str) -> None:
-    values = dom.values if isinstance(dom, Choice) else (dom.value,) if isinstance(dom, Fixed) else ()
-    for v in values:
+    for v in _values(dom):
         if v not in registry:
             raise SpaceError(f"{where}: unknown {registry.kind} {v!r}; known: {', '.join(registry)}")

@@ -18,6 +18,7 @@ class TrialConfig:
     target_flops_ratio: float | None = None  # D: D-STEP's target F/F_S (Eq. 3)
     block_size: int | None = None  # b: masks are constant on b×b blocks
     search_space_size: int | None = None  # S: VA-RED² alternatives per dimension (Eq. 3.5)
+    lambda_e: float | None = None  # λ_e: VA-RED²'s efficiency-loss weight (Section 3.4)
     clip_length: int = 4  # T: frames per training clip; reference-frame reset period at inference
     lr: float = 3e-3  # AdamW learning rate
     epochs: int = 3  # passes over the training clips
