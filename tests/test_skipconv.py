@@ -139,3 +139,33 @@ def test_dense_weights_load_into_the_gated_network(static_clip):
     model.load_state_dict(dense.state_dict())
     with torch.inference_mode():
         assert torch.allclose(model.stream(static_clip), dense(static_clip), atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18_tiny", "mobilenet_v2_tiny", "hrnet_small"])
+def test_batch_norm_folds_into_the_skip_conv_while_streaming(backbone):
+    """Every conv→BN pair is found; streaming in eval mode skips the BN pass (its map rides in the conv's
+    weights and state) and still equals the batched net; train mode and batched passes run the BN itself."""
+    from gatesearch.data import SyntheticConfig, make_clip
+    from gatesearch.policies.skipconv import FoldedBatchNorm2d
+
+    clip = make_clip(SyntheticConfig(height=32, width=32, frames=6, seed=2), 1, "test")["clip"][None]
+    model = gated(backbone, "input_norm", task="heatmap", threshold=0.0, block_size=2)
+    folded = [m for m in model.modules() if isinstance(m, FoldedBatchNorm2d)]
+    plain = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    assert folded and not plain, f"{len(plain)} BatchNorm2d left unpaired"
+    assert all(m.source.bn is m for m in folded)
+    calls = []
+    for m in folded:
+        m.register_forward_hook(lambda mod, args, out: calls.append(out is args[0]))
+    for layer in skip_layers(model):
+        layer.path = "sparse"
+    with torch.inference_mode():
+        dense = model(clip)
+        assert calls and not any(calls)  # batched: every BN computes
+        calls.clear()
+        streamed = model.stream(clip)
+    assert calls and all(calls)  # streamed in eval mode: every BN passes its input through
+    assert (streamed - dense).abs().max().item() <= 1e-4 * max(1.0, dense.abs().max().item())
+    calls.clear()
+    model.train().stream(clip[:, :2])
+    assert calls and not any(calls)  # training statistics cannot be folded

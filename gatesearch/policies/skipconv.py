@@ -56,6 +56,9 @@ class SkipConv2d(nn.Module):
         self.name = name
         self.streaming = False
         self.path = "auto"  # "auto" | "sparse" | "dense" (masked dense, the reference)
+        self.__dict__["bn"] = None  # a FoldedBatchNorm2d fed by this conv (not a submodule: the parent owns it)
+        self.folded = False  # this clip's state holds BN(z): the BN's affine map rides in the weights
+        self._fold_cache: tuple | None = None
         self.reset_state()
         self.reset_stats()
         self._register_load_state_dict_pre_hook(_accept_dense_names)
@@ -82,8 +85,14 @@ class SkipConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)
         if not self.streaming:
             return self.conv(x)
+        if getattr(x if x._base is None else x._base, "_skip_state", False):
+            x = x.clone()  # another skip-conv's live state (its BN folded away): it changes in place next frame
         if self.x_prev is None or self.x_prev.shape != x.shape:
-            z = self.conv(x)  # reference frame: dense, bias included
+            bn = self.bn
+            self.folded = bn is not None and not bn.training and not torch.is_grad_enabled()
+            # reference frame: dense, bias (and a folded BN) included
+            z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
+            z._skip_state = True
             self._record(torch.ones(x.shape[0]), 0.0)
         else:
             z = self._residual_step(x)
@@ -95,6 +104,7 @@ class SkipConv2d(nn.Module):
         from gatesearch import ops
 
         c = self.conv
+        weight = self.folded_params()[0] if self.folded else c.weight
         r = x - self.x_prev  # (N, Ci, H, W)
         z_prev = self.z_prev  # (N, Co, Ho, Wo)
         out_hw = z_prev.shape[-2:]
@@ -103,19 +113,89 @@ class SkipConv2d(nn.Module):
             # training through the stream: out of place so autograd sees every step
             mask = self.gate.train_mask(r, self, out_hw)  # (N, 1, Ho, Wo), 0/1 valued
             self._record(mask.detach().mean((1, 2, 3)), gate_macs)
-            return z_prev + mask * F.conv2d(r, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+            return z_prev + mask * F.conv2d(r, weight, None, c.stride, c.padding, c.dilation, c.groups)
         block_mask = self.gate.block_mask(r, self)  # (N, Hb, Wb)
         self._record(ops.block_density(block_mask, out_hw, self.block_size), gate_macs)
         geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
         if self.path == "dense":
-            return ops.accumulate_masked_dense_(z_prev, r, c.weight, block_mask, **geometry)
-        return ops.accumulate_block_sparse_(z_prev, r, c.weight, block_mask, path=self.path, **geometry)
+            return ops.accumulate_masked_dense_(z_prev, r, weight, block_mask, **geometry)
+        return ops.accumulate_block_sparse_(z_prev, r, weight, block_mask, path=self.path, **geometry)
+
+    def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias with the eval-mode BN after this conv folded in: BN(w * x + b) = (a·w) * x + a·(b − μ) + β
+        with a = γ / sqrt(σ² + ε) (per channel, so residual updates carry it too). Cached until a parameter changes."""
+        c, bn = self.conv, self.bn
+        tensors = (c.weight, c.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((id(t), t._version, t.data_ptr()) if t is not None and not t.is_inference() else id(t)
+                    for t in tensors)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                a = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    a = a * bn.weight
+                bias = (c.bias if c.bias is not None else torch.zeros_like(a)) - bn.running_mean
+                bias = a * bias + (bn.bias if bn.bias is not None else 0.0)
+                weight = (c.weight * a.view(-1, 1, 1, 1)).contiguous()
+            self._fold_cache = (key, weight, bias)
+        return self._fold_cache[1], self._fold_cache[2]
 
     def _record(self, density: torch.Tensor, gate_macs: float) -> None:
         n = density.numel()
         self.frames += n
         self.density_sum += float(density.sum())
         self.gate_macs_sum += gate_macs * n
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A ``BatchNorm2d`` right after a skip-conv. BN is affine per channel at inference, so while that conv streams
+    in eval mode it carries the BN in its weights and state (Skip-Convolutions, Section 3) and this layer passes its
+    input through: no full-frame BN pass per frame. Training and batched passes are plain BN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.__dict__.get("source")
+        if source is not None and source.streaming and source.folded:
+            return x
+        return super().forward(x)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Pair every skip-conv with the BatchNorm2d that consumes its output, found by a probe frame through
+    ``model.frame`` and the backbone's deep stages; returns the number of pairs. Models without ``frame`` keep
+    their BNs as they are."""
+    if not hasattr(model, "frame"):
+        return 0
+    produced: dict[int, tuple[SkipConv2d, torch.Tensor]] = {}  # the tensor is kept so its id stays unique
+    pairs: dict[SkipConv2d, nn.BatchNorm2d] = {}
+    bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+
+    def conv_hook(layer, args, out):
+        produced[id(out)] = (layer, out)
+
+    def bn_hook(bn, args):
+        layer, out = produced.pop(id(args[0]), (None, None))
+        if out is args[0] and layer.bn is None and layer.conv.out_channels == bn.num_features:
+            pairs[layer] = bn
+
+    handles = [m.register_forward_hook(conv_hook) for m in skip_layers(model)]
+    handles += [bn.register_forward_pre_hook(bn_hook) for bn in bns]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = torch.zeros(1, 3, 64, 64)
+            model.frame(x)  # the task's path, heads included
+            backbone = getattr(model, "backbone", None)
+            if hasattr(backbone, "deep"):
+                backbone.deep(backbone.fine(x))  # and the deep stages a heatmap task skips
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    for layer, bn in pairs.items():
+        bn.__class__ = FoldedBatchNorm2d
+        bn.__dict__["source"] = layer
+        layer.__dict__["bn"] = bn
+    return len(pairs)
 
 
 def _accept_dense_names(state_dict, prefix, *args) -> None:
@@ -173,6 +253,7 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int) -> list[SkipC
     for m in model.modules():
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
+    fold_batch_norms(model)
     return layers
 
 
@@ -192,6 +273,6 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "Gate", "SkipConv2d", "convert_convs", "skip_layers", "upsample_blocks",
+    "FoldedBatchNorm2d", "Gate", "SkipConv2d", "convert_convs", "fold_batch_norms", "skip_layers", "upsample_blocks",
     "pool_blocks", "conv_out_hw", "ceil_div",
 ]
