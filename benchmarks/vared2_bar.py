@@ -14,6 +14,7 @@ that shows up as time saved is printed too.
     python benchmarks/vared2_bar.py                      # trains both (tens of minutes on 2 cores)
     python benchmarks/vared2_bar.py --save runs/bar      # keep the trained weights
     python benchmarks/vared2_bar.py --load runs/bar      # re-measure without training
+    python benchmarks/vared2_bar.py --dense-from runs/bar --lam 0.2   # another λ_e against the same dense model
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", type=Path, help="write the trained weights here")
     p.add_argument("--load", type=Path, help="read trained weights from here instead of training")
+    p.add_argument("--dense-from", type=Path, help="read only the dense baseline's weights from here (train vared2)")
     return p.parse_args()
 
 
@@ -64,9 +66,10 @@ def main() -> None:
     outcomes = {}
     for name, cfg in (("dense", dense_cfg), ("vared2", gated_cfg)):
         start = time.perf_counter()
-        if args.load:
+        source = args.load or (args.dense_from if name == "dense" else None)
+        if source:
             model = build_model(cfg, num_classes(data))
-            model.load_state_dict(torch.load(args.load / f"{name}.pt", weights_only=True))
+            model.load_state_dict(torch.load(source / f"{name}.pt", weights_only=True))
             val = load_clips(data, split="val", frames=evaluation.frames, count=data.val_clips)
             outcome = evaluate(model, cfg, val, evaluation)
         else:
