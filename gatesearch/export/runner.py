@@ -65,17 +65,7 @@ def run_stream(
             per_frame_out.append(out.clone())  # the layer's state changes at the next frame
             if on_frame:
                 on_frame(s)
-    if not stats:
-        raise ValueError("the stream had no frames")
-    summary = {
-        "frames": len(stats),
-        "mean_density": statistics.fmean(s.density for s in stats),
-        "macs_per_frame": statistics.fmean(s.macs for s in stats),
-        "dense_macs_per_frame": counter.total,
-        "latency_ms_per_frame": statistics.median(s.latency_ms for s in stats),
-        "latency_ms_mean": statistics.fmean(s.latency_ms for s in stats),
-        "reset_every": reset_every,
-    }
+    summary = _summary(stats, counter, reset_every)
     if model.task == "classification":
         with torch.inference_mode():
             logits = model.clip_head(torch.stack(per_frame_out, 1))
@@ -124,6 +114,11 @@ def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, 
                 flush()
         if buffer:  # a last, shorter window
             flush()
+    return {**_summary(stats, counter, window), "predicted_class": int((sum(logits) / len(stats)).argmax())}
+
+
+def _summary(stats: list, counter, reset_every) -> dict:
+    """What a stream's frames add up to (the ``--json`` summary of ``gatesearch run``)."""
     if not stats:
         raise ValueError("the stream had no frames")
     return {
@@ -133,6 +128,5 @@ def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, 
         "dense_macs_per_frame": counter.total,
         "latency_ms_per_frame": statistics.median(s.latency_ms for s in stats),
         "latency_ms_mean": statistics.fmean(s.latency_ms for s in stats),
-        "reset_every": window,
-        "predicted_class": int((sum(logits) / len(stats)).argmax()),
+        "reset_every": reset_every,
     }

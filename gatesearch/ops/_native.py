@@ -108,8 +108,11 @@ def available() -> bool:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """C++ kernels apply: loaded, fp32 CPU inputs, no autograd to record."""
-    if not available():
-        return False
+    return available() and cpu_fp32_inference(*tensors)
+
+
+def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
+    """fp32 CPU tensors and no autograd to record: what the gather kernels (C++ or PyTorch) handle."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return False

@@ -48,7 +48,7 @@ def accumulate_block_sparse_(
         r.shape, weight.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, block_size=block_size
     )
     check_operands(geom, z, r, block_mask)
-    if path == "dense" or not _sparse_capable(z, r, weight):
+    if path == "dense" or not _native.cpu_fp32_inference(z, r, weight):
         return accumulate_dense_(z, r, weight, block_mask, geom)
 
     r = _dense_layout(r)
@@ -99,16 +99,6 @@ def accumulate_dense_(
 
 def _is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _sparse_capable(*tensors: torch.Tensor) -> bool:
-    """The gather kernels run fp32 on CPU and record no autograd."""
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            return False
-        if t.requires_grad and torch.is_grad_enabled():
-            return False
-    return True
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
