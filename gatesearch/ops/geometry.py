@@ -19,6 +19,8 @@ Pair = tuple[int, int]
 
 def pair(value: int | tuple[int, ...] | list[int], name: str) -> Pair:
     """Normalise an int-or-tuple conv argument (as ``nn.Conv2d`` takes them) to a pair."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # what nn.Conv2d stores: the per-frame fast path
     if isinstance(value, int):
         return (value, value)
     value = tuple(int(v) for v in value)

@@ -87,24 +87,24 @@ class SkipConv2d(nn.Module):
             return self.conv(x)
         if getattr(x if x._base is None else x._base, "_skip_state", False):
             x = x.clone()  # another skip-conv's live state (its BN folded away): it changes in place next frame
+        state = self.__dict__  # per-frame attributes bypass nn.Module.__setattr__ (a few µs each, every layer)
         if self.x_prev is None or self.x_prev.shape != x.shape:
             bn = self.bn
-            self.folded = bn is not None and not bn.training and not torch.is_grad_enabled()
+            state["folded"] = bn is not None and not bn.training and not torch.is_grad_enabled()
             # reference frame: dense, bias (and a folded BN) included
             z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
             z._skip_state = True
             self._record(torch.ones(x.shape[0]), 0.0)
         else:
             z = self._residual_step(x)
-        self.x_prev = x
-        self.z_prev = z
+        state["x_prev"], state["z_prev"] = x, z
         return z
 
     def _residual_step(self, x: torch.Tensor) -> torch.Tensor:
         from gatesearch import ops
 
         c = self.conv
-        weight = self.folded_params()[0] if self.folded else c.weight
+        weight = self._fold_cache[1] if self.folded else c.weight  # checked at this clip's reference frame
         r = x - self.x_prev  # (N, Ci, H, W)
         z_prev = self.z_prev  # (N, Co, Ho, Wo)
         out_hw = z_prev.shape[-2:]
@@ -140,10 +140,10 @@ class SkipConv2d(nn.Module):
         return self._fold_cache[1], self._fold_cache[2]
 
     def _record(self, density: torch.Tensor, gate_macs: float) -> None:
-        n = density.numel()
-        self.frames += n
-        self.density_sum += float(density.sum())
-        self.gate_macs_sum += gate_macs * n
+        n, stats = density.numel(), self.__dict__
+        stats["frames"] += n
+        stats["density_sum"] += float(density.sum())
+        stats["gate_macs_sum"] += gate_macs * n
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
