@@ -121,6 +121,13 @@ class FoldedConv:
         return cls(weight=weight, bias=bias.contiguous(), stride=tuple(conv.stride), padding=tuple(conv.padding),
                    dilation=tuple(conv.dilation))
 
+    @staticmethod
+    def version_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+        """Changes whenever ``fold(conv, bn)`` would: any parameter or statistic updated in place, or the
+        weight's storage swapped. Callers cache the fold under it."""
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors) + (conv.weight.data_ptr(),)
+
     def gemm(self) -> torch.Tensor:
         """(T, Ci, Co): the weight in the gather's (tap, channel) row order, packed once."""
         if self._gemm is None:

@@ -58,6 +58,24 @@ class Policy:
         return self.trains_gates
 
 
+class FrameAverages:
+    """MacCounter's layer protocol (``density``, ``gate_macs``) as averages over the frames a gated layer
+    has streamed; the layer adds to ``frames``, ``density_sum`` and ``gate_macs_sum``."""
+
+    def reset_stats(self) -> None:
+        self.frames = 0  # frames seen while streaming (summed over streams)
+        self.density_sum = 0.0  # Σ over frames of the fraction of the dense MACs spent
+        self.gate_macs_sum = 0.0  # Σ over frames of the gate's own MACs
+
+    @property
+    def density(self) -> float:
+        return self.density_sum / self.frames if self.frames else 1.0
+
+    @property
+    def gate_macs(self) -> float:
+        return self.gate_macs_sum / self.frames if self.frames else 0.0
+
+
 def register_policy(name: str):
     """``@register_policy("input_norm")``: register a Policy subclass under ``name``."""
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import FrameAverages
+
 SKIP, REUSE, COMPUTE = 0, 1, 2  # channel decisions (last axis of T)
 GATHER_ALWAYS, DENSE_ALWAYS = 0.1, 0.95  # active fractions with an obvious kernel (no calibration needed)
 
@@ -103,7 +105,7 @@ def residual_pairs(block: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]] |
 
 # -- accounting -----------------------------------------------------------------------------------
 
-class GatedConv(nn.Conv2d):
+class GatedConv(FrameAverages, nn.Conv2d):
     """A block conv whose work D-STEP decides; reports it in MacCounter's protocol.
 
     ``density`` is the fraction of the dense conv's MACs spent (channels times
@@ -124,9 +126,7 @@ class GatedConv(nn.Conv2d):
         return new
 
     def reset_stats(self) -> None:
-        self.frames = 0  # frames seen while streaming (summed over streams)
-        self.density_sum = 0.0
-        self.gate_macs_sum = 0.0
+        super().reset_stats()
         self.dense_macs = 0.0  # MACs of the dense conv per frame, at the size last seen
         self.decision_sum = [0.0, 0.0, 0.0, 0.0]  # conv1 only: Σ over frames of (tiles, skip, reuse, compute)
 
@@ -147,13 +147,6 @@ class GatedConv(nn.Conv2d):
         mean = [v / max(1, self.frames) for v in self.decision_sum]
         return dict(zip(("tiles", "skip", "reuse", "compute"), mean))
 
-    @property
-    def density(self) -> float:
-        return self.density_sum / self.frames if self.frames else 1.0
-
-    @property
-    def gate_macs(self) -> float:
-        return self.gate_macs_sum / self.frames if self.frames else 0.0
 
 
 # -- the policy networks ------------------------------------------------------------------------------
@@ -612,8 +605,7 @@ class DStepBlock(nn.Module):
     def _fold_pair(self, name, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         from gatesearch.ops.channel_gather import FoldedConv
 
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple(-1 if t is None or t.is_inference() else t._version for t in tensors) + (conv.weight.data_ptr(),)
+        key = FoldedConv.version_key(conv, bn)
         hit = self._folded.get(name)
         if hit is None or hit[0] != key:
             hit = self._folded[name] = (key, FoldedConv.fold(conv, bn))

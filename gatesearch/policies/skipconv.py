@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import FrameAverages
+
 
 class Gate(nn.Module):
     """Decides which output blocks of a skip-conv layer are recomputed."""
@@ -38,7 +40,7 @@ class Gate(nn.Module):
         return upsample_blocks(self.block_mask(r, layer).to(r.dtype), layer.block_size, out_hw)
 
 
-class SkipConv2d(nn.Module):
+class SkipConv2d(FrameAverages, nn.Module):
     """A ``Conv2d`` run on residuals with a gate (Skip-Convolutions, Eq. 3).
 
     While streaming, the returned tensor *is* the layer's state z_t and is
@@ -67,19 +69,6 @@ class SkipConv2d(nn.Module):
     def reset_state(self) -> None:
         self.x_prev: torch.Tensor | None = None
         self.z_prev: torch.Tensor | None = None
-
-    def reset_stats(self) -> None:
-        self.frames = 0  # frames seen while streaming (summed over streams)
-        self.density_sum = 0.0  # sum over frames of the fraction of output positions computed
-        self.gate_macs_sum = 0.0
-
-    @property
-    def density(self) -> float:
-        return self.density_sum / self.frames if self.frames else 1.0
-
-    @property
-    def gate_macs(self) -> float:
-        return self.gate_macs_sum / self.frames if self.frames else 0.0
 
     # -- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)
@@ -122,21 +111,14 @@ class SkipConv2d(nn.Module):
         return ops.accumulate_block_sparse_(z_prev, r, weight, block_mask, path=self.path, **geometry)
 
     def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias with the eval-mode BN after this conv folded in: BN(w * x + b) = (a·w) * x + a·(b − μ) + β
-        with a = γ / sqrt(σ² + ε) (per channel, so residual updates carry it too). Cached until a parameter changes."""
-        c, bn = self.conv, self.bn
-        tensors = (c.weight, c.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple((id(t), t._version, t.data_ptr()) if t is not None and not t.is_inference() else id(t)
-                    for t in tensors)
+        """Weight and bias with the eval-mode BN after this conv folded in (``ops.channel_gather.FoldedConv``):
+        BN is a per-channel affine map, so residual updates carry it too. Cached until a parameter changes."""
+        from gatesearch.ops.channel_gather import FoldedConv
+
+        key = FoldedConv.version_key(self.conv, self.bn)
         if self._fold_cache is None or self._fold_cache[0] != key:
-            with torch.no_grad():
-                a = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.weight is not None:
-                    a = a * bn.weight
-                bias = (c.bias if c.bias is not None else torch.zeros_like(a)) - bn.running_mean
-                bias = a * bias + (bn.bias if bn.bias is not None else 0.0)
-                weight = (c.weight * a.view(-1, 1, 1, 1)).contiguous()
-            self._fold_cache = (key, weight, bias)
+            folded = FoldedConv.fold(self.conv, self.bn)
+            self._fold_cache = (key, folded.weight, folded.bias)
         return self._fold_cache[1], self._fold_cache[2]
 
     def _record(self, density: torch.Tensor, gate_macs: float) -> None:
@@ -173,7 +155,8 @@ def fold_batch_norms(model: nn.Module) -> int:
 
     def bn_hook(bn, args):
         layer, out = produced.pop(id(args[0]), (None, None))
-        if out is args[0] and layer.bn is None and layer.conv.out_channels == bn.num_features:
+        if (out is args[0] and layer.bn is None and layer.conv.out_channels == bn.num_features and bn.affine
+                and bn.track_running_stats):
             pairs[layer] = bn
 
     handles = [m.register_forward_hook(conv_hook) for m in skip_layers(model)]
