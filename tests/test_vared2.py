@@ -142,6 +142,49 @@ def test_whole_model_keep_all_equals_dense_network():
         assert (gated.stream(clip, reset_every=4) - dense.stream(clip, reset_every=4)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("backbone", ["r2plus1d_tiny", "resnet3d_small", "tiny"])
+def test_inference_applies_the_next_bn_in_the_pass_that_writes_the_output(backbone):
+    """Each gated conv applies the BN after it at inference (rebuilds, V and BN as affine passes over its output);
+    the network still computes the training formula (Eq. 3.5, BN applied by the BN), single and mixed alternatives."""
+    net = model(backbone, width=0.5 if backbone != "tiny" else 0.25).eval()
+    layers = dynamic_layers(net)
+    assert sum(l.bn is not None for l in layers) >= len(layers) - 1  # the last conv of a network may feed no BN
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.dim() == 1:
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.5, generator=g)
+        for i, dyn in enumerate(layers):
+            for p in list(dyn.phi_c.parameters()) + list(dyn.phi_t.parameters()):
+                p.normal_(1.0 if p.dim() > 1 or p is dyn.phi_c[0].weight else 0.0, 0.3, generator=g)
+            single = i % 3 != 2  # every third layer mixes two alternatives per dimension
+            decide(dyn, [0.0, 0.6] if single else [0.4, 0.6], [0.0, 0.8] if single else [0.3, 0.8])
+        # one layer whose clips take different ways: one alternative each, mixed, everything closed (zeros)
+        rows = torch.tensor([[0.0, 0.6, 0.0, 0.8], [0.4, 0.6, 0.3, 0.8], [-1.0, -1.0, 0.5, 0.5]])
+        rows = rows if layers[1].temporal else rows[:, 2:]
+        layers[1].gate.forward = lambda x: torch.relu(rows[torch.arange(x.shape[0]) % 3])  # per clip or frame
+        layers[1].gate.scores_eval = lambda x: rows[torch.arange(x.shape[0]) % 3].tolist()
+    passed = []
+    for dyn in layers:
+        if dyn.bn is not None:
+            dyn.bn.register_forward_hook(lambda m, args, out: passed.append(out is args[0]))
+    clip = torch.randn(3, 8, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        for dyn in layers:
+            dyn.path = "soft"
+        soft = net(clip)
+        for dyn in layers:
+            dyn.path = "hard"
+    passed.clear()
+    with torch.inference_mode():
+        hard = net(clip)
+    assert passed and all(passed)  # every paired BN was applied by its layer
+    assert (soft - hard).abs().max() <= 1e-4 * max(1.0, soft.abs().max().item())
+
+
 # -- the gate (Eq. 3.4) ------------------------------------------------------------------------------
 
 def test_gate_outputs_in_unit_interval_with_exact_zeros():

@@ -46,8 +46,10 @@ class Policy:
         """Convert ``model`` in place and return it."""
         return model
 
-    def loss(self, model: nn.Module) -> torch.Tensor | None:
-        """Extra training loss term after a forward pass (None: nothing to add)."""
+    def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
+             batch: dict | None = None) -> torch.Tensor | None:
+        """Extra training loss term after a forward pass (None: nothing to add); ``output`` and ``batch`` are that
+        pass's model output and training batch, for terms that depend on the prediction (VA-RED²'s μ0)."""
         return None
 
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:

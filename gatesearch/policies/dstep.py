@@ -160,7 +160,8 @@ class DStep(Policy):
         return self.target * (1.0 - r), self.target + (1.0 - self.target) * r
 
     # -- loss -----------------------------------------------------------------------------------
-    def loss(self, model: nn.Module) -> torch.Tensor | None:
+    def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
+             batch: dict | None = None) -> torch.Tensor | None:
         """λ(e)·(F/F_S − D)² + γ·L_bound over the frames just streamed (Eq. 3); drains the records and
         nudges every block's logit offset towards D (integral control, ``control_gain``)."""
         terms = sparsity_terms(model)

@@ -162,7 +162,8 @@ class Gumbel(Policy):
         """Dense warm-up first (fast, batched), as the paper fine-tunes a trained network; then the gates train."""
         return epoch >= int(DEFAULTS.warmup * epochs)
 
-    def loss(self, model: nn.Module) -> torch.Tensor | None:
+    def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
+             batch: dict | None = None) -> torch.Tensor | None:
         """β·L_gate (Eq. 9); the records are drained even when β = 0."""
         l_gate = gate_loss(model)
         beta = float(self.knobs["beta"])

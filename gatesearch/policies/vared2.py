@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .base import Policy, register_policy
-from .vared2_layer import DEFAULTS, DynamicConv, GateSettings
+from .vared2_layer import DEFAULTS, FUSED_BN, DynamicConv, GateSettings
 
 
 def dynamic_layers(model: nn.Module) -> list[DynamicConv]:
@@ -37,6 +37,8 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
     ``VideoModel``'s ``Conv2d`` layers in channels only; convs below
     ``settings.min_share`` of the conv MACs stay dense (in a network of many
     small convs, such as HRNet-w32, those below half the largest share).
+    The BN that takes a gated conv's output is applied by that layer at
+    inference, in the pass that writes its output.
     A model gated already, or anything else, is refused.
     """
     from gatesearch.backbones import ClipModel, VideoModel
@@ -48,7 +50,7 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
     kind = nn.Conv3d if isinstance(model, ClipModel) else nn.Conv2d
     if dynamic_layers(model):
         raise ValueError(f"gate 'vared2' does not support backbone {name} gated already: apply it to a plain model")
-    shares = conv_shares(model, kind)
+    shares, next_bn = conv_shares(model, kind)
     if not shares:
         raise ValueError(f"gate 'vared2' does not support backbone {name}: it has no plain {kind.__name__} to gate")
     floor = min(settings.min_share, max(shares.values()) / 2)
@@ -60,11 +62,17 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
                 layer = DynamicConv(child, space_size=space_size, settings=settings, name=full)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
+                if full in next_bn:  # applied by the layer at inference (``DynamicConv._fused``)
+                    bn = next_bn[full]
+                    bn.__class__ = FUSED_BN[type(bn)]
+                    bn.__dict__["source"] = layer
+                    layer.__dict__["bn"] = bn
     return layers
 
 
-def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
-    """Share of the model's ``kind`` conv MACs each such conv of the backbone carries, from one small probe pass.
+def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, float], dict[str, nn.Module]]:
+    """Share of the model's ``kind`` conv MACs each such conv of the backbone carries, and the BN that takes each
+    conv's output, from one small probe pass.
 
     Only plain convs count (not those already inside a ``DynamicConv``). Shares
     of a fully convolutional network hardly depend on the input size, so a
@@ -77,14 +85,23 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
     convs = {n: m for n, m in model.named_modules() if n.startswith("backbone.") and id(m) not in inner
              and isinstance(m, (kind, DynamicConv))}  # gated ones count towards the total
     macs: dict[str, float] = {}
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept so that its id stays unique
+    next_bn: dict[str, nn.Module] = {}
 
     def hook(name):
         def record(module, args, out):
             conv = module.conv if isinstance(module, DynamicConv) else module
             macs[name] = out[0].numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+            outputs[id(out)] = (name, out)
         return record
 
+    def bn_hook(bn, args):
+        name, out = outputs.pop(id(args[0]), (None, None))
+        if out is args[0] and bn.affine and bn.track_running_stats:
+            next_bn[name] = bn
+
     handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
+    handles += [m.register_forward_pre_hook(bn_hook) for m in model.modules() if type(m) in FUSED_BN]
     was_training = model.training
     try:
         model.eval()
@@ -98,7 +115,8 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> dict[str, float]:
         for h in handles:
             h.remove()
     total = sum(macs.values())
-    return {n: v / total for n, v in macs.items() if not isinstance(convs[n], DynamicConv)} if total else {}
+    shares = {n: v / total for n, v in macs.items() if not isinstance(convs[n], DynamicConv)} if total else {}
+    return shares, next_bn
 
 
 def force_full(model: nn.Module, value: bool = True) -> None:

@@ -27,13 +27,23 @@ conv, so MAC counting sees the ungated network.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatesearch.backbones.clip3d import conv3d, window_frames
+from gatesearch.backbones.clip3d import BatchNorm3d, conv3d, window_frames
+
+
+def channel_block() -> int:
+    """Output channels the CPU's conv kernels compute together: 16 fp32 lanes with AVX-512, else 8.
+
+    oneDNN blocks output channels by the vector width, so a conv's time moves in
+    steps of a whole block (18 of 36 channels cost as much as 32; measured in
+    docs/benchmarks.md).
+    """
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +58,7 @@ class GateSettings:
     bias_gain: float = 20.0  # β_p = gain·b̃ with b̃ stored: Adam moves every parameter ~lr a step, so the
     #                          operating point of a gate moves gain× faster than its weights, enough to close
     #                          alternatives within the few epochs of a search trial (the thesis fine-tunes 40)
+    channel_block: int = field(default_factory=channel_block)  # see ``channel_block``
     min_share: float = 0.05  # convs with less than this share of the network's conv MACs stay dense: on a
     #                          CPU a gate's fixed cost (a dozen small ops) exceeds what it can save there
 
@@ -127,30 +138,12 @@ class ChannelRebuild(nn.Module):
         self.keep, self.channels = keep, channels
         self.weight = nn.Parameter(torch.ones(channels - keep))
         self.bias = nn.Parameter(torch.zeros(channels - keep))
-        # whole copies of the k computed channels (the usual case) broadcast; otherwise gather
-        self.copies = (channels - keep) // keep if (channels - keep) % keep == 0 else 0
         self.register_buffer("source", torch.arange(channels - keep) % keep, persistent=False)
 
     def forward(self, head: torch.Tensor) -> torch.Tensor:  # (N, k, ...) -> (N, C_out, ...)
         shape = (1, -1) + (1,) * (head.dim() - 2)
         rest = head.index_select(1, self.source) * self.weight.view(shape) + self.bias.view(shape)
         return torch.cat([head, rest], 1)
-
-    def scaled_into(self, head: torch.Tensor, scale) -> torch.Tensor:
-        """``scale · forward(head)`` written straight into one output tensor (inference: no autograd)."""
-        n, k, *rest = head.shape
-        out = empty_in_layout(head, (n, self.channels, *rest))
-        ones = (1,) * len(rest)
-        w, b = self.weight.view(1, -1, *ones), self.bias.view(1, -1, *ones)
-        if not isinstance(scale, float) or scale != 1.0:
-            w, b = w * scale, b * scale  # (1 or N, C_out - k, 1, ...)
-        torch.mul(head, scale, out=out[:, :k])
-        if self.copies:
-            view = (-1, self.copies, k, *ones)
-            torch.addcmul(b.view(view), head.unsqueeze(1), w.view(view), out=out[:, k:].view(n, self.copies, k, *rest))
-        else:
-            torch.addcmul(b, head.index_select(1, self.source), w, out=out[:, k:])
-        return out
 
 
 class TemporalRebuild(nn.Module):
@@ -168,17 +161,29 @@ class TemporalRebuild(nn.Module):
                        for w, b in zip(self.weight, self.bias)]
         return torch.stack(parts, 3).flatten(2, 3)[:, :, :steps]  # (N, C, T'·R, H, W) -> steps
 
-    def into(self, z: torch.Tensor, steps: int, bias_scale=1.0) -> torch.Tensor:
-        """``forward`` written straight into one output tensor (inference: no autograd)."""
-        n, c, t, h, w_ = z.shape
-        out = empty_in_layout(z, (n, c, t, self.stride, h, w_), after=2)  # the R offsets of a step together
-        out[:, :, :, 0].copy_(z)
-        w = self.weight.t().reshape(1, c, 1, -1, 1, 1)
-        b = self.bias.t().reshape(1, c, 1, -1, 1, 1)
-        if not isinstance(bias_scale, float) or bias_scale != 1.0:
-            b = b * bias_scale.view(-1, 1, 1, 1, 1, 1) if isinstance(bias_scale, torch.Tensor) else b * bias_scale
-        torch.addcmul(b, z.unsqueeze(3), w, out=out[:, :, :, 1:])
-        return out.flatten(2, 3)[:, :, :steps]
+
+class _PassesFusedOutput:
+    """A BN right after a ``DynamicConv``: at inference that layer applies it in ``_fused``, and the output it
+    marks passes through here unchanged. Anything else (training, the mixed path) is normalised as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.__dict__["source"]
+        if source.__dict__.get("fused_out") is x:
+            source.__dict__["fused_out"] = None
+            return x
+        return super().forward(x)
+
+
+class FusedBatchNorm3d(_PassesFusedOutput, BatchNorm3d):
+    pass
+
+
+class FusedBatchNorm2d(_PassesFusedOutput, nn.BatchNorm2d):
+    pass
+
+
+#: the BN types a ``DynamicConv`` can apply, and what each becomes when it does
+FUSED_BN = {BatchNorm3d: FusedBatchNorm3d, nn.BatchNorm3d: FusedBatchNorm3d, nn.BatchNorm2d: FusedBatchNorm2d}
 
 
 def empty_in_layout(like: torch.Tensor, shape: tuple[int, ...], after: int | None = None) -> torch.Tensor:
@@ -196,11 +201,17 @@ def empty_in_layout(like: torch.Tensor, shape: tuple[int, ...], after: int | Non
     return base.permute([order.index(d) for d in range(len(shape))])
 
 
-def channel_counts(conv: nn.Module, space_size: int) -> tuple[int, ...]:
-    """k_i = C_out·(1/2)^i, rounded up to whole groups of a grouped conv."""
+def channel_counts(conv: nn.Module, space_size: int, block: int = 1) -> tuple[int, ...]:
+    """k_i = C_out·(1/2)^i, in whole groups of a grouped conv, and to the nearest whole ``block`` once that is
+    at least one block: the channels a conv skips save time only in whole blocks (``channel_block``)."""
     co, g = conv.out_channels, conv.groups
     unit = co // g if g > 1 else 1
-    return tuple(max(unit, math.ceil(co / 2**i / unit) * unit) for i in range(space_size))
+    counts = [co]
+    for i in range(1, space_size):
+        k = co / 2**i
+        whole = round(k / block) * block if g == 1 and block > 1 and k >= block else math.ceil(k / unit) * unit
+        counts.append(min(co, max(unit, whole)))
+    return tuple(counts)
 
 
 def first_open(weights: list[float]) -> int:
@@ -233,7 +244,7 @@ class DynamicConv(nn.Module):
         self.conv = conv
         self.name = name
         self.temporal = isinstance(conv, nn.Conv3d)
-        self.keep = channel_counts(conv, space_size)  # channels computed by each channel alternative
+        self.keep = channel_counts(conv, space_size, settings.channel_block)  # channels computed by each channel alternative
         self.strides = tuple(2**j for j in range(space_size)) if self.temporal else (1,)  # R of each temporal one
         n_t = len(self.strides) if self.temporal else 0  # a 2D layer has no temporal scores
         self.gate = SoftModulationGate(conv.in_channels, n_t + len(self.keep),
@@ -242,6 +253,7 @@ class DynamicConv(nn.Module):
         self.phi_t = nn.ModuleList([TemporalRebuild(r, conv.out_channels) for r in self.strides[1:]])
         self.force_full = False
         self.path = "auto"
+        self.bn: nn.Module | None = None  # the eval BN right after this conv, applied by ``_fused`` (not a child)
         self.records: list[tuple[float, torch.Tensor]] = []  # (dense MACs per sample, cost ratio (N,)) for L_e
         self.per_position = (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)  # MACs per output value
         self._geometry: dict[tuple[int, ...], tuple[tuple[int, ...], float, float]] = {}
@@ -361,7 +373,7 @@ class DynamicConv(nn.Module):
             index = torch.tensor(idx, device=x.device)
             outs.append(self._hard_group(x[index], [weights[n] for n in idx], key))
             order.append(index)
-        return torch.cat(outs)[torch.argsort(torch.cat(order))]  # back to the input order
+        return self._bn_applied(torch.cat(outs)[torch.argsort(torch.cat(order))])  # back to the input order
 
     def _hard_group(self, x: torch.Tensor, weights: list[tuple[list[float], list[float]]],
                     key: tuple[int, int]) -> torch.Tensor:
@@ -371,7 +383,10 @@ class DynamicConv(nn.Module):
         out_shape, dense, gate = self.geometry(x)
         if i_t == len(self.strides) or i_c == len(self.keep):  # every weight zero: the layer outputs zeros
             self._record(n, 0.0, dense, gate, x)
-            return x.new_zeros(n, co, *out_shape)
+            out = x.new_zeros(n, co, *out_shape)
+            if self.bn is not None and not torch.is_grad_enabled():  # the BN of zeros, as ``_fused`` would apply it
+                out += self._maps()["h"].view(1, co, *(1,) * len(out_shape))
+            return self._bn_applied(out)
         stride = self.strides[i_t]
         y = self.head_conv(x, self.keep[i_c], stride)  # (n, k, ceil(To/R), Ho, Wo)
         computed = math.prod(y.shape[2:])  # positions per channel
@@ -380,44 +395,98 @@ class DynamicConv(nn.Module):
         w_c = [[v_c[i] for _, v_c in weights] for i in range(len(self.keep))]
         open_t = [j for j in range(i_t, len(self.strides)) if any(w > 0 for w in w_t[j])]
         open_c = [i for i in range(i_c, len(self.keep)) if any(w > 0 for w in w_c[i])]
-        into = not torch.is_grad_enabled()  # inference: write into fresh tensors, in place
         shape = (-1,) + (1,) * (y.dim() - 1)
 
         def scale(ws: list[float]):
             return ws[0] if n == 1 else torch.tensor(ws, dtype=y.dtype, device=y.device).view(shape)
 
         steps, plane = (out_shape[0], math.prod(out_shape[1:])) if self.temporal else (1, computed)
-        if len(open_t) == len(open_c) == 1:  # one alternative per dimension: both V folded into one scaling
-            s_t = scale(w_t[i_t])
-            u = self._channel_scaled(y, i_c, scale(w_c[i_c]) * s_t, into)  # V_c·V_t·f^c
-            cost += (co - self.keep[i_c]) * computed + co * computed
-            if stride > 1:  # V_t·f^t(V_c·f^c) = [u, Φ^t(u) with its bias × V_t]
-                u = self.phi_t[i_t - 1].into(u, steps, s_t) if into else self.phi_t[i_t - 1](u, steps, s_t)
-                cost += co * (steps - y.shape[2]) * plane
-            self._record(n, cost, dense, gate, x)
-            return u
-        z = None
-        for i in open_c:
-            alt = scale(w_c[i]) * self.channel_alt(y, i)
-            z = alt if z is None else z + alt
-            cost += (co - self.keep[i]) * computed + co * computed  # Φ^c, then the V-weighting
-        if not self.temporal:
-            self._record(n, cost, dense, gate, x)
-            return z
-        out = None
-        for j in open_t:
-            zs = z[:, :, :: self.strides[j] // stride]  # (n, Co, ceil(To/R_j), Ho, Wo)
-            alt = scale(w_t[j]) * self.temporal_alt(zs, j, steps)
-            out = alt if out is None else out + alt
-            cost += co * (steps - zs.shape[2]) * plane + co * steps * plane  # Φ^t, then the V-weighting
+        single = len(open_t) == len(open_c) == 1  # both V fold into one scaling: no separate V-weighting
+        cost += sum((co - self.keep[i]) * computed + co * computed for i in open_c)  # Φ^c, then the V-weighting
+        if self.temporal:
+            for j in open_t:  # Φ^t, then the V-weighting
+                cost += co * (steps - math.ceil(steps / self.strides[j])) * plane + (0 if single else co * steps * plane)
         self._record(n, cost, dense, gate, x)
+        if not torch.is_grad_enabled():  # inference: rebuilds, V and the next BN written in as few passes as can be
+            return self._fused(y, [(i, scale(w_c[i])) for i in open_c], [(j, scale(w_t[j])) for j in open_t], steps)
+        z = sum(scale(w_c[i]) * self.channel_alt(y, i) for i in open_c)
+        if not self.temporal:
+            return z
+        return sum(scale(w_t[j]) * self.temporal_alt(z[:, :, :: self.strides[j] // stride], j, steps) for j in open_t)
+
+    def _fused(self, y: torch.Tensor, v_c: list, v_t: list, steps: int) -> torch.Tensor:
+        """Σ_j V_t[j]·f^t_j(Σ_i V_c[i]·f^c_i(y)) (Eq. 3.5 over the open alternatives (i, V_c[i]), (j, V_t[j])),
+        then the paired BN, from the head ``y``: one pass over the output per open pair (i, j), each an affine
+        map of computed channels and steps. With one alternative per dimension that is a single pass, no more
+        than the BN alone would take. The output is marked so that the paired BN passes it through."""
+        maps = self._maps()
+        yt = y if self.temporal else y.unsqueeze(2)  # (n, k, T', Ho, Wo), T' steps at the head's stride
+        n, _, _, ho, wo = yt.shape
+        co, r_head = self.keep[0], self.strides[v_t[0][0]]
+        r_max = self.strides[v_t[-1][0]]
+        t_pad = math.ceil(steps / r_max) * r_max
+        if isinstance(v_t[0][1], torch.Tensor):  # per sample (n, 1, ...): to the rank of the maps
+            v_c = [(i, v.view(-1, 1, 1, 1, 1, 1)) for i, v in v_c]
+            v_t = [(j, v.view(-1, 1, 1, 1, 1, 1)) for j, v in v_t]
+        bias = maps["h"]  # Σ_j V_t[j]·(Σ_i V_c[i]·Q_ij + T_j) + H, per channel and step: (1 or n, Co, t_pad, 1, 1)
+        for j, vt in v_t:
+            b_j = sum(maps["q", i, j] * (vt * vc) for i, vc in v_c) + maps["t", j] * vt  # (., Co, 1, R_j, 1, 1)
+            bias = bias + b_j.expand(-1, -1, t_pad // self.strides[j], -1, -1, -1).flatten(2, 3)
+        out = empty_in_layout(yt, (n, co, t_pad, ho, wo))
+        first = True
+        for j, vt in v_t:
+            r = self.strides[j]
+            m = math.ceil(steps / r)
+            src = yt[:, :, :: r // r_head][:, :, :m].unsqueeze(3)  # the steps alternative j computed
+            dst = out[:, :, : m * r].unflatten(2, (m, r))  # (n, Co, m, R_j, Ho, Wo)
+            for i, vc in v_c:
+                a, k = maps["p", i, j] * (vt * vc), self.keep[i]
+                for lo in range(0, co, k):  # Φ^c: channel m ≥ k_i is an affine map of computed channel (m − k_i) mod k_i
+                    hi = min(co, lo + k)
+                    if first:
+                        torch.addcmul(bias[:, lo:hi, : m * r].unflatten(2, (m, r)), src[:, : hi - lo], a[:, lo:hi],
+                                      out=dst[:, lo:hi])
+                    else:
+                        dst[:, lo:hi].addcmul_(src[:, : hi - lo], a[:, lo:hi])
+                first = False
+        return self._bn_applied(out[:, :, :steps] if self.temporal else out.squeeze(2))
+
+    def _bn_applied(self, out: torch.Tensor) -> torch.Tensor:
+        """Mark an inference output that has the paired BN applied already, so that the BN passes it through."""
+        if self.bn is not None and not torch.is_grad_enabled():
+            self.__dict__["fused_out"] = out
         return out
 
-    def _channel_scaled(self, y: torch.Tensor, i: int, s, into: bool) -> torch.Tensor:
-        """s·f^c(X, r = (1/2)^i) from features holding exactly its k_i channels."""
-        if i == 0:
-            return y.mul_(s) if into else y * s
-        return self.phi_c[i - 1].scaled_into(y, s) if into else s * self.phi_c[i - 1](y)
+    def _maps(self) -> dict:
+        """The per-channel, per-time-offset maps of ``_fused``, cached until a parameter or BN statistic changes:
+        ("p", i, j) and ("q", i, j): BN scale × Φ^t_j weight × Φ^c_i weight and × Φ^c_i bias; ("t", j): BN scale
+        × Φ^t_j bias (each (1, Co, 1, R_j, 1, 1)); "h": the BN shift (1, Co, 1, 1, 1)."""
+        bn = self.bn
+        tensors = [*self.phi_c.parameters(), *self.phi_t.parameters()]
+        if bn is not None:
+            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+        if self.__dict__.get("maps_key") != key:
+            co = self.keep[0]
+            with torch.inference_mode(False), torch.no_grad():
+                s, h = torch.ones(co), torch.zeros(co)
+                if bn is not None:
+                    s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                    h = bn.bias - bn.running_mean * s
+                maps = {"h": h.view(1, co, 1, 1, 1)}
+                for j, r in enumerate(self.strides):
+                    tw, tb = torch.ones(r, co), torch.zeros(r, co)  # identity at offset 0
+                    if j:
+                        tw[1:], tb[1:] = self.phi_t[j - 1].weight, self.phi_t[j - 1].bias
+                    maps["t", j] = (s * tb).t().reshape(1, co, 1, r, 1, 1)
+                    for i, k in enumerate(self.keep):
+                        a, b = torch.ones(co), torch.zeros(co)  # identity on the computed channels
+                        if i:
+                            a[k:], b[k:] = self.phi_c[i - 1].weight, self.phi_c[i - 1].bias
+                        maps["p", i, j] = (s * tw * a).t().reshape(1, co, 1, r, 1, 1)
+                        maps["q", i, j] = (s * tw * b).t().reshape(1, co, 1, r, 1, 1)
+            self.__dict__["maps"], self.__dict__["maps_key"] = maps, key
+        return self.__dict__["maps"]
 
     def _record_cost(self, v_t: torch.Tensor, v_c: torch.Tensor, x: torch.Tensor) -> None:
         """Keep r^s/R^s of Eq. 3.6 per sample for the efficiency loss (straight-through, see ``st_cost``)."""
@@ -441,5 +510,5 @@ def st_cost(v: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-__all__ = ["DEFAULTS", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate", "TemporalRebuild",
-           "channel_counts", "first_open", "st_cost"]
+__all__ = ["DEFAULTS", "FUSED_BN", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate", "TemporalRebuild",
+           "channel_block", "channel_counts", "first_open", "st_cost"]

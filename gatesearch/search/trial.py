@@ -65,7 +65,7 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
             with lock.shared():
                 out = model.stream(batch["clip"], reset_every=cfg.clip_length) if stream else model(batch["clip"])
                 loss = task_loss(cfg.task, out, batch)
-                extra = policy.loss(model)
+                extra = policy.loss(model, output=out, batch=batch)
                 if extra is not None:
                     loss = loss + extra
                 opt.zero_grad(set_to_none=True)
