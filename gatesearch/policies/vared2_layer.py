@@ -6,9 +6,10 @@ modulation gate (Eq. 3.4) scores S alternatives per dimension:
 * temporal (3D convs): temporal stride × R = 2^j, j < S; the skipped time steps
   are rebuilt from the computed ones by a cheap linear op Φ^t (Eq. 3.1): here a
   per-channel affine map of the computed step before them, one per offset;
-* channel: only the first k = C_out·(1/2)^i output channels are computed, the
-  rest rebuilt by a cheap linear op Φ^c (Eq. 3.3): here a per-channel affine
-  map of computed channel ``m mod k`` (a 1×1 depthwise "ghost" conv).
+* channel: only the first k = C_out·(1/2)^i output channels are computed (in
+  whole blocks of 16 once k is at least 16: what CPU kernels skip), the rest
+  rebuilt by a cheap linear op Φ^c (Eq. 3.3): here a per-channel affine map
+  of computed channel ``(m − k) mod k`` (a 1×1 depthwise "ghost" conv).
 
 Training (``path="soft"``) computes the dense output once with the big kernel
 and takes each alternative as a slice of it (weight sharing, Eq. A.1), so the
@@ -16,7 +17,11 @@ cost does not grow with S; the output is the V-weighted sum of alternatives
 (Eq. 3.5). Inference (``path="hard"``) runs only what the gate selected: the
 largest alternative with a non-zero weight, as a conv with a sliced weight and
 a larger temporal stride (Eq. A.2), and derives every other selected
-alternative from it by slicing. The two paths give the same output.
+alternative from it by slicing. The rebuilds, the V-weighting and the BN
+that follows the conv are all per-channel affine maps of computed features,
+so inference applies them together while writing the output: one pass, as
+the BN alone takes in the dense network, when one alternative per dimension
+is open. The two paths give the same output.
 
 Accounting (``objectives.macs``): ``density`` is the layer's cost over its
 dense cost, the cheap rebuilds and the V-weighting included; ``gate_macs`` is
@@ -27,23 +32,13 @@ conv, so MAC counting sees the ungated network.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gatesearch.backbones.clip3d import BatchNorm3d, conv3d, window_frames
-
-
-def channel_block() -> int:
-    """Output channels the CPU's conv kernels compute together: 16 fp32 lanes with AVX-512, else 8.
-
-    oneDNN blocks output channels by the vector width, so a conv's time moves in
-    steps of a whole block (18 of 36 channels cost as much as 32; measured in
-    docs/benchmarks.md).
-    """
-    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +53,10 @@ class GateSettings:
     bias_gain: float = 20.0  # β_p = gain·b̃ with b̃ stored: Adam moves every parameter ~lr a step, so the
     #                          operating point of a gate moves gain× faster than its weights, enough to close
     #                          alternatives within the few epochs of a search trial (the thesis fine-tunes 40)
-    channel_block: int = field(default_factory=channel_block)  # see ``channel_block``
+    channel_block: int = 16  # oneDNN computes output channels in blocks of the vector width (16 fp32 lanes with
+    #                          AVX-512, 8 with AVX2): a conv's time moves in whole blocks (18 of 36 channels cost as
+    #                          much as 32, docs/benchmarks.md), so channel alternatives keep whole blocks of 16,
+    #                          whole on both; fixed, so that weights load on any machine
     min_share: float = 0.05  # convs with less than this share of the network's conv MACs stay dense: on a
     #                          CPU a gate's fixed cost (a dozen small ops) exceeds what it can save there
 
@@ -131,7 +129,7 @@ class SoftModulationGate(nn.Module):
 
 
 class ChannelRebuild(nn.Module):
-    """Φ^c (Eq. 3.3): the C_out − k channels not computed, each an affine map of computed channel m mod k."""
+    """Φ^c (Eq. 3.3): the C_out − k channels not computed, each an affine map of computed channel (m − k) mod k."""
 
     def __init__(self, keep: int, channels: int) -> None:
         super().__init__()
@@ -164,7 +162,7 @@ class TemporalRebuild(nn.Module):
 
 class _PassesFusedOutput:
     """A BN right after a ``DynamicConv``: at inference that layer applies it in ``_fused``, and the output it
-    marks passes through here unchanged. Anything else (training, the mixed path) is normalised as usual."""
+    marks passes through here unchanged. Anything else (training, a dense pass) is normalised as usual."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self.__dict__["source"]
@@ -186,24 +184,20 @@ class FusedBatchNorm2d(_PassesFusedOutput, nn.BatchNorm2d):
 FUSED_BN = {BatchNorm3d: FusedBatchNorm3d, nn.BatchNorm3d: FusedBatchNorm3d, nn.BatchNorm2d: FusedBatchNorm2d}
 
 
-def empty_in_layout(like: torch.Tensor, shape: tuple[int, ...], after: int | None = None) -> torch.Tensor:
+def empty_in_layout(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` with the memory order of ``like``'s dimensions.
 
     Rebuilt features keep the layout of the computed ones (frames-major, see
-    ``clip3d.conv3d``), so elementwise ops never stride across it. With
-    ``after``, ``shape`` has one more dimension, at ``after + 1``, placed in
-    memory right inside dimension ``after`` (so that the two flatten as a view).
+    ``clip3d.conv3d``), so elementwise ops never stride across it.
     """
     order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))  # outermost first
-    if after is not None:
-        order = [e for d in order for e in ((d, after + 1) if d == after else (d + (d > after),))]
     base = like.new_empty([shape[d] for d in order])
     return base.permute([order.index(d) for d in range(len(shape))])
 
 
 def channel_counts(conv: nn.Module, space_size: int, block: int = 1) -> tuple[int, ...]:
     """k_i = C_out·(1/2)^i, in whole groups of a grouped conv, and to the nearest whole ``block`` once that is
-    at least one block: the channels a conv skips save time only in whole blocks (``channel_block``)."""
+    at least one block: the channels a conv skips save time only in whole blocks (``GateSettings.channel_block``)."""
     co, g = conv.out_channels, conv.groups
     unit = co // g if g > 1 else 1
     counts = [co]
@@ -244,7 +238,7 @@ class DynamicConv(nn.Module):
         self.conv = conv
         self.name = name
         self.temporal = isinstance(conv, nn.Conv3d)
-        self.keep = channel_counts(conv, space_size, settings.channel_block)  # channels computed by each channel alternative
+        self.keep = channel_counts(conv, space_size, settings.channel_block)  # computed by each channel alternative
         self.strides = tuple(2**j for j in range(space_size)) if self.temporal else (1,)  # R of each temporal one
         n_t = len(self.strides) if self.temporal else 0  # a 2D layer has no temporal scores
         self.gate = SoftModulationGate(conv.in_channels, n_t + len(self.keep),
@@ -428,27 +422,28 @@ class DynamicConv(nn.Module):
         if isinstance(v_t[0][1], torch.Tensor):  # per sample (n, 1, ...): to the rank of the maps
             v_c = [(i, v.view(-1, 1, 1, 1, 1, 1)) for i, v in v_c]
             v_t = [(j, v.view(-1, 1, 1, 1, 1, 1)) for j, v in v_t]
-        bias = maps["h"]  # Σ_j V_t[j]·(Σ_i V_c[i]·Q_ij + T_j) + H, per channel and step: (1 or n, Co, t_pad, 1, 1)
-        for j, vt in v_t:
-            b_j = sum(maps["q", i, j] * (vt * vc) for i, vc in v_c) + maps["t", j] * vt  # (., Co, 1, R_j, 1, 1)
-            bias = bias + b_j.expand(-1, -1, t_pad // self.strides[j], -1, -1, -1).flatten(2, 3)
         out = empty_in_layout(yt, (n, co, t_pad, ho, wo))
-        first = True
+        biases = []  # per open j: its view of the output and V_t[j]·(T_j + Σ_i V_c[i]·Q_ij)
         for j, vt in v_t:
             r = self.strides[j]
             m = math.ceil(steps / r)
             src = yt[:, :, :: r // r_head][:, :, :m].unsqueeze(3)  # the steps alternative j computed
             dst = out[:, :, : m * r].unflatten(2, (m, r))  # (n, Co, m, R_j, Ho, Wo)
+            bias = maps["t", j] * vt  # (1 or n, Co, 1, R_j, 1, 1)
             for i, vc in v_c:
-                a, k = maps["p", i, j] * (vt * vc), self.keep[i]
+                w, k = vt * vc, self.keep[i]
+                bias += maps["q", i, j] * w
+                a = maps["p", i, j] * w
                 for lo in range(0, co, k):  # Φ^c: channel m ≥ k_i is an affine map of computed channel (m − k_i) mod k_i
                     hi = min(co, lo + k)
-                    if first:
-                        torch.addcmul(bias[:, lo:hi, : m * r].unflatten(2, (m, r)), src[:, : hi - lo], a[:, lo:hi],
-                                      out=dst[:, lo:hi])
-                    else:
+                    if biases or i != v_c[0][0]:
                         dst[:, lo:hi].addcmul_(src[:, : hi - lo], a[:, lo:hi])
-                first = False
+                    else:  # the first pass writes (addcmul with a broadcast first operand is 3× slower on CPU)
+                        torch.mul(src[:, : hi - lo], a[:, lo:hi], out=dst[:, lo:hi])
+            biases.append((dst, bias))
+        biases[0][1].add_(maps["h"])  # the BN shift, once
+        for dst, bias in biases:
+            dst.add_(bias)
         return self._bn_applied(out[:, :, :steps] if self.temporal else out.squeeze(2))
 
     def _bn_applied(self, out: torch.Tensor) -> torch.Tensor:
@@ -460,11 +455,14 @@ class DynamicConv(nn.Module):
     def _maps(self) -> dict:
         """The per-channel, per-time-offset maps of ``_fused``, cached until a parameter or BN statistic changes:
         ("p", i, j) and ("q", i, j): BN scale × Φ^t_j weight × Φ^c_i weight and × Φ^c_i bias; ("t", j): BN scale
-        × Φ^t_j bias (each (1, Co, 1, R_j, 1, 1)); "h": the BN shift (1, Co, 1, 1, 1)."""
+        × Φ^t_j bias (each (1, Co, 1, R_j, 1, 1)); "h": the BN shift (1, Co, 1, 1, 1, 1)."""
         bn = self.bn
-        tensors = [*self.phi_c.parameters(), *self.phi_t.parameters()]
-        if bn is not None:
-            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        tensors = self.__dict__.get("maps_tensors")
+        if tensors is None:  # the same objects for the layer's life (loading weights copies into them)
+            tensors = [*self.phi_c.parameters(), *self.phi_t.parameters()]
+            if bn is not None:
+                tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+            self.__dict__["maps_tensors"] = tensors
         key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
         if self.__dict__.get("maps_key") != key:
             co = self.keep[0]
@@ -473,7 +471,7 @@ class DynamicConv(nn.Module):
                 if bn is not None:
                     s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
                     h = bn.bias - bn.running_mean * s
-                maps = {"h": h.view(1, co, 1, 1, 1)}
+                maps = {"h": h.view(1, co, 1, 1, 1, 1)}
                 for j, r in enumerate(self.strides):
                     tw, tb = torch.ones(r, co), torch.zeros(r, co)  # identity at offset 0
                     if j:
@@ -511,4 +509,4 @@ def st_cost(v: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["DEFAULTS", "FUSED_BN", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate", "TemporalRebuild",
-           "channel_block", "channel_counts", "first_open", "st_cost"]
+           "channel_counts", "first_open", "st_cost"]
