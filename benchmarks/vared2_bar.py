@@ -11,7 +11,7 @@ measured speedup ≥ 0.6 × the MAC reduction (``efficiency`` in bench_model's
 terms: speedup / (dense MACs / effective MACs)). The share of the MAC saving
 that shows up as time saved is printed too.
 
-    python benchmarks/vared2_bar.py                      # trains both (tens of minutes on 2 cores)
+    python benchmarks/vared2_bar.py                      # trains both (about 35 minutes on 2 cores)
     python benchmarks/vared2_bar.py --save runs/bar      # keep the trained weights
     python benchmarks/vared2_bar.py --load runs/bar      # re-measure without training
     python benchmarks/vared2_bar.py --dense-from runs/bar --lam 0.2   # another λ_e against the same dense model
@@ -31,14 +31,14 @@ import torch
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lam", type=float, default=1.0, help="λ_e of Eq. 3.6 (the joint space's lambda_e)")
+    p.add_argument("--lam", type=float, default=0.1, help="λ_e of Eq. 3.6 (the joint space's lambda_e)")
     p.add_argument("--space-size", type=int, default=2, help="S, alternatives per dimension")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--clip-length", type=int, default=8, help="frames per training clip and per deployed window")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-clips", type=int, default=640)
     p.add_argument("--val-clips", type=int, default=240, help="held-out clips (one clip = 100/N points)")
-    p.add_argument("--size", type=int, default=64, help="frame height and width")
+    p.add_argument("--size", type=int, default=112, help="frame height and width (R(2+1)D's input size)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     p.add_argument("--repeats", type=int, default=30, help="interleaved timing rounds")
     p.add_argument("--seed", type=int, default=0)
