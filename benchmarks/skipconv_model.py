@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +37,11 @@ def main() -> None:
     ap.add_argument("--train-clips", type=int, default=256)
     ap.add_argument("--val-clips", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--frames", type=int, default=32, help="frames of the timed clip")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the timed streams (training uses all)")
+    ap.add_argument("--save", type=Path, help="write the trained dense weights here")
+    ap.add_argument("--load", type=Path, help="read the dense weights from here instead of training")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -48,18 +52,25 @@ def main() -> None:
     from gatesearch.search.trial import build_model, evaluate, train
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     data = DataConfig(train_clips=args.train_clips, val_clips=args.val_clips,
                       synthetic={"height": args.size, "width": args.size})
-    trial = TrialConfig(backbone=args.backbone, width=args.width, clip_length=4, epochs=args.epochs, lr=5e-3)
+    trial = TrialConfig(backbone=args.backbone, width=args.width, clip_length=4, epochs=args.epochs, lr=args.lr)
     t0 = time.time()
     dense = build_model(trial, 12)
-    train(dense, trial, load_clips(data, split="train", frames=4, count=args.train_clips))
-    print(f"trained {args.backbone} (width {args.width}) at {args.size}px in {time.time() - t0:.0f} s")
+    if args.load:
+        dense.load_state_dict(torch.load(args.load, weights_only=True))
+    else:
+        train(dense, trial, load_clips(data, split="train", frames=4, count=args.train_clips),
+              on_epoch=lambda e, loss: print(f"  epoch {e + 1}: loss {loss:.3f}", flush=True))
+        print(f"trained {args.backbone} (width {args.width}) at {args.size}px in {time.time() - t0:.0f} s", flush=True)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dense.state_dict(), args.save)
     val = load_clips(data, split="val", frames=16, count=args.val_clips)
     quick = EvalConfig(frames=16, latency_warmup=0, latency_repeats=1, reference_every=0)
     base = evaluate(dense, trial, val, quick).metrics["quality"]
-    print(f"dense top-1 {base:.3f}")
+    print(f"dense top-1 {base:.3f} on {args.val_clips} clips", flush=True)
 
     chosen = None
     for eps in [float(x) for x in args.thresholds.split(",")]:
@@ -67,7 +78,8 @@ def main() -> None:
         m = evaluate(gated, TrialConfig(**{**trial.to_dict(), "gate": args.gate, "threshold": eps,
                                            "block_size": args.block_size}), val, quick).metrics
         ok = m["quality"] >= base - 0.01
-        print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  MAC reduction {m['mac_reduction']:.2f}  {'ok' if ok else 'too lossy'}")
+        print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  MAC reduction {m['mac_reduction']:.2f}  {'ok' if ok else 'too lossy'}",
+              flush=True)
         if ok:
             chosen = (eps, gated)
     if chosen is None:
@@ -80,6 +92,7 @@ def main() -> None:
         path = Path(tmp) / "clip.mp4"
         write_video(path, make_clip(SyntheticConfig(height=args.size, width=args.size, frames=args.frames), 0, "test")["clip"])
         clip = read_frames(path, size=(args.size, args.size))[None]  # decoded: codec noise included
+    torch.set_num_threads(args.threads)
     result = bench_model(dense.eval(), gated.eval(), clip, reset_every=None, repeats=10)
     result.update(threshold=eps, dense_top1=base, backbone=args.backbone, width=args.width, size=args.size)
     if args.json:

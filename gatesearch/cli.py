@@ -235,7 +235,8 @@ def bench(backbone, gate, threshold, block_size, params, artifact, video, frames
         return
     from gatesearch.objectives.bench import bench_model
 
-    dense, gated, frame_hw = _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult)
+    dense, gated, frame_hw, (backbone, gate) = _bench_models(backbone, gate, threshold, block_size, params, artifact,
+                                                             size, width_mult)
     if video is not None:
         from gatesearch.data import read_frames
 
@@ -249,7 +250,7 @@ def bench(backbone, gate, threshold, block_size, params, artifact, video, frames
 
 
 def _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult):
-    """(dense, gated, frame size): the same weights with and without the gate."""
+    """(dense, gated, frame size, (backbone, gate)): the same weights with and without the gate."""
     import copy
 
     from gatesearch.policies import POLICIES, build_policy
@@ -263,7 +264,7 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
         gated = art.model
         dense = build_model(TrialConfig(**{**art.trial.to_dict(), **_no_gate(art.trial)}), art.meta["num_classes"])
         dense.load_state_dict(_dense_state(gated), strict=False)
-        return dense, gated, tuple(art.meta["frame_shape"][1:])
+        return dense, gated, tuple(art.meta["frame_shape"][1:]), (art.trial.backbone, art.trial.gate)
     knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
     for item in params:
         key, sep, value = item.partition("=")
@@ -278,7 +279,7 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
         knobs.setdefault(key, default["low"] if isinstance(default, dict) else default[0] if isinstance(default, list) else default)
     dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
     gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
-    return dense, gated, (size, size)
+    return dense, gated, (size, size), (backbone, gate)
 
 
 def _no_gate(trial) -> dict:

@@ -149,3 +149,10 @@ def test_dstep_and_vared2_search_through_the_cli(tmp_path, monkeypatch, ray_sess
     row = summary["pareto"][0]
     assert row["gate"] == gate and set(row["params"]) >= set(yaml.safe_load(knobs))
     assert row["macs"] > 0 and row["dense_macs"] > 0
+    r = CliRunner().invoke(main, ["export", row["trial_id"], "--out", "model"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["bench", "--artifact", "model", "--frames", "8", "--repeats", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out["backbone"], out["gate"]) == (backbone, gate)  # the artifact's, not the option defaults
+    assert out["max_abs_diff"] <= 1e-4
