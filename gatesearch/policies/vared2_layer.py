@@ -410,9 +410,10 @@ class DynamicConv(nn.Module):
 
     def _fused(self, y: torch.Tensor, v_c: list, v_t: list, steps: int) -> torch.Tensor:
         """Σ_j V_t[j]·f^t_j(Σ_i V_c[i]·f^c_i(y)) (Eq. 3.5 over the open alternatives (i, V_c[i]), (j, V_t[j])),
-        then the paired BN, from the head ``y``: one pass over the output per open pair (i, j), each an affine
-        map of computed channels and steps. With one alternative per dimension that is a single pass, no more
-        than the BN alone would take. The output is marked so that the paired BN passes it through."""
+        then the paired BN, from the head ``y``: a multiply-add pass over the output per open pair (i, j), each
+        an affine map of computed channels and steps, and a bias pass per open j. With one alternative per
+        dimension that is a multiply and an add, what the BN alone takes. The output is marked so that the
+        paired BN passes it through."""
         maps = self._maps()
         yt = y if self.temporal else y.unsqueeze(2)  # (n, k, T', Ho, Wo), T' steps at the head's stride
         n, _, _, ho, wo = yt.shape
@@ -465,20 +466,20 @@ class DynamicConv(nn.Module):
             self.__dict__["maps_tensors"] = tensors
         key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
         if self.__dict__.get("maps_key") != key:
-            co = self.keep[0]
+            co, like = self.keep[0], self.conv.weight
             with torch.inference_mode(False), torch.no_grad():
-                s, h = torch.ones(co), torch.zeros(co)
+                s, h = like.new_ones(co), like.new_zeros(co)
                 if bn is not None:
                     s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
                     h = bn.bias - bn.running_mean * s
                 maps = {"h": h.view(1, co, 1, 1, 1, 1)}
                 for j, r in enumerate(self.strides):
-                    tw, tb = torch.ones(r, co), torch.zeros(r, co)  # identity at offset 0
+                    tw, tb = like.new_ones(r, co), like.new_zeros(r, co)  # identity at offset 0
                     if j:
                         tw[1:], tb[1:] = self.phi_t[j - 1].weight, self.phi_t[j - 1].bias
                     maps["t", j] = (s * tb).t().reshape(1, co, 1, r, 1, 1)
                     for i, k in enumerate(self.keep):
-                        a, b = torch.ones(co), torch.zeros(co)  # identity on the computed channels
+                        a, b = like.new_ones(co), like.new_zeros(co)  # identity on the computed channels
                         if i:
                             a[k:], b[k:] = self.phi_c[i - 1].weight, self.phi_c[i - 1].bias
                         maps["p", i, j] = (s * tw * a).t().reshape(1, co, 1, r, 1, 1)
