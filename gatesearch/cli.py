@@ -322,7 +322,7 @@ def data():
 @click.option("--height", type=click.IntRange(min=16), default=64, show_default=True)
 @click.option("--width", type=click.IntRange(min=16), default=64, show_default=True)
 @click.option("--shapes", type=click.IntRange(1, 4), default=3, show_default=True)
-@click.option("--directions", type=click.Choice(["2", "4", "8"]), default="4", show_default=True)
+@click.option("--directions", type=click.Choice(["1", "2", "4", "8"]), default="4", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def synth(out_dir, clips_per_class, frames, height, width, shapes, directions, seed):

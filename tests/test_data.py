@@ -67,7 +67,7 @@ def test_dataset_matches_make_clip_and_batches():
     assert batch["clip"].shape == (4, 16, 3, 64, 64) and batch["label"].shape == (4,)
 
 
-@pytest.mark.parametrize("shapes,dirs", [(3, 4), (4, 8), (2, 2)])
+@pytest.mark.parametrize("shapes,dirs", [(3, 4), (4, 8), (2, 2), (3, 1)])
 def test_labels_cover_range_and_motion_follows_label(shapes, dirs):
     cfg = SyntheticConfig(num_shapes=shapes, num_directions=dirs, frames=8)
     labels = set()
