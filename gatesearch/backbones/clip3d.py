@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.affine import bn_affine
+
 DEFAULT_WINDOW = 8  # frames per window until the model has streamed a window of its own
 
 # Video frames per sample of the clip being run. Gated layers count their cost per frame with it. A
@@ -119,12 +121,7 @@ class BatchNorm3d(nn.BatchNorm3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or self.running_var is None:
             return super().forward(x)
-        scale = torch.rsqrt(self.running_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
+        scale, shift = bn_affine(self)
         # multiply, then add in place: addcmul with a broadcast first operand is 3× slower on CPU
         return torch.mul(x, scale.view(1, -1, 1, 1, 1)).add_(shift.view(1, -1, 1, 1, 1))
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.affine import bn_affine, versions
 from gatesearch.ops import _native
 from gatesearch.ops.block_sparse import accumulate_block_sparse_
 from gatesearch.ops.gate import block_density, upsample_block_mask
@@ -113,8 +114,7 @@ class FoldedConv:
     @classmethod
     def fold(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FoldedConv":
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (Co,)
-            bias = bn.bias - bn.running_mean * scale
+            scale, bias = bn_affine(bn)  # (Co,)
             if conv.bias is not None:
                 bias = bias + conv.bias * scale
             weight = (conv.weight * scale[:, None, None, None]).contiguous()
@@ -125,8 +125,7 @@ class FoldedConv:
     def version_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
         """Changes whenever ``fold(conv, bn)`` would: any parameter or statistic updated in place, or the
         weight's storage swapped. Callers cache the fold under it."""
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        return tuple(-1 if t is None or t.is_inference() else t._version for t in tensors) + (conv.weight.data_ptr(),)
+        return versions(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
     def gemm(self) -> torch.Tensor:
         """(T, Ci, Co): the weight in the gather's (tap, channel) row order, packed once."""

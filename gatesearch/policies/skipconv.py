@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.affine import next_batch_norms
+
 from .base import FrameAverages
 
 
@@ -146,25 +148,11 @@ def fold_batch_norms(model: nn.Module) -> int:
     their BNs as they are."""
     if not hasattr(model, "frame"):
         return 0
-    produced: dict[int, tuple[SkipConv2d, torch.Tensor]] = {}  # the tensor is kept so its id stays unique
-    pairs: dict[SkipConv2d, nn.BatchNorm2d] = {}
-    bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
-
-    def conv_hook(layer, args, out):
-        produced[id(out)] = (layer, out)
-
-    def bn_hook(bn, args):
-        layer, out = produced.pop(id(args[0]), (None, None))
-        if (out is args[0] and layer.bn is None and layer.conv.out_channels == bn.num_features and bn.affine
-                and bn.track_running_stats):
-            pairs[layer] = bn
-
-    handles = [m.register_forward_hook(conv_hook) for m in skip_layers(model)]
-    handles += [bn.register_forward_pre_hook(bn_hook) for bn in bns]
+    layers = {layer: layer for layer in skip_layers(model)}
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), next_batch_norms(model, layers, (nn.BatchNorm2d,)) as found:
             x = torch.zeros(1, 3, 64, 64)
             model.frame(x)  # the task's path, heads included
             backbone = getattr(model, "backbone", None)
@@ -172,8 +160,7 @@ def fold_batch_norms(model: nn.Module) -> int:
                 backbone.deep(backbone.fine(x))  # and the deep stages a heatmap task skips
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
+    pairs = {layer: bn for layer, bn in found.items() if layer.bn is None and layer.conv.out_channels == bn.num_features}
     for layer, bn in pairs.items():
         bn.__class__ = FoldedBatchNorm2d
         bn.__dict__["source"] = layer

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from gatesearch.affine import next_batch_norms
+
 from .base import Policy, register_policy
 from .vared2_layer import DEFAULTS, FUSED_BN, DynamicConv, GateSettings
 
@@ -85,27 +87,18 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, floa
     convs = {n: m for n, m in model.named_modules() if n.startswith("backbone.") and id(m) not in inner
              and isinstance(m, (kind, DynamicConv))}  # gated ones count towards the total
     macs: dict[str, float] = {}
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept so that its id stays unique
-    next_bn: dict[str, nn.Module] = {}
 
     def hook(name):
         def record(module, args, out):
             conv = module.conv if isinstance(module, DynamicConv) else module
             macs[name] = out[0].numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
-            outputs[id(out)] = (name, out)
         return record
 
-    def bn_hook(bn, args):
-        name, out = outputs.pop(id(args[0]), (None, None))
-        if out is args[0] and bn.affine and bn.track_running_stats:
-            next_bn[name] = bn
-
     handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
-    handles += [m.register_forward_pre_hook(bn_hook) for m in model.modules() if type(m) in FUSED_BN]
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), next_batch_norms(model, convs, tuple(FUSED_BN)) as next_bn:
             if isinstance(model, ClipModel):
                 model(torch.zeros(1, 8, 3, 32, 32))
             else:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.affine import bn_affine, versions
 from gatesearch.backbones.clip3d import BatchNorm3d, conv3d, window_frames
 
 
@@ -112,13 +113,11 @@ class SoftModulationGate(nn.Module):
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(FC1·BN weight (Ci·bins, D_h), bias), cached until a parameter or statistic changes."""
         bn = self.bn
-        tensors = (self.fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        # inference tensors (made under inference_mode, e.g. a deep copy there) keep no version counter
-        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+        key = versions(self.fc1.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if getattr(self, "_fold_key", None) != key:
             with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                self._fold = ((self.fc1.weight * scale[:, None]).t().contiguous(), bn.bias - bn.running_mean * scale)
+                scale, shift = bn_affine(bn)
+                self._fold = ((self.fc1.weight * scale[:, None]).t().contiguous(), shift)
             self._fold_key = key
         return self._fold
 
@@ -464,14 +463,13 @@ class DynamicConv(nn.Module):
             if bn is not None:
                 tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
             self.__dict__["maps_tensors"] = tensors
-        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+        key = versions(*tensors)
         if self.__dict__.get("maps_key") != key:
             co, like = self.keep[0], self.conv.weight
             with torch.inference_mode(False), torch.no_grad():
                 s, h = like.new_ones(co), like.new_zeros(co)
                 if bn is not None:
-                    s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                    h = bn.bias - bn.running_mean * s
+                    s, h = bn_affine(bn)
                 maps = {"h": h.view(1, co, 1, 1, 1, 1)}
                 for j, r in enumerate(self.strides):
                     tw, tb = like.new_ones(r, co), like.new_zeros(r, co)  # identity at offset 0
