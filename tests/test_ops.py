@@ -153,6 +153,31 @@ def test_large_layer_on_two_threads(backend, groups, layout):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["3x3", "stride2", "depthwise", "grouped", "1x1", "k5_pad2_stride2"])
+def test_residual_pair_equals_its_difference(backend, name, layout):
+    """(x, x_prev) in place of r = x - x_prev: the gate and every path subtract on the fly, same result."""
+    case = CASES[name]
+    x, weight, z, geom = make_layer(case, 4, fmt=LAYOUTS[layout])
+    x_prev = (x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+              * (torch.rand(x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(6)) > 0.6))
+    x_prev = x_prev.contiguous(memory_format=LAYOUTS[layout])
+    r = x - x_prev
+    threshold = _threshold_in_a_gap(F.conv2d(r.abs(), torch.ones(1, case.ci, *pair(case.kernel, "k")), None,
+                                             case.stride, case.padding, case.dilation))
+    mask = ops.norm_gate_block_mask(r, block_size=4, threshold=threshold, **case.gate)
+    assert torch.equal(ops.norm_gate_block_mask(x, block_size=4, threshold=threshold, r_prev=x_prev, **case.gate), mask)
+    assert 0 < ops.block_density(mask, geom.out_hw, 4).mean() < 1
+    for path in ops.PATHS:
+        expected = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=4, path=path, **case.conv)
+        got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path=path, r_prev=x_prev, **case.conv)
+        assert (got - expected).abs().max().item() <= TOL, path
+    # a pair in two different layouts still works (the residual is formed first)
+    other = x_prev.contiguous(memory_format=torch.contiguous_format if layout == "channels_last" else torch.channels_last)
+    got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path="sparse", r_prev=other, **case.conv)
+    assert (got - expected).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("path", ["sparse", "auto"])
 def test_untouched_blocks_keep_previous_output(backend, path):
     case = CASES["stride2"]
@@ -351,6 +376,14 @@ def test_block_density_weights_partial_edge_blocks():
     got = ops.block_density(mask, (10, 7), 4)
     assert torch.allclose(got, torch.tensor([22 / 70, 1.0, 0.0]))
     assert got.dtype == torch.float32
+
+
+@pytest.mark.parametrize("block, out_hw", [(1, (5, 6)), (3, (11, 13)), (4, (10, 7))])
+def test_active_positions_counts_what_block_density_weighs(backend, block, out_hw):
+    grid = (-(-out_hw[0] // block), -(-out_hw[1] // block))
+    mask = random_mask(3, grid, 0.4, seed=2)
+    expected = float(ops.block_density(mask, out_hw, block).sum()) * out_hw[0] * out_hw[1]
+    assert ops.active_positions(mask, out_hw, block) == round(expected)
 
 
 def test_block_density_matches_upsampled_mask():

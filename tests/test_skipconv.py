@@ -96,8 +96,8 @@ def test_mask_is_block_structured(static_clip):
     masks = []
     orig = layer.gate.block_mask
 
-    def spy(r, lyr):
-        m = orig(r, lyr)
+    def spy(r, lyr, **kw):
+        m = orig(r, lyr, **kw)
         masks.append(upsample_block_mask(m, 4, (16, 16)))
         return m
 

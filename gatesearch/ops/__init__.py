@@ -11,7 +11,7 @@ fraction of output positions recomputed.
 from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_
 from gatesearch.ops.crossover import calibrate as calibrate_crossover
 from gatesearch.ops.crossover import crossover_density
-from gatesearch.ops.gate import block_density, norm_gate_block_mask, upsample_block_mask
+from gatesearch.ops.gate import active_positions, block_density, norm_gate_block_mask, upsample_block_mask
 from gatesearch.ops.geometry import ConvGeometry, resolve_geometry
 from gatesearch.ops.reference import accumulate_masked_dense_
 
@@ -28,6 +28,7 @@ __all__ = [
     "ConvGeometry",
     "accumulate_block_sparse_",
     "accumulate_masked_dense_",
+    "active_positions",
     "block_density",
     "calibrate_crossover",
     "crossover_density",

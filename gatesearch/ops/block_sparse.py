@@ -34,9 +34,12 @@ def accumulate_block_sparse_(
     dilation: int | Pair = 1,
     groups: int = 1,
     path: str = "auto",
+    r_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z (N, Co, Ho, Wo) += upsample(block_mask, b) * conv2d(r, weight), computing active blocks only.
 
+    With ``r_prev`` the residual is ``r - r_prev``, formed only where an active
+    block reads it (C++ path) instead of over the whole frame.
     Same result as ``accumulate_masked_dense_`` (fp32 rounding aside). ``path``:
     "sparse" always gathers, "dense" runs the masked dense conv, "auto" picks
     per call from the mask's density and this machine's crossover. Inference
@@ -48,6 +51,8 @@ def accumulate_block_sparse_(
         r.shape, weight.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, block_size=block_size
     )
     check_operands(geom, z, r, block_mask)
+    if r_prev is not None and (path == "dense" or not _native.usable(r, r_prev) or not _same_dense_layout(r, r_prev)):
+        r, r_prev = r - r_prev, None
     if path == "dense" or not _native.cpu_fp32_inference(z, r, weight):
         return accumulate_dense_(z, r, weight, block_mask, geom)
 
@@ -66,11 +71,11 @@ def accumulate_block_sparse_(
     if _native.usable(r, weight):
         kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
         wpack = packed_weight(weight, kind, geom.groups)
-        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows)
+        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows, r_prev)
     else:
         rows = _torch_kernels.block_sparse_accumulate_(work, r, weight, block_mask, geom, max_rows)
     if rows < 0:  # denser than the crossover: the dense conv is faster
-        return accumulate_dense_(z, r, weight, block_mask, geom)
+        return accumulate_dense_(z, r if r_prev is None else r - r_prev, weight, block_mask, geom)
     if work is not z:
         z.copy_(work)
     return z
@@ -99,6 +104,11 @@ def accumulate_dense_(
 
 def _is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The C++ kernels read a residual pair with one set of strides."""
+    return _is_dense(a) and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:

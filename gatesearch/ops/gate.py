@@ -32,13 +32,15 @@ def norm_gate_block_mask(
     threshold: float,
     scale: float = 1.0,
     out_hw: Pair | None = None,
+    r_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual (N, Ci, H, W) -> bool block mask (N, ceil(Ho/b), ceil(Wo/b)).
 
     ``scale=1`` is the input-norm gate (Eq. 5); ``scale=||w||_1`` the
     output-norm gate (Eq. 7). ``threshold=0`` keeps exactly the blocks whose
     outputs see a non-zero residual (lossless Skip-Conv, Eq. 2). ``out_hw``
-    overrides the conv's output size (defaults to PyTorch's formula).
+    overrides the conv's output size (defaults to PyTorch's formula). With
+    ``r_prev`` the residual is ``r - r_prev``, subtracted on the fly (C++ path).
     """
     kernel, stride, padding, dilation = (
         pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
@@ -49,10 +51,17 @@ def norm_gate_block_mask(
         out_hw = tuple(conv_out_size(n, *a) for n, a in zip(r.shape[-2:], zip(kernel, stride, padding, dilation)))
     out_hw = (int(out_hw[0]), int(out_hw[1]))
     b = int(block_size)
-    if _native.usable(r):
+    if r_prev is not None and not (_native.usable(r, r_prev) and r.shape == r_prev.shape and r.stride() == r_prev.stride()
+                                   and _dense(r)):
+        r, r_prev = r - r_prev, None
+    if _native.usable(r) and _dense(r):
         ints = [*kernel, *stride, *padding, *dilation, b, *out_hw]
-        return _native.ops().gate_block_mask(r, ints, float(threshold), float(scale))
+        return _native.ops().gate_block_mask(r, ints, float(threshold), float(scale), r_prev)
     return _gate_torch(r, kernel, stride, padding, dilation, b, float(threshold), float(scale), out_hw)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _gate_torch(r, kernel, stride, padding, dilation, block, threshold, scale, out_hw) -> torch.Tensor:
@@ -93,6 +102,14 @@ def _block_areas(out_hw: Pair, block: int) -> torch.Tensor:
     rows[-1] = ho - (hb - 1) * block
     cols[-1] = wo - (wb - 1) * block
     return rows[:, None] * cols[None, :] / float(ho * wo)  # (Hb, Wb), sums to 1
+
+
+def active_positions(block_mask: torch.Tensor, out_hw: Pair, block_size: int) -> int:
+    """Output positions the mask recomputes over the whole batch (partial edge blocks by their real size)."""
+    ho, wo = int(out_hw[0]), int(out_hw[1])
+    if _native.usable() and block_mask.device.type == "cpu" and block_mask.dtype == torch.bool:
+        return int(_native.ops().active_positions(block_mask, int(block_size), ho, wo))
+    return round(float(block_density(block_mask, out_hw, block_size).sum()) * ho * wo)
 
 
 def block_density(block_mask: torch.Tensor, out_hw: Pair, block_size: int) -> torch.Tensor:

@@ -22,15 +22,18 @@ class NormGate(Gate):
         self.threshold = float(threshold)
         self.output_norm = output_norm
 
-    def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
+    def block_mask(self, r: torch.Tensor, layer: SkipConv2d, r_prev: torch.Tensor | None = None) -> torch.Tensor:
         from gatesearch import ops
 
         c = layer.conv
         scale = float(c.weight.detach().abs().sum()) if self.output_norm else 1.0
         return ops.norm_gate_block_mask(
             r, kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
-            block_size=layer.block_size, threshold=self.threshold, scale=scale,
+            block_size=layer.block_size, threshold=self.threshold, scale=scale, r_prev=r_prev,
         )
+
+    def frame_mask(self, x: torch.Tensor, x_prev: torch.Tensor, layer: SkipConv2d):
+        return self.block_mask(x, layer, r_prev=x_prev), None
 
     def macs(self, layer: SkipConv2d, in_hw, out_hw) -> float:
         # |r| summed over channels once, then a k_h×k_w box sum per output position

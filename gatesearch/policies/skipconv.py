@@ -29,6 +29,12 @@ class Gate(nn.Module):
         """Residual (N, Ci, H, W) -> bool block mask (N, ceil(Ho/b), ceil(Wo/b))."""
         raise NotImplementedError
 
+    def frame_mask(self, x: torch.Tensor, x_prev: torch.Tensor, layer: "SkipConv2d"):
+        """Inference step: (block mask of r = x - x_prev, r or None). A gate that can read the pair without
+        the residual returns None, and the kernels subtract only where a block is active."""
+        r = x - x_prev
+        return self.block_mask(r, layer), r
+
     def macs(self, layer: "SkipConv2d", in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
         """Own cost of the gate per frame and stream, in multiply-accumulates."""
         return 0.0
@@ -85,7 +91,7 @@ class SkipConv2d(FrameAverages, nn.Module):
             # reference frame: dense, bias (and a folded BN) included
             z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
             z._skip_state = True
-            self._record(torch.ones(x.shape[0]), 0.0)
+            self._record(float(x.shape[0]), x.shape[0], 0.0)
         else:
             z = self._residual_step(x)
         state["x_prev"], state["z_prev"] = x, z
@@ -96,20 +102,24 @@ class SkipConv2d(FrameAverages, nn.Module):
 
         c = self.conv
         weight = self._fold_cache[1] if self.folded else c.weight  # checked at this clip's reference frame
-        r = x - self.x_prev  # (N, Ci, H, W)
-        z_prev = self.z_prev  # (N, Co, Ho, Wo)
+        x_prev, z_prev = self.x_prev, self.z_prev  # (N, Ci, H, W), (N, Co, Ho, Wo)
         out_hw = z_prev.shape[-2:]
         gate_macs = self.gate.macs(self, x.shape[-2:], out_hw)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (r, c.weight, *self.gate.parameters())):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_prev, c.weight, *self.gate.parameters())):
             # training through the stream: out of place so autograd sees every step
+            r = x - x_prev
             mask = self.gate.train_mask(r, self, out_hw)  # (N, 1, Ho, Wo), 0/1 valued
-            self._record(mask.detach().mean((1, 2, 3)), gate_macs)
+            self._record(float(mask.detach().mean((1, 2, 3)).sum()), mask.shape[0], gate_macs)
             return z_prev + mask * F.conv2d(r, weight, None, c.stride, c.padding, c.dilation, c.groups)
-        block_mask = self.gate.block_mask(r, self)  # (N, Hb, Wb)
-        self._record(ops.block_density(block_mask, out_hw, self.block_size), gate_macs)
+        block_mask, r = self.gate.frame_mask(x, x_prev, self)  # (N, Hb, Wb); r None: the kernels subtract
+        n, (ho, wo) = block_mask.shape[0], out_hw
+        self._record(ops.active_positions(block_mask, out_hw, self.block_size) / (ho * wo), n, gate_macs)
         geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
         if self.path == "dense":
+            r = x - x_prev if r is None else r
             return ops.accumulate_masked_dense_(z_prev, r, weight, block_mask, **geometry)
+        if r is None:
+            return ops.accumulate_block_sparse_(z_prev, x, weight, block_mask, path=self.path, r_prev=x_prev, **geometry)
         return ops.accumulate_block_sparse_(z_prev, r, weight, block_mask, path=self.path, **geometry)
 
     def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,10 +133,11 @@ class SkipConv2d(FrameAverages, nn.Module):
             self._fold_cache = (key, folded.weight, folded.bias)
         return self._fold_cache[1], self._fold_cache[2]
 
-    def _record(self, density: torch.Tensor, gate_macs: float) -> None:
-        n, stats = density.numel(), self.__dict__
+    def _record(self, density_sum: float, n: int, gate_macs: float) -> None:
+        """Add n stream-frames whose recomputed fractions sum to density_sum."""
+        stats = self.__dict__
         stats["frames"] += n
-        stats["density_sum"] += float(density.sum())
+        stats["density_sum"] += density_sum
         stats["gate_macs_sum"] += gate_macs * n
 
 

@@ -10,6 +10,11 @@
 // Layouts: r and z are fp32, either NCHW-contiguous or channels_last
 // (the Python side guarantees one of the two). Geometry arrives as a flat int
 // list whose order is fixed by gatesearch/ops/geometry.py.
+//
+// The residual r_t = x_t - x_{t-1} can be passed as the pair (x_t, x_{t-1})
+// ("r" and "r_prev", same shape and strides): the gate and the gather then
+// subtract on the fly, so the full-frame residual is never written and read
+// back (at low density it is only read where a block is active).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,22 +105,40 @@ std::vector<Block> list_blocks(const at::Tensor& mask, const Conv& cv, int64_t* 
 // Gate: Eq. 5 / Eq. 7 with p = 1, max-pooled over b x b blocks.
 // ---------------------------------------------------------------------------
 
-// a[n, y, x] = sum_c |r[n, c, y, x]|  -> (N, H, W)
-void channel_abs_sum(const at::Tensor& r, float* a) {
+// The residual operand: r itself, or r - prev when prev is given (same strides).
+const float* prev_ptr(const at::Tensor& r, const c10::optional<at::Tensor>& prev) {
+  if (!prev.has_value() || !prev->defined()) return nullptr;
+  TORCH_CHECK(prev->device().is_cpu() && prev->scalar_type() == at::kFloat, "skip_conv: r_prev must be fp32 CPU");
+  TORCH_CHECK(prev->sizes() == r.sizes() && prev->strides() == r.strides(),
+              "skip_conv: r_prev must match r in shape and strides");
+  return prev->data_ptr<float>();
+}
+
+// a[n, y, x] = sum_c |r[n, c, y, x] - prev[n, c, y, x]|  -> (N, H, W); prev may be null
+void channel_abs_sum(const at::Tensor& r, const float* prev, float* a) {
   const int64_t N = r.size(0), C = r.size(1), HW = r.size(2) * r.size(3);
   const float* src = r.data_ptr<float>();
   if (is_channels_last(r)) {
     at::parallel_for(0, N * HW, grain(C), [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float* p = src + i * C;
+        const float* q = prev ? prev + i * C : nullptr;
         f32x16 acc = {};
         int64_t c = 0;
-        for (; c + 16 <= C; c += 16) {
-          const f32x16 v = load16(p + c);
-          acc += v < 0 ? -v : v;
-        }
         float s = 0.f;
-        for (; c < C; ++c) s += std::fabs(p[c]);
+        if (q) {
+          for (; c + 16 <= C; c += 16) {
+            const f32x16 v = load16(p + c) - load16(q + c);
+            acc += v < 0 ? -v : v;
+          }
+          for (; c < C; ++c) s += std::fabs(p[c] - q[c]);
+        } else {
+          for (; c + 16 <= C; c += 16) {
+            const f32x16 v = load16(p + c);
+            acc += v < 0 ? -v : v;
+          }
+          for (; c < C; ++c) s += std::fabs(p[c]);
+        }
         for (int j = 0; j < 16; ++j) s += acc[j];
         a[i] = s;
       }
@@ -130,7 +153,12 @@ void channel_abs_sum(const at::Tensor& r, float* a) {
         for (int64_t i = i0; i < i1; ++i) dst[i] = 0.f;
         for (int64_t c = 0; c < C; ++c) {
           const float* p = src + (n * C + c) * HW;
-          for (int64_t i = i0; i < i1; ++i) dst[i] += std::fabs(p[i]);
+          if (prev) {
+            const float* q = prev + (n * C + c) * HW;
+            for (int64_t i = i0; i < i1; ++i) dst[i] += std::fabs(p[i] - q[i]);
+          } else {
+            for (int64_t i = i0; i < i1; ++i) dst[i] += std::fabs(p[i]);
+          }
         }
       }
     });
@@ -138,7 +166,8 @@ void channel_abs_sum(const at::Tensor& r, float* a) {
 }
 
 // geometry: [kh, kw, sh, sw, ph, pw, dh, dw, block, Ho, Wo]
-at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double threshold, double scale) {
+at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double threshold, double scale,
+                           const c10::optional<at::Tensor>& r_prev) {
   TORCH_CHECK(geom.size() == 11, "gate_block_mask: expected 11 geometry ints");
   check_dense_fp32(r_in, "r");
   const int64_t kh = geom[0], kw = geom[1], sh = geom[2], sw = geom[3], ph = geom[4], pw = geom[5];
@@ -147,7 +176,7 @@ at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double
   const int64_t Bh = (Ho + b - 1) / b, Bw = (Wo + b - 1) / b;
 
   std::vector<float> a(N * H * W);
-  channel_abs_sum(r_in, a.data());
+  channel_abs_sum(r_in, prev_ptr(r_in, r_prev), a.data());
 
   // Separable box filter over the dilated kernel support (zero padding).
   // Sums of non-negative floats are 0 only if every term is 0, so a zero
@@ -234,8 +263,8 @@ void scatter_add(at::Tensor& z, const std::vector<Block>& blocks, const float* o
 // where the kernel reads padding. NCHW residuals are transposed patch by patch
 // (only the halo of the active blocks, not the whole tensor) so the im2col
 // below can copy whole channel vectors in either layout.
-void load_patch(const float* rp, const Strides& rs, int64_t Ci, int64_t H, int64_t W, int64_t n, int64_t iy0,
-                int64_t ix0, int64_t ph, int64_t pw, std::vector<float>& buf) {
+void load_patch(const float* rp, const float* pp, const Strides& rs, int64_t Ci, int64_t H, int64_t W, int64_t n,
+                int64_t iy0, int64_t ix0, int64_t ph, int64_t pw, std::vector<float>& buf) {
   buf.resize(ph * pw * Ci);
   float* dst = buf.data();
   if (iy0 < 0 || ix0 < 0 || iy0 + ph > H || ix0 + pw > W) std::fill(buf.begin(), buf.end(), 0.f);
@@ -246,9 +275,15 @@ void load_patch(const float* rp, const Strides& rs, int64_t Ci, int64_t H, int64
   for (int64_t py = y_lo; py < y_hi; ++py)
     for (int64_t c0 = 0; c0 < Ci; c0 += 16)
       for (int64_t c = c0; c < std::min(c0 + 16, Ci); ++c) {
-        const float* src = rp + n * rs.n + c * rs.c + (iy0 + py) * rs.h + ix0 * rs.w;
+        const int64_t off = n * rs.n + c * rs.c + (iy0 + py) * rs.h + ix0 * rs.w;
+        const float* src = rp + off;
         float* row = dst + py * pw * Ci + c;
-        for (int64_t px = x_lo; px < x_hi; ++px) row[px * Ci] = src[px * rs.w];
+        if (pp) {
+          const float* old = pp + off;
+          for (int64_t px = x_lo; px < x_hi; ++px) row[px * Ci] = src[px * rs.w] - old[px * rs.w];
+        } else {
+          for (int64_t px = x_lo; px < x_hi; ++px) row[px * Ci] = src[px * rs.w];
+        }
       }
 }
 
@@ -256,7 +291,7 @@ void load_patch(const float* rp, const Strides& rs, int64_t Ci, int64_t H, int64
 // (tap, channel-in-group) so every tap copies Cg contiguous floats; then one
 // GEMM (G == 1) or batched GEMM against the weight packed as (G, T*Cg, Cog).
 // Returns out (G, M, Cog).
-at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
+at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const at::Tensor& wpack, const std::vector<Block>& blocks,
                        const Conv& cv, int64_t M) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), G = cv.groups, Cg = Ci / G;
   const int64_t T = cv.kh * cv.kw, Kg = T * Cg;
@@ -272,7 +307,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
       const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
-      if (!direct) load_patch(rp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
+      if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       int64_t m = bl.m0;
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m)
@@ -280,19 +315,23 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
             const int64_t iy = oy * cv.sh - cv.ph + ky * cv.dh;
             for (int64_t kx = 0; kx < cv.kw; ++kx) {
               const int64_t ix = ox * cv.sw - cv.pw + kx * cv.dw, t = ky * cv.kw + kx;
-              const float* src;
-              if (!direct)
+              const float *src = nullptr, *old = nullptr;
+              if (!direct) {
                 src = patch.data() + ((iy - iy0) * pw + (ix - ix0)) * Ci;
-              else if (iy >= 0 && iy < H && ix >= 0 && ix < W)
-                src = rp + bl.n * rs.n + iy * rs.h + ix * rs.w;
-              else
-                src = nullptr;
+              } else if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                const int64_t off = bl.n * rs.n + iy * rs.h + ix * rs.w;
+                src = rp + off;
+                if (pp) old = pp + off;
+              }
               for (int64_t g = 0; g < G; ++g) {
                 float* dst = cp + (g * M + m) * Kg + t * Cg;
-                if (src)
+                if (old) {
+                  for (int64_t j = g * Cg; j < (g + 1) * Cg; ++j) dst[j - g * Cg] = src[j] - old[j];
+                } else if (src) {
                   std::memcpy(dst, src + g * Cg, Cg * sizeof(float));
-                else
+                } else {
                   std::memset(dst, 0, Cg * sizeof(float));
+                }
               }
             }
           }
@@ -307,7 +346,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const at::Tensor& wpack, const std::
 // cache, which also bounds the scratch memory for big layers.
 constexpr int64_t kChunkBytes = 1024 * 1024;
 
-void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack,
+void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Tensor& wpack,
                          const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t K = cv.kh * cv.kw * r.size(1);
   const int64_t max_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
@@ -323,7 +362,7 @@ void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const at::Tensor& w
       part.back().m0 -= base;
       rows += (blocks[start].oy1 - blocks[start].oy0) * (blocks[start].ox1 - blocks[start].ox0);
     }
-    const at::Tensor out = gather_gemm(r, wpack, part, cv, rows);  // (G, rows, Cog)
+    const at::Tensor out = gather_gemm(r, pp, wpack, part, cv, rows);  // (G, rows, Cog)
     // (G, rows, Cog) -> (rows, Co): free when G == 1
     const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
     scatter_add(z, part, flat.data_ptr<float>());
@@ -366,11 +405,11 @@ inline void depthwise_point(const float* const* in, const float* const* w, int64
 // Depthwise (one input channel per group): direct loops, no GEMM. Weight
 // packed (T, Co), Co = Ci * mult. channels_last residuals are read in place;
 // NCHW ones go through the same per-block channel-minor patch as the GEMM path.
-void depthwise(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const std::vector<Block>& blocks,
-               const Conv& cv) {
+void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Tensor& wpack,
+               const std::vector<Block>& blocks, const Conv& cv) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), Co = z.size(1), mult = Co / Ci;
   const Strides rs(r), zs(z);
-  const bool direct = rs.c == 1 || Ci == 1;
+  const bool direct = (rs.c == 1 || Ci == 1) && !pp;  // a residual pair goes through the patch (subtracted there)
   const float* rp = r.data_ptr<float>();
   const float* wp = wpack.data_ptr<float>();
   float* zp = z.data_ptr<float>();
@@ -382,7 +421,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, cons
       const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
-      if (!direct) load_patch(rp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
+      if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
           int64_t taps = 0;
@@ -451,6 +490,20 @@ void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, i
   });
 }
 
+// Output positions the mask recomputes (partial edge blocks by their real size), over the batch.
+int64_t active_positions(const at::Tensor& mask, int64_t block, int64_t Ho, int64_t Wo) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "active_positions: mask must be bool (N, Hb, Wb)");
+  TORCH_CHECK(mask.size(1) == (Ho + block - 1) / block && mask.size(2) == (Wo + block - 1) / block,
+              "active_positions: mask does not match the block grid");
+  Conv cv{};
+  cv.b = block;
+  cv.Ho = Ho;
+  cv.Wo = Wo;
+  int64_t M = 0;
+  list_blocks(mask, cv, &M);
+  return M;
+}
+
 // ---------------------------------------------------------------------------
 // Entry point.
 // ---------------------------------------------------------------------------
@@ -462,7 +515,8 @@ enum Kind : int64_t { kGemm = 0, kDepthwise = 1 };
 // without touching z when that number exceeds max_rows (the caller then runs
 // the dense path: the crossover decision costs no extra pass over the mask).
 int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const at::Tensor& mask,
-                                 c10::IntArrayRef geom, int64_t kind, int64_t max_rows) {
+                                 c10::IntArrayRef geom, int64_t kind, int64_t max_rows,
+                                 const c10::optional<at::Tensor>& r_prev) {
   const Conv cv = parse_conv(geom);
   check_dense_fp32(z, "z");
   check_dense_fp32(r, "r");
@@ -475,16 +529,17 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
               "skip_conv: mask does not match the block grid");
   TORCH_CHECK(cv.groups > 0 && Ci % cv.groups == 0 && Co % cv.groups == 0, "skip_conv: bad groups");
   TORCH_CHECK(wpack.numel() == Co * (Ci / cv.groups) * cv.kh * cv.kw, "skip_conv: packed weight has the wrong size");
+  const float* pp = prev_ptr(r, r_prev);
   int64_t M = 0;
   const std::vector<Block> blocks = list_blocks(mask, cv, &M);
   if (M > max_rows) return -1;
   if (M == 0) return 0;
   switch (kind) {
     case kGemm:
-      gather_gemm_scatter(z, r, wpack, blocks, cv, M);
+      gather_gemm_scatter(z, r, pp, wpack, blocks, cv, M);
       break;
     case kDepthwise:
-      depthwise(z, r, wpack, blocks, cv);
+      depthwise(z, r, pp, wpack, blocks, cv);
       break;
     default:
       TORCH_CHECK(false, "skip_conv: unknown kernel kind ", kind);
@@ -495,10 +550,11 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
 }  // namespace
 
 TORCH_LIBRARY(gatesearch_skipconv, m) {
-  m.def("gate_block_mask(Tensor r, int[] geometry, float threshold, float scale) -> Tensor");
+  m.def("gate_block_mask(Tensor r, int[] geometry, float threshold, float scale, Tensor? r_prev=None) -> Tensor");
   m.def(
       "block_sparse_accumulate_(Tensor(a!) z, Tensor r, Tensor wpack, Tensor mask, int[] geometry, int kind, "
-      "int max_rows) -> int");
+      "int max_rows, Tensor? r_prev=None) -> int");
+  m.def("active_positions(Tensor mask, int block, int Ho, int Wo) -> int");
   m.def("masked_add_(Tensor(a!) z, Tensor out, Tensor mask, int block) -> ()");
 }
 
@@ -506,4 +562,5 @@ TORCH_LIBRARY_IMPL(gatesearch_skipconv, CPU, m) {
   m.impl("gate_block_mask", &gate_block_mask);
   m.impl("block_sparse_accumulate_", &block_sparse_accumulate_);
   m.impl("masked_add_", &masked_add_);
+  m.impl("active_positions", &active_positions);
 }
