@@ -178,6 +178,28 @@ def test_residual_pair_equals_its_difference(backend, name, layout):
     assert (got - expected).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("path", ops.PATHS)
+@pytest.mark.parametrize("name", ["3x3", "stride2", "depthwise", "1x1"])
+def test_resolved_step_and_gate_match_the_one_shot_calls(backend, name, path):
+    """``sparse_step`` / ``norm_gate`` (resolved once per clip) == the one-shot functions, frame after frame,
+    and operands in another layout than the resolved one still come out right."""
+    case = CASES[name]
+    x, weight, z, geom = make_layer(case, 2, fmt=torch.channels_last)
+    step = ops.sparse_step(z, x, weight, block_size=2, path=path, **case.conv)
+    gate = ops.norm_gate(x, block_size=2, threshold=0.5, out_hw=geom.out_hw, **case.gate)
+    z_ref = z.clone()
+    for seed, fmt in [(1, torch.channels_last), (2, torch.channels_last), (3, torch.contiguous_format)]:
+        x_next = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) > 0.8)).contiguous(memory_format=fmt)
+        r = x_next - x
+        mask = ops.norm_gate_block_mask(r, block_size=2, threshold=0.5, **case.gate)
+        assert torch.equal(gate(x_next, x.contiguous(memory_format=fmt)), mask)
+        ops.accumulate_masked_dense_(z_ref, r, weight, mask, block_size=2, **case.conv)
+        rows = step(z, x_next, mask, x.contiguous(memory_format=fmt))
+        assert rows in (-1, ops.active_positions(mask, geom.out_hw, 2))
+        assert (z - z_ref).abs().max().item() <= TOL
+        x = x_next
+
+
 @pytest.mark.parametrize("path", ["sparse", "auto"])
 def test_untouched_blocks_keep_previous_output(backend, path):
     case = CASES["stride2"]

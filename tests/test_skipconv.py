@@ -94,14 +94,19 @@ def test_mask_is_block_structured(static_clip):
     model = gated("tiny", "input_norm", threshold=0.5, block_size=4)
     layer = skip_layers(model)[0]
     masks = []
-    orig = layer.gate.block_mask
+    orig = layer.gate.plan
 
-    def spy(r, lyr, **kw):
-        m = orig(r, lyr, **kw)
-        masks.append(upsample_block_mask(m, 4, (16, 16)))
-        return m
+    def spy(*args):  # the mask each frame's step gets
+        frame_mask = orig(*args)
 
-    layer.gate.block_mask = spy
+        def spied(x, x_prev):
+            m, r = frame_mask(x, x_prev)
+            masks.append(upsample_block_mask(m, 4, (16, 16)))
+            return m, r
+
+        return spied
+
+    layer.gate.plan = spy
     with torch.inference_mode():
         model.stream(static_clip)
     assert masks

@@ -8,10 +8,10 @@ fallback); ``norm_gate_block_mask`` is the cheap gate; ``block_density`` the
 fraction of output positions recomputed.
 """
 
-from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_
+from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_, sparse_step
 from gatesearch.ops.crossover import calibrate as calibrate_crossover
 from gatesearch.ops.crossover import crossover_density
-from gatesearch.ops.gate import active_positions, block_density, norm_gate_block_mask, upsample_block_mask
+from gatesearch.ops.gate import active_positions, block_density, norm_gate, norm_gate_block_mask, upsample_block_mask
 from gatesearch.ops.geometry import ConvGeometry, resolve_geometry
 from gatesearch.ops.reference import accumulate_masked_dense_
 
@@ -33,7 +33,9 @@ __all__ = [
     "calibrate_crossover",
     "crossover_density",
     "native_available",
+    "norm_gate",
     "norm_gate_block_mask",
     "resolve_geometry",
+    "sparse_step",
     "upsample_block_mask",
 ]

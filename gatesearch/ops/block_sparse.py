@@ -11,6 +11,8 @@ conv above a crossover density measured on this machine (``crossover.py``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,64 @@ def accumulate_block_sparse_(
     if work is not z:
         z.copy_(work)
     return z
+
+
+def sparse_step(
+    z: torch.Tensor,
+    r: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    block_size: int,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
+    dilation: int | Pair = 1,
+    groups: int = 1,
+    path: str = "auto",
+) -> Callable[..., int]:
+    """``accumulate_block_sparse_`` resolved once for a stream's fixed shapes, layouts and weight.
+
+    A skip-conv calls the same step every frame; validating the geometry,
+    packing the weight and looking up the crossover once per clip leaves one
+    C++ call per frame. Returns ``step(z, r, block_mask, r_prev=None) -> rows``:
+    z updated in place; ``rows`` the output positions recomputed, or -1 when
+    the step did not count them (dense conv above the crossover, or the
+    general path, which operands that stop matching the resolved layouts take).
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    args = dict(block_size=block_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geom = resolve_geometry(r.shape, weight.shape, **args)
+    fast = path != "dense" and _native.usable(z, r, weight) and _is_dense(r) and _is_dense(z)
+
+    def general(z_, r_, mask, r_prev=None):
+        accumulate_block_sparse_(z_, r_, weight, mask, path=path, r_prev=r_prev, **args)
+        return -1
+
+    if not fast:
+        return general
+    ops, ints = _native.ops(), geom.ints()
+    kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
+    wpack = packed_weight(weight, kind, geom.groups)
+    total = r.shape[0] * geom.out_hw[0] * geom.out_hw[1]
+    if path == "sparse":
+        max_rows = total
+    else:
+        from gatesearch.ops.crossover import crossover_density
+
+        max_rows = int(crossover_density(geom, batch=r.shape[0], channels_last=_is_channels_last(r)) * total)
+    shapes = (tuple(z.shape), z.stride(), tuple(r.shape), r.stride())
+
+    def step(z_, r_, mask, r_prev=None):
+        if (tuple(z_.shape), z_.stride(), tuple(r_.shape), r_.stride()) != shapes or (
+            r_prev is not None and r_prev.stride() != r_.stride()
+        ):
+            return general(z_, r_, mask, r_prev)
+        rows = ops.block_sparse_accumulate_(z_, r_, wpack, mask, ints, int(kind), max_rows, r_prev)
+        if rows < 0:  # denser than the crossover: the dense conv is faster
+            accumulate_dense_(z_, r_ if r_prev is None else r_ - r_prev, weight, mask, geom)
+        return rows
+
+    return step
 
 
 def accumulate_dense_(

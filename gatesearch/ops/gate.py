@@ -13,6 +13,7 @@ channel-sum of |r|, a box filter, a comparison and a max-pool.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,40 @@ def norm_gate_block_mask(
         ints = [*kernel, *stride, *padding, *dilation, b, *out_hw]
         return _native.ops().gate_block_mask(r, ints, float(threshold), float(scale), r_prev)
     return _gate_torch(r, kernel, stride, padding, dilation, b, float(threshold), float(scale), out_hw)
+
+
+def norm_gate(
+    r: torch.Tensor,
+    *,
+    kernel_size: int | Pair,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
+    dilation: int | Pair = 1,
+    block_size: int = 1,
+    threshold: float,
+    scale: float = 1.0,
+    out_hw: Pair,
+) -> Callable[..., torch.Tensor]:
+    """``norm_gate_block_mask`` resolved once for a stream's fixed shape and layout: ``gate(r, r_prev=None) -> mask``."""
+    kw = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, block_size=block_size,
+              threshold=float(threshold), scale=float(scale), out_hw=(int(out_hw[0]), int(out_hw[1])))
+
+    def general(r_, r_prev=None):
+        return norm_gate_block_mask(r_, r_prev=r_prev, **kw)
+
+    if not (_native.usable(r) and _dense(r) and r.dim() == 4):
+        return general
+    ops = _native.ops()
+    ints = [*pair(kernel_size, "kernel_size"), *pair(stride, "stride"), *pair(padding, "padding"),
+            *pair(dilation, "dilation"), int(block_size), *kw["out_hw"]]
+    shape = (tuple(r.shape), r.stride())
+
+    def gate(r_, r_prev=None):
+        if (tuple(r_.shape), r_.stride()) != shape or (r_prev is not None and r_prev.stride() != shape[1]):
+            return general(r_, r_prev)
+        return ops.gate_block_mask(r_, ints, kw["threshold"], kw["scale"], r_prev)
+
+    return gate
 
 
 def _dense(t: torch.Tensor) -> bool:

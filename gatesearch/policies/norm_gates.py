@@ -22,18 +22,22 @@ class NormGate(Gate):
         self.threshold = float(threshold)
         self.output_norm = output_norm
 
-    def block_mask(self, r: torch.Tensor, layer: SkipConv2d, r_prev: torch.Tensor | None = None) -> torch.Tensor:
-        from gatesearch import ops
-
+    def _args(self, layer: SkipConv2d) -> dict:
         c = layer.conv
         scale = float(c.weight.detach().abs().sum()) if self.output_norm else 1.0
-        return ops.norm_gate_block_mask(
-            r, kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
-            block_size=layer.block_size, threshold=self.threshold, scale=scale, r_prev=r_prev,
-        )
+        return dict(kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                    block_size=layer.block_size, threshold=self.threshold, scale=scale)
 
-    def frame_mask(self, x: torch.Tensor, x_prev: torch.Tensor, layer: SkipConv2d):
-        return self.block_mask(x, layer, r_prev=x_prev), None
+    def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
+        from gatesearch import ops
+
+        return ops.norm_gate_block_mask(r, **self._args(layer))
+
+    def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw):
+        from gatesearch import ops
+
+        gate = ops.norm_gate(x, out_hw=out_hw, **self._args(layer))  # reads (x, x_prev): no residual tensor
+        return lambda x_, x_prev: (gate(x_, x_prev), None)
 
     def macs(self, layer: SkipConv2d, in_hw, out_hw) -> float:
         # |r| summed over channels once, then a k_h×k_w box sum per output position

@@ -13,6 +13,8 @@ train with. The streaming protocol is in ``gatesearch.stateful``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,11 +31,15 @@ class Gate(nn.Module):
         """Residual (N, Ci, H, W) -> bool block mask (N, ceil(Ho/b), ceil(Wo/b))."""
         raise NotImplementedError
 
-    def frame_mask(self, x: torch.Tensor, x_prev: torch.Tensor, layer: "SkipConv2d"):
-        """Inference step: (block mask of r = x - x_prev, r or None). A gate that can read the pair without
-        the residual returns None, and the kernels subtract only where a block is active."""
-        r = x - x_prev
-        return self.block_mask(r, layer), r
+    def plan(self, layer: "SkipConv2d", x: torch.Tensor, out_hw) -> Callable:
+        """Inference, once per clip: ``(x, x_prev) -> (block mask of r = x - x_prev, r or None)``. A gate
+        that reads the pair itself returns None for r, and the kernels subtract only where a block is active."""
+
+        def frame_mask(x_, x_prev):
+            r = x_ - x_prev
+            return self.block_mask(r, layer), r
+
+        return frame_mask
 
     def macs(self, layer: "SkipConv2d", in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
         """Own cost of the gate per frame and stream, in multiply-accumulates."""
@@ -77,6 +83,7 @@ class SkipConv2d(FrameAverages, nn.Module):
     def reset_state(self) -> None:
         self.x_prev: torch.Tensor | None = None
         self.z_prev: torch.Tensor | None = None
+        self._plan: tuple | None = None  # (gate, step, gate MACs): resolved at a clip's first residual frame
 
     # -- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)
@@ -91,6 +98,7 @@ class SkipConv2d(FrameAverages, nn.Module):
             # reference frame: dense, bias (and a folded BN) included
             z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
             z._skip_state = True
+            state["_plan"] = None  # shapes, weights or path may have changed since the last clip
             self._record(float(x.shape[0]), x.shape[0], 0.0)
         else:
             z = self._residual_step(x)
@@ -104,23 +112,36 @@ class SkipConv2d(FrameAverages, nn.Module):
         weight = self._fold_cache[1] if self.folded else c.weight  # checked at this clip's reference frame
         x_prev, z_prev = self.x_prev, self.z_prev  # (N, Ci, H, W), (N, Co, Ho, Wo)
         out_hw = z_prev.shape[-2:]
-        gate_macs = self.gate.macs(self, x.shape[-2:], out_hw)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_prev, c.weight, *self.gate.parameters())):
             # training through the stream: out of place so autograd sees every step
             r = x - x_prev
             mask = self.gate.train_mask(r, self, out_hw)  # (N, 1, Ho, Wo), 0/1 valued
-            self._record(float(mask.detach().mean((1, 2, 3)).sum()), mask.shape[0], gate_macs)
+            self._record(float(mask.detach().mean((1, 2, 3)).sum()), mask.shape[0], self.gate.macs(self, x.shape[-2:], out_hw))
             return z_prev + mask * F.conv2d(r, weight, None, c.stride, c.padding, c.dilation, c.groups)
-        block_mask, r = self.gate.frame_mask(x, x_prev, self)  # (N, Hb, Wb); r None: the kernels subtract
-        n, (ho, wo) = block_mask.shape[0], out_hw
-        self._record(ops.active_positions(block_mask, out_hw, self.block_size) / (ho * wo), n, gate_macs)
+        gate, step, gate_macs = self._plan or self._make_plan(x, z_prev, weight)
+        block_mask, r = gate(x, x_prev)  # (N, Hb, Wb); r None: the kernels subtract x - x_prev themselves
+        rows = step(z_prev, x, block_mask, x_prev) if r is None else step(z_prev, r, block_mask)
+        if rows < 0:
+            rows = ops.active_positions(block_mask, out_hw, self.block_size)
+        self._record(rows / (out_hw[0] * out_hw[1]), block_mask.shape[0], gate_macs)
+        return z_prev
+
+    def _make_plan(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple:
+        """What stays fixed over a clip, resolved at its first residual frame: the gate, the conv step
+        (``ops.sparse_step``: geometry, packed weight, crossover) and the gate's MACs."""
+        from gatesearch import ops
+
+        c, out_hw = self.conv, z.shape[-2:]
         geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
-        if self.path == "dense":
-            r = x - x_prev if r is None else r
-            return ops.accumulate_masked_dense_(z_prev, r, weight, block_mask, **geometry)
-        if r is None:
-            return ops.accumulate_block_sparse_(z_prev, x, weight, block_mask, path=self.path, r_prev=x_prev, **geometry)
-        return ops.accumulate_block_sparse_(z_prev, r, weight, block_mask, path=self.path, **geometry)
+        if self.path == "dense":  # the reference formulation, as research code runs it
+            def step(z_, r, mask, r_prev=None):
+                ops.accumulate_masked_dense_(z_, r if r_prev is None else r - r_prev, weight, mask, **geometry)
+                return -1
+        else:
+            step = ops.sparse_step(z, x, weight, path=self.path, **geometry)
+        plan = (self.gate.plan(self, x, out_hw), step, self.gate.macs(self, x.shape[-2:], out_hw))
+        self.__dict__["_plan"] = plan
+        return plan
 
     def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias with the eval-mode BN after this conv folded in (``ops.channel_gather.FoldedConv``):
