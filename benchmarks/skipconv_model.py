@@ -5,10 +5,20 @@
    the shape alone (``--directions 1``): a per-frame 2D network cannot tell
    the direction of motion, so with directions in the label its top-1 says
    little (ResNet-18 at 224² stayed at chance); on shapes it reaches 100 %.
-2. Sweep the Skip-Conv threshold ε and keep the largest one whose held-out
-   top-1 stays within one point of dense.
-3. Write held-out clips to mp4, decode one back (a real video path), and time
-   dense vs gated side by side with ``gatesearch.objectives.bench.bench_model``.
+2. Per-frame quality. The clip label (the shape) is the same in every frame,
+   so a gated model whose output froze at frame 0 still scores full top-1: top-1
+   cannot bound ε. What Skip-Conv must preserve is the per-frame output, so a
+   linear probe (ridge regression, fitted once on the dense model's per-frame
+   features of training clips) reads the object centre from every frame's
+   pooled features, and quality is its PCK (within 0.05 × the frame side, the
+   radius the heatmap task uses; Skip-Convolutions Section 4.2) over held-out
+   mp4 streams of ``--frames`` frames, decoded (codec noise included), with no
+   reference reset: the same streams the timing uses. The probe is fixed, so
+   any drop is the gates' doing.
+3. Sweep the Skip-Conv threshold ε and keep the largest one whose probe PCK
+   and clip top-1 both stay within one point of dense.
+4. Time dense vs gated side by side on the first of those streams with
+   ``gatesearch.objectives.bench.bench_model``.
 
 Prints speedup, MAC reduction and efficiency (speedup / MAC reduction; the
 paper reports 0.44-0.59 on a Xeon CPU, Table 2). Minutes on 2 cores at the
@@ -40,19 +50,24 @@ def main() -> None:
                     help="motion directions in the label (1: shape only, learnable frame by frame)")
     ap.add_argument("--gate", default="input_norm", choices=["input_norm", "output_norm"])
     ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--reference", default="frame", choices=["frame", "block"],
+                    help="residual against the previous frame (Eq. 3) or each block's last computed input")
+    ap.add_argument("--per-value", action="store_true", help="ε per input value: a layer's threshold is ε·C_in·k²")
     ap.add_argument("--thresholds", default="0.5,1,2,4,8,16,32,64")
     ap.add_argument("--train-clips", type=int, default=256)
     ap.add_argument("--val-clips", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--frames", type=int, default=32, help="frames of the timed clip")
+    ap.add_argument("--frames", type=int, default=32, help="frames of each quality stream and of the timed clip")
+    ap.add_argument("--probe-clips", type=int, default=64, help="training clips (16 frames) the position probe is fitted on")
+    ap.add_argument("--streams", type=int, default=16, help="held-out mp4 streams the per-frame quality is measured on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the timed streams (training uses all)")
     ap.add_argument("--save", type=Path, help="write the trained dense weights here")
     ap.add_argument("--load", type=Path, help="read the dense weights from here instead of training")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from gatesearch.data import read_frames, write_video
+    from gatesearch.data import SyntheticConfig, make_clip, read_frames, write_video
     from gatesearch.data.source import load_clips, num_classes
     from gatesearch.objectives.bench import bench_model
     from gatesearch.policies import build_policy
@@ -77,37 +92,88 @@ def main() -> None:
     val = load_clips(data, split="val", frames=16, count=args.val_clips)
     quick = EvalConfig(frames=16, latency_warmup=0, latency_repeats=1, reference_every=0)
     base = evaluate(dense, trial, val, quick).metrics["quality"]
-    print(f"dense top-1 {base:.3f} on {args.val_clips} clips", flush=True)
+
+    probe_data = load_clips(data, split="train", frames=16, count=args.probe_clips)
+    probe = PositionProbe.fit(frame_features(dense, probe_data["clip"], stream=False), probe_data["centers"])
+    del probe_data
+    cfg = SyntheticConfig(height=args.size, width=args.size, frames=args.frames, num_directions=args.directions)
+    streams, centers = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.streams):
+            item = make_clip(cfg, i, "test")
+            write_video(Path(tmp) / f"{i}.mp4", item["clip"])
+            streams.append(read_frames(Path(tmp) / f"{i}.mp4", size=(args.size, args.size)))  # codec noise included
+            centers.append(item["centers"])
+    streams, centers = torch.stack(streams), torch.stack(centers)
+    radius = 0.05 * args.size
+    base_pck = probe.pck(frame_features(dense, streams, stream=False), centers, radius)
+    print(f"dense: top-1 {base:.3f} on {args.val_clips} clips; probe PCK {base_pck:.3f} on {args.streams} "
+          f"decoded {args.frames}-frame streams (radius {radius:.1f} px)", flush=True)
 
     chosen = None
     for eps in [float(x) for x in args.thresholds.split(",")]:
-        gated = build_policy(args.gate, threshold=eps, block_size=args.block_size).apply(copy.deepcopy(dense))
+        gated = build_policy(args.gate, threshold=eps, block_size=args.block_size, reference=args.reference,
+                             per_value=args.per_value).apply(copy.deepcopy(dense))
         m = evaluate(gated, TrialConfig(**{**trial.to_dict(), "gate": args.gate, "threshold": eps,
                                            "block_size": args.block_size}), val, quick).metrics
-        ok = m["quality"] >= base - 0.01
-        print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  MAC reduction {m['mac_reduction']:.2f}  {'ok' if ok else 'too lossy'}",
-              flush=True)
+        pck = probe.pck(frame_features(gated, streams, stream=True), centers, radius)
+        ok = m["quality"] >= base - 0.01 and pck >= base_pck - 0.01
+        print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  probe PCK {pck:.3f}  MAC reduction {m['mac_reduction']:.2f}  "
+              f"{'ok' if ok else 'too lossy'}", flush=True)
         if ok:
-            chosen = (eps, gated)
+            chosen = (eps, gated, pck)
     if chosen is None:
         raise SystemExit("no threshold keeps quality within one point")
-    eps, gated = chosen
+    eps, gated, pck = chosen
 
-    with tempfile.TemporaryDirectory() as tmp:
-        from gatesearch.data import SyntheticConfig, make_clip
-
-        path = Path(tmp) / "clip.mp4"
-        clip_cfg = SyntheticConfig(height=args.size, width=args.size, frames=args.frames, num_directions=args.directions)
-        write_video(path, make_clip(clip_cfg, 0, "test")["clip"])
-        clip = read_frames(path, size=(args.size, args.size))[None]  # decoded: codec noise included
     torch.set_num_threads(args.threads)
-    result = bench_model(dense.eval(), gated.eval(), clip, reset_every=None, repeats=10)
-    result.update(threshold=eps, dense_top1=base, backbone=args.backbone, width=args.width, size=args.size)
+    result = bench_model(dense.eval(), gated.eval(), streams[:1], reset_every=None, repeats=10)
+    result.update(threshold=eps, reference=args.reference, per_value=args.per_value, dense_top1=base, dense_pck=base_pck, pck=pck, backbone=args.backbone,
+                  width=args.width, size=args.size)
     if args.json:
         print(json.dumps(result))
     else:
-        for k in ("threshold", "dense_ms", "gated_ms", "speedup", "mac_reduction", "efficiency", "mean_density", "max_abs_diff"):
+        for k in ("threshold", "dense_pck", "pck", "dense_ms", "gated_ms", "speedup", "mac_reduction", "efficiency",
+                  "mean_density", "max_abs_diff"):
             print(f"{k:>14}: {result[k]:.4g}")
+
+
+@torch.inference_mode()
+def frame_features(model, clips: torch.Tensor, *, stream: bool, batch: int = 8) -> torch.Tensor:
+    """Per-frame pooled features (B, T, D): the dense model in one batch per clip group, a gated one streamed."""
+    from gatesearch.stateful import streaming
+
+    model.eval()
+    out = []
+    for part in clips.split(batch):
+        if stream:
+            with streaming(model):  # state reset at the first frame only: no reference refresh
+                out.append(torch.stack([model.frame(part[:, t]).clone() for t in range(part.shape[1])], 1))
+        else:
+            out.append(model.frame(part.flatten(0, 1)).unflatten(0, part.shape[:2]))
+    return torch.cat(out)
+
+
+class PositionProbe:
+    """Ridge regression from a frame's pooled features to the object centre (x, y) in pixels."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor) -> None:
+        self.mean, self.std, self.weight = mean, std, weight
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, centers: torch.Tensor, ridge: float = 1.0) -> "PositionProbe":
+        x = features.reshape(-1, features.shape[-1]).double()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        return cls(mean, std, torch.linalg.solve(gram, x.T @ centers.reshape(-1, 2).double()))
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.double() - self.mean) / self.std
+        return (torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1) @ self.weight).float()
+
+    def pck(self, features: torch.Tensor, centers: torch.Tensor, radius: float) -> float:
+        return float(((self.predict(features) - centers).norm(dim=-1) <= radius).float().mean())
 
 
 if __name__ == "__main__":

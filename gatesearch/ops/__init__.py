@@ -8,6 +8,7 @@ fallback); ``norm_gate_block_mask`` is the cheap gate; ``block_density`` the
 fraction of output positions recomputed.
 """
 
+from gatesearch.ops.block_ref import BlockReference
 from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_, sparse_step
 from gatesearch.ops.crossover import calibrate as calibrate_crossover
 from gatesearch.ops.crossover import crossover_density
@@ -24,6 +25,7 @@ def native_available() -> bool:
 
 
 __all__ = [
+    "BlockReference",
     "PATHS",
     "ConvGeometry",
     "accumulate_block_sparse_",

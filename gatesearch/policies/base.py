@@ -26,17 +26,19 @@ class Policy:
 
     #: joint-space parameters this gate takes -> default search domain (YAML form)
     params: ClassVar[dict[str, Any]] = {}
+    #: optional knobs (not searched) -> default value
+    options: ClassVar[dict[str, Any]] = {}
     #: True when the gate has trainable parameters, so training must stream frames through it
     trains_gates: ClassVar[bool] = False
 
     def __init__(self, **knobs: Any) -> None:
-        unknown = set(knobs) - set(self.params)
+        unknown = set(knobs) - set(self.params) - set(self.options)
         if unknown:
             raise ValueError(f"gate {self.name!r} does not take {sorted(unknown)[0]!r}")
         missing = set(self.params) - set(knobs)
         if missing:
             raise ValueError(f"gate {self.name!r} needs {sorted(missing)[0]!r}")
-        self.knobs = knobs
+        self.knobs = {**self.options, **knobs}
 
     @property
     def name(self) -> str:

@@ -5,6 +5,14 @@ l1 norm of the residual over its kernel support exceeds ε. Output-Norm gate
 (Eq. 7): the same norm times ‖w‖₁ (over all four weight dimensions), a Young's
 inequality bound on the norm of w * r (Eq. 6). One ε is shared by all layers;
 round(σ(s - ε)) is 1 exactly when s > ε.
+
+Two options go beyond the paper. ``per_value``: ε is per input value, so a
+layer's threshold is ε × C_in·k_h·k_w, the size of the support the norm sums
+over. The paper shares one ε and leaves layer-specific ones open (Section
+3.2.1); with one shared sum, deep layers (C_in·k² up to 4608 in ResNet-18)
+never skip. ``reference="block"``: residuals against each block's last
+computed input instead of the previous frame (``ops.block_ref``), so skipped
+changes accumulate instead of being lost.
 """
 
 from __future__ import annotations
@@ -17,43 +25,61 @@ from .skipconv import Gate, SkipConv2d, convert_convs
 
 
 class NormGate(Gate):
-    def __init__(self, threshold: float, *, output_norm: bool) -> None:
+    def __init__(self, threshold: float, *, output_norm: bool, per_value: bool = False) -> None:
         super().__init__()
         self.threshold = float(threshold)
         self.output_norm = output_norm
+        self.per_value = per_value
 
     def _args(self, layer: SkipConv2d) -> dict:
         c = layer.conv
         scale = float(c.weight.detach().abs().sum()) if self.output_norm else 1.0
+        support = c.in_channels * c.kernel_size[0] * c.kernel_size[1] if self.per_value else 1
         return dict(kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
-                    block_size=layer.block_size, threshold=self.threshold, scale=scale)
+                    block_size=layer.block_size, threshold=self.threshold * support, scale=scale)
 
     def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
         from gatesearch import ops
 
         return ops.norm_gate_block_mask(r, **self._args(layer))
 
-    def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw):
+    def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw, reference=None):
         from gatesearch import ops
 
-        gate = ops.norm_gate(x, out_hw=out_hw, **self._args(layer))  # reads (x, x_prev): no residual tensor
+        args = self._args(layer)
+        if reference is not None:
+            return lambda x_, x_prev: (reference.gate(x_, threshold=args["threshold"], scale=args["scale"]), None)
+        gate = ops.norm_gate(x, out_hw=out_hw, **args)  # reads (x, x_prev): no residual tensor
         return lambda x_, x_prev: (gate(x_, x_prev), None)
 
     def macs(self, layer: SkipConv2d, in_hw, out_hw) -> float:
         # |r| summed over channels once, then a k_h×k_w box sum per output position
         kh, kw = layer.conv.kernel_size
+        if layer.reference == "block":  # |x - reference| over every block's halo, then the window sums
+            from gatesearch.ops.block_ref import halo
+            from gatesearch.ops.geometry import resolve_geometry
+
+            c = layer.conv
+            geom = resolve_geometry((1, c.in_channels, *in_hw), c.weight.shape, stride=c.stride, padding=c.padding,
+                                    dilation=c.dilation, groups=c.groups, block_size=layer.block_size)
+            ph, pw = halo(geom)
+            return c.in_channels * ph * pw * geom.grid[0] * geom.grid[1] + kh * kw * out_hw[0] * out_hw[1]
         return layer.conv.in_channels * in_hw[0] * in_hw[1] + kh * kw * out_hw[0] * out_hw[1]
 
 
 class _NormPolicy(Policy):
     params = {"threshold": {"low": 0.01, "high": 10.0, "log": True}, "block_size": [1, 2, 4, 8]}
+    options = {"reference": "frame", "per_value": False}
     output_norm = False
 
     def apply(self, model: nn.Module) -> nn.Module:
+        if not isinstance(self.knobs["per_value"], bool):
+            raise ValueError(f"per_value must be true or false, got {self.knobs['per_value']!r}")
+        k = self.knobs
         convert_convs(
             model,
-            lambda conv: NormGate(self.knobs["threshold"], output_norm=self.output_norm),
-            block_size=self.knobs["block_size"],
+            lambda conv: NormGate(k["threshold"], output_norm=self.output_norm, per_value=k["per_value"]),
+            block_size=k["block_size"], reference=k["reference"],
         )
         return model
 

@@ -24,6 +24,9 @@ from gatesearch.affine import next_batch_norms
 from .base import FrameAverages
 
 
+REFERENCES = ("frame", "block")
+
+
 class Gate(nn.Module):
     """Decides which output blocks of a skip-conv layer are recomputed."""
 
@@ -31,9 +34,12 @@ class Gate(nn.Module):
         """Residual (N, Ci, H, W) -> bool block mask (N, ceil(Ho/b), ceil(Wo/b))."""
         raise NotImplementedError
 
-    def plan(self, layer: "SkipConv2d", x: torch.Tensor, out_hw) -> Callable:
+    def plan(self, layer: "SkipConv2d", x: torch.Tensor, out_hw, reference=None) -> Callable:
         """Inference, once per clip: ``(x, x_prev) -> (block mask of r = x - x_prev, r or None)``. A gate
-        that reads the pair itself returns None for r, and the kernels subtract only where a block is active."""
+        that reads the pair itself returns None for r, and the kernels subtract only where a block is active.
+        With an ``ops.BlockReference`` (reference mode "block") the residual is x minus each block's reference."""
+        if reference is not None:
+            raise ValueError(f"{type(self).__name__} cannot gate against block references; reference='block' needs a norm gate")
 
         def frame_mask(x_, x_prev):
             r = x_ - x_prev
@@ -62,13 +68,17 @@ class SkipConv2d(FrameAverages, nn.Module):
     as the skipped work): consumers that keep it across frames must copy it.
     """
 
-    def __init__(self, conv: nn.Conv2d, gate: Gate, *, block_size: int = 1, name: str = "") -> None:
+    def __init__(self, conv: nn.Conv2d, gate: Gate, *, block_size: int = 1, name: str = "",
+                 reference: str = "frame") -> None:
         super().__init__()
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             conv = _explicit_padding(conv)
         self.conv = conv
         self.gate = gate
         self.block_size = block_size
+        self.reference = reference  # "frame": r_t = x_t - x_{t-1} (Eq. 3); "block": see ops.block_ref
         self.name = name
         self.streaming = False
         self.path = "auto"  # "auto" | "sparse" | "dense" (masked dense, the reference)
@@ -133,6 +143,8 @@ class SkipConv2d(FrameAverages, nn.Module):
 
         c, out_hw = self.conv, z.shape[-2:]
         geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+        if self.reference == "block":
+            return self._make_block_plan(x, z, weight, geometry)
         if self.path == "dense":  # the reference formulation, as research code runs it
             def step(z_, r, mask, r_prev=None):
                 ops.accumulate_masked_dense_(z_, r if r_prev is None else r - r_prev, weight, mask, **geometry)
@@ -140,6 +152,29 @@ class SkipConv2d(FrameAverages, nn.Module):
         else:
             step = ops.sparse_step(z, x, weight, path=self.path, **geometry)
         plan = (self.gate.plan(self, x, out_hw), step, self.gate.macs(self, x.shape[-2:], out_hw))
+        self.__dict__["_plan"] = plan
+        return plan
+
+    def _make_block_plan(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, geometry: dict) -> tuple:
+        """Reference mode "block": references filled from the clip's reference frame (x_prev here)."""
+        from gatesearch import ops
+
+        geom = ops.resolve_geometry(x.shape, weight.shape, **geometry)
+        reference = ops.BlockReference(self.x_prev, geom)
+        bias = self._fold_cache[2] if self.folded else self.conv.bias
+        total = x.shape[0] * geom.out_hw[0] * geom.out_hw[1]
+        if self.path == "auto":
+            from gatesearch.ops.crossover import crossover_density
+
+            max_rows = int(crossover_density(geom, batch=x.shape[0], channels_last=not x.is_contiguous()) * total)
+        else:
+            max_rows = total if self.path == "sparse" else -1  # "dense": the masked dense formulation every frame
+
+        def step(z_, x_, mask, x_prev=None):
+            return reference.step(z_, x_, weight, bias, mask, max_rows=max_rows)
+
+        gate = self.gate.plan(self, x, geom.out_hw, reference=reference)
+        plan = (gate, step, self.gate.macs(self, x.shape[-2:], geom.out_hw))
         self.__dict__["_plan"] = plan
         return plan
 
@@ -236,7 +271,7 @@ def _explicit_padding(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
-def convert_convs(model: nn.Module, make_gate, *, block_size: int) -> list[SkipConv2d]:
+def convert_convs(model: nn.Module, make_gate, *, block_size: int, reference: str = "frame") -> list[SkipConv2d]:
     """Replace every ``Conv2d`` of ``model`` by a ``SkipConv2d`` (in place).
 
     In-place activations are switched off: a skip-conv returns its own state
@@ -247,7 +282,7 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int) -> list[SkipC
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if type(child) is nn.Conv2d:
-                layer = SkipConv2d(child, make_gate(child), block_size=block_size, name=full)
+                layer = SkipConv2d(child, make_gate(child), block_size=block_size, name=full, reference=reference)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
     if not layers:

@@ -80,6 +80,42 @@ struct Block {
   int64_t n, oy0, oy1, ox0, ox1, m0;
 };
 
+// Per-block references (the "block" reference mode): every output block keeps
+// the input halo it was last computed from, (Hb*Wb*N) slots of (P_h, P_w, Ci)
+// channel-minor floats, P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the
+// leading ph*pw*Ci floats of their slot. The residual of a block is then
+// x - (its own last input), so changes below the gate's threshold accumulate
+// until they count instead of being dropped frame after frame.
+struct BlockRef {
+  float* data = nullptr;
+  int64_t slot = 0, Bh = 0, Bw = 0, b = 1;
+  float* at(const Block& bl) const { return data + ((bl.n * Bh + bl.oy0 / b) * Bw + bl.ox0 / b) * slot; }
+};
+
+int64_t halo_len(int64_t b, int64_t k, int64_t s, int64_t d) { return (b - 1) * s + (k - 1) * d + 1; }
+
+BlockRef block_ref(const at::Tensor& ref, const Conv& cv, int64_t N, int64_t Ci) {
+  TORCH_CHECK(ref.is_contiguous() && ref.scalar_type() == at::kFloat && ref.device().is_cpu(),
+              "skip_conv: block reference must be a contiguous fp32 CPU tensor");
+  BlockRef br;
+  br.b = cv.b;
+  br.Bh = (cv.Ho + cv.b - 1) / cv.b;
+  br.Bw = (cv.Wo + cv.b - 1) / cv.b;
+  br.slot = halo_len(cv.b, cv.kh, cv.sh, cv.dh) * halo_len(cv.b, cv.kw, cv.sw, cv.dw) * Ci;
+  TORCH_CHECK(ref.numel() == N * br.Bh * br.Bw * br.slot, "skip_conv: block reference has the wrong size");
+  br.data = ref.data_ptr<float>();
+  return br;
+}
+
+// patch <- patch - ref, ref <- old patch: the block's residual, and its new reference.
+inline void diff_and_refresh(float* __restrict patch, float* __restrict ref, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = patch[i];
+    patch[i] = v - ref[i];
+    ref[i] = v;
+  }
+}
+
 std::vector<Block> list_blocks(const at::Tensor& mask, const Conv& cv, int64_t* rows) {
   const at::Tensor m = mask.contiguous();
   const bool* p = m.data_ptr<bool>();
@@ -291,12 +327,12 @@ void load_patch(const float* rp, const float* pp, const Strides& rs, int64_t Ci,
 // (tap, channel-in-group) so every tap copies Cg contiguous floats; then one
 // GEMM (G == 1) or batched GEMM against the weight packed as (G, T*Cg, Cog).
 // Returns out (G, M, Cog).
-at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const at::Tensor& wpack, const std::vector<Block>& blocks,
-                       const Conv& cv, int64_t M) {
+at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
+                       const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), G = cv.groups, Cg = Ci / G;
   const int64_t T = cv.kh * cv.kw, Kg = T * Cg;
   const Strides rs(r);
-  const bool direct = rs.c == 1 || Ci == 1;  // channel vectors already contiguous
+  const bool direct = (rs.c == 1 || Ci == 1) && !ref;  // channel vectors already contiguous
   const float* rp = r.data_ptr<float>();
   at::Tensor cols = at::empty({G, M, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
   float* cp = cols.data_ptr<float>();
@@ -308,6 +344,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const at::Tensor& w
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       int64_t m = bl.m0;
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m)
@@ -346,7 +383,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const at::Tensor& w
 // cache, which also bounds the scratch memory for big layers.
 constexpr int64_t kChunkBytes = 1024 * 1024;
 
-void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Tensor& wpack,
+void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
                          const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t K = cv.kh * cv.kw * r.size(1);
   const int64_t max_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
@@ -362,7 +399,7 @@ void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, co
       part.back().m0 -= base;
       rows += (blocks[start].oy1 - blocks[start].oy0) * (blocks[start].ox1 - blocks[start].ox0);
     }
-    const at::Tensor out = gather_gemm(r, pp, wpack, part, cv, rows);  // (G, rows, Cog)
+    const at::Tensor out = gather_gemm(r, pp, ref, wpack, part, cv, rows);  // (G, rows, Cog)
     // (G, rows, Cog) -> (rows, Co): free when G == 1
     const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
     scatter_add(z, part, flat.data_ptr<float>());
@@ -405,11 +442,11 @@ inline void depthwise_point(const float* const* in, const float* const* w, int64
 // Depthwise (one input channel per group): direct loops, no GEMM. Weight
 // packed (T, Co), Co = Ci * mult. channels_last residuals are read in place;
 // NCHW ones go through the same per-block channel-minor patch as the GEMM path.
-void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Tensor& wpack,
+void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
                const std::vector<Block>& blocks, const Conv& cv) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), Co = z.size(1), mult = Co / Ci;
   const Strides rs(r), zs(z);
-  const bool direct = (rs.c == 1 || Ci == 1) && !pp;  // a residual pair goes through the patch (subtracted there)
+  const bool direct = (rs.c == 1 || Ci == 1) && !pp && !ref;  // residual pairs and references go through the patch
   const float* rp = r.data_ptr<float>();
   const float* wp = wpack.data_ptr<float>();
   float* zp = z.data_ptr<float>();
@@ -422,6 +459,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Te
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
           int64_t taps = 0;
@@ -450,7 +488,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const at::Te
 // Dense path tail: z += out on the active blocks only (no float mask tensor).
 // ---------------------------------------------------------------------------
 
-void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, int64_t block) {
+void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, int64_t block, bool copy) {
   check_dense_fp32(z, "z");
   check_dense_fp32(out, "out");
   TORCH_CHECK(z.sizes() == out.sizes(), "masked_add_: z and out differ in shape");
@@ -476,18 +514,111 @@ void masked_add_(at::Tensor& z, const at::Tensor& out, const at::Tensor& mask, i
           for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
             float* dst = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
             const float* src = op + bl.n * os.n + oy * os.h + ox * os.w;
-            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+            if (copy)
+              std::memcpy(dst, src, C * sizeof(float));
+            else
+              for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
           }
       } else {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy) {
             float* dst = zp + bl.n * zs.n + c * zs.c + oy * zs.h;
             const float* src = op + bl.n * os.n + c * os.c + oy * os.h;
-            for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) dst[ox * zs.w] += src[ox * os.w];
+            if (copy)
+              for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) dst[ox * zs.w] = src[ox * os.w];
+            else
+              for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) dst[ox * zs.w] += src[ox * os.w];
           }
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------
+// Block references: fill them, refresh the active ones, gate against them.
+// ---------------------------------------------------------------------------
+
+template <typename F>
+void for_blocks(const Conv& cv, int64_t N, const bool* mask, int64_t floats_per_block, F&& fn) {
+  const int64_t Bh = (cv.Ho + cv.b - 1) / cv.b, Bw = (cv.Wo + cv.b - 1) / cv.b;
+  at::parallel_for(0, N * Bh * Bw, grain(floats_per_block), [&](int64_t lo, int64_t hi) {
+    std::vector<float> patch;
+    for (int64_t i = lo; i < hi; ++i) {
+      if (mask && !mask[i]) continue;
+      const int64_t n = i / (Bh * Bw), by = (i / Bw) % Bh, bx = i % Bw;
+      const int64_t oy0 = by * cv.b, ox0 = bx * cv.b;
+      const Block bl{n, oy0, std::min(oy0 + cv.b, cv.Ho), ox0, std::min(ox0 + cv.b, cv.Wo), 0};
+      fn(bl, patch);
+    }
+  });
+}
+
+// ref[block] <- halo of x for every block (mask undefined) or the active ones.
+void refresh_block_ref_(at::Tensor& ref_t, const at::Tensor& x, const c10::optional<at::Tensor>& mask_in,
+                        c10::IntArrayRef geom) {
+  const Conv cv = parse_conv(geom);
+  check_dense_fp32(x, "x");
+  const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
+  const BlockRef ref = block_ref(ref_t, cv, N, Ci);
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) mask = mask_in->contiguous();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const Strides xs(x);
+  const float* xp = x.data_ptr<float>();
+  for_blocks(cv, N, mp, ref.slot, [&](const Block& bl, std::vector<float>& patch) {
+    const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
+    const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+    load_patch(xp, nullptr, xs, Ci, H, W, bl.n, bl.oy0 * cv.sh - cv.ph, bl.ox0 * cv.sw - cv.pw, ph, pw, patch);
+    std::memcpy(ref.at(bl), patch.data(), ph * pw * Ci * sizeof(float));
+  });
+}
+
+// Eq. 5 / 7 against the block references: a block is active when one of its
+// outputs sees scale * sum |x - ref[block]| over its support above threshold.
+at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::IntArrayRef geom, double threshold,
+                          double scale) {
+  const Conv cv = parse_conv(geom);
+  check_dense_fp32(x, "x");
+  const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
+  const BlockRef ref = block_ref(ref_t, cv, N, Ci);
+  const Strides xs(x);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor out = at::zeros({N, ref.Bh, ref.Bw}, at::kBool);
+  bool* o = out.data_ptr<bool>();
+  const float thr = static_cast<float>(threshold), sc = static_cast<float>(scale);
+  for_blocks(cv, N, nullptr, ref.slot, [&](const Block& bl, std::vector<float>& patch) {
+    const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
+    const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+    load_patch(xp, nullptr, xs, Ci, H, W, bl.n, bl.oy0 * cv.sh - cv.ph, bl.ox0 * cv.sw - cv.pw, ph, pw, patch);
+    const float* old = ref.at(bl);
+    std::vector<float> a(ph * pw);  // per halo position: sum_c |x - ref|
+    for (int64_t i = 0; i < ph * pw; ++i) {
+      const float* p = patch.data() + i * Ci;
+      const float* q = old + i * Ci;
+      f32x16 acc = {};
+      int64_t c = 0;
+      float s = 0.f;
+      for (; c + 16 <= Ci; c += 16) {
+        const f32x16 v = load16(p + c) - load16(q + c);
+        acc += v < 0 ? -v : v;
+      }
+      for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
+      for (int j = 0; j < 16; ++j) s += acc[j];
+      a[i] = s;
+    }
+    bool active = false;
+    for (int64_t oy = bl.oy0; oy < bl.oy1 && !active; ++oy)
+      for (int64_t ox = bl.ox0; ox < bl.ox1 && !active; ++ox) {
+        float s = 0.f;
+        for (int64_t ky = 0; ky < cv.kh; ++ky) {
+          const float* row = a.data() + ((oy - bl.oy0) * cv.sh + ky * cv.dh) * pw + (ox - bl.ox0) * cv.sw;
+          for (int64_t kx = 0; kx < cv.kw; ++kx) s += row[kx * cv.dw];
+        }
+        active = s * sc > thr;
+      }
+    o[(bl.n * ref.Bh + bl.oy0 / cv.b) * ref.Bw + bl.ox0 / cv.b] = active;
+  });
+  return out;
 }
 
 // Output positions the mask recomputes (partial edge blocks by their real size), over the batch.
@@ -516,7 +647,7 @@ enum Kind : int64_t { kGemm = 0, kDepthwise = 1 };
 // the dense path: the crossover decision costs no extra pass over the mask).
 int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const at::Tensor& mask,
                                  c10::IntArrayRef geom, int64_t kind, int64_t max_rows,
-                                 const c10::optional<at::Tensor>& r_prev) {
+                                 const c10::optional<at::Tensor>& r_prev, const c10::optional<at::Tensor>& ref_in) {
   const Conv cv = parse_conv(geom);
   check_dense_fp32(z, "z");
   check_dense_fp32(r, "r");
@@ -530,16 +661,20 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   TORCH_CHECK(cv.groups > 0 && Ci % cv.groups == 0 && Co % cv.groups == 0, "skip_conv: bad groups");
   TORCH_CHECK(wpack.numel() == Co * (Ci / cv.groups) * cv.kh * cv.kw, "skip_conv: packed weight has the wrong size");
   const float* pp = prev_ptr(r, r_prev);
+  TORCH_CHECK(!(pp && ref_in.has_value()), "skip_conv: give r_prev or a block reference, not both");
+  BlockRef ref;
+  if (ref_in.has_value() && ref_in->defined()) ref = block_ref(*ref_in, cv, N, Ci);
+  const BlockRef* rf = ref.data ? &ref : nullptr;
   int64_t M = 0;
   const std::vector<Block> blocks = list_blocks(mask, cv, &M);
   if (M > max_rows) return -1;
   if (M == 0) return 0;
   switch (kind) {
     case kGemm:
-      gather_gemm_scatter(z, r, pp, wpack, blocks, cv, M);
+      gather_gemm_scatter(z, r, pp, rf, wpack, blocks, cv, M);
       break;
     case kDepthwise:
-      depthwise(z, r, pp, wpack, blocks, cv);
+      depthwise(z, r, pp, rf, wpack, blocks, cv);
       break;
     default:
       TORCH_CHECK(false, "skip_conv: unknown kernel kind ", kind);
@@ -553,9 +688,11 @@ TORCH_LIBRARY(gatesearch_skipconv, m) {
   m.def("gate_block_mask(Tensor r, int[] geometry, float threshold, float scale, Tensor? r_prev=None) -> Tensor");
   m.def(
       "block_sparse_accumulate_(Tensor(a!) z, Tensor r, Tensor wpack, Tensor mask, int[] geometry, int kind, "
-      "int max_rows, Tensor? r_prev=None) -> int");
+      "int max_rows, Tensor? r_prev=None, Tensor(b!)? block_ref=None) -> int");
+  m.def("refresh_block_ref_(Tensor(a!) ref, Tensor x, Tensor? mask, int[] geometry) -> ()");
+  m.def("gate_block_ref(Tensor x, Tensor ref, int[] geometry, float threshold, float scale) -> Tensor");
   m.def("active_positions(Tensor mask, int block, int Ho, int Wo) -> int");
-  m.def("masked_add_(Tensor(a!) z, Tensor out, Tensor mask, int block) -> ()");
+  m.def("masked_add_(Tensor(a!) z, Tensor out, Tensor mask, int block, bool copy=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gatesearch_skipconv, CPU, m) {
@@ -563,4 +700,6 @@ TORCH_LIBRARY_IMPL(gatesearch_skipconv, CPU, m) {
   m.impl("block_sparse_accumulate_", &block_sparse_accumulate_);
   m.impl("masked_add_", &masked_add_);
   m.impl("active_positions", &active_positions);
+  m.impl("refresh_block_ref_", &refresh_block_ref_);
+  m.impl("gate_block_ref", &gate_block_ref);
 }
