@@ -202,7 +202,8 @@ def run(artifact_dir, video, frames, reset_every, as_json):
 @click.option("--gate", default="input_norm", show_default=True, help="Gate registry name.")
 @click.option("--threshold", type=float, help="ε of the norm gates.")
 @click.option("--block-size", type=int, help="Mask block size b.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Any other gate parameter.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Any other gate parameter or option (e.g. -p reference=block -p per_value=true).")
 @click.option("--artifact", type=click.Path(path_type=Path), help="Bench an exported model (its gate and weights) instead.")
 @click.option("--video", type=click.Path(path_type=Path), help="Clip to stream (default: a synthetic clip).")
 @click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True)
@@ -272,13 +273,17 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
             raise click.ClickException(f"--param: {item!r} is not KEY=VALUE")
         knobs[key] = _number(value)
     takes = POLICIES.get(gate).params
+    accepted = [*takes, *POLICIES.get(gate).options]
     for key in knobs:
-        if key not in takes:
-            raise click.ClickException(f"gate {gate!r} does not take {key!r} (it takes {', '.join(takes) or 'nothing'})")
+        if key not in accepted:
+            raise click.ClickException(f"gate {gate!r} does not take {key!r} (it takes {', '.join(accepted) or 'nothing'})")
     for key, default in takes.items():  # unset knobs: the low end of the gate's default range
         knobs.setdefault(key, default["low"] if isinstance(default, dict) else default[0] if isinstance(default, list) else default)
     dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
-    gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
+    try:
+        gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
+    except ValueError as e:  # a knob value the gate cannot take
+        raise click.ClickException(str(e)) from None
     return dense, gated, (size, size), (backbone, gate)
 
 
@@ -294,6 +299,8 @@ def _dense_state(gated) -> dict:
 
 
 def _number(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)

@@ -100,3 +100,12 @@ def test_bench_layer_json(cli):
 
 def test_bench_bad_param(cli):
     one_line_error(cli("bench", "--gate", "input_norm", "-p", "beta=1"), "does not take 'beta'")
+    one_line_error(cli("bench", "--gate", "input_norm", "-p", "reference=last"), "reference must be one of frame, block")
+
+
+def test_bench_block_reference_option(cli):
+    r = cli("bench", "--gate", "input_norm", "--threshold", "0.05", "--block-size", "2", "-p", "reference=block",
+            "-p", "per_value=true", "--size", "32", "--frames", "6", "--repeats", "2", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["max_abs_diff"] <= 1e-4 and out["mac_reduction"] > 1.0

@@ -174,3 +174,82 @@ def test_batch_norm_folds_into_the_skip_conv_while_streaming(backbone):
     calls.clear()
     model.train().stream(clip[:, :2])
     assert calls and not any(calls)  # training statistics cannot be folded
+
+
+# ---------------------------------------------------------------------------
+# reference="block": residuals against each block's last computed input
+# ---------------------------------------------------------------------------
+
+
+def _moving_clip(frames=12, size=40):
+    """A textured still background with a small patch drifting one pixel per frame (slow, sub-threshold
+    changes per frame: what Eq. 3 loses and the block reference accumulates)."""
+    from gatesearch.data import SyntheticConfig, make_clip
+
+    return make_clip(SyntheticConfig(height=size, width=size, frames=frames, seed=3, camera_motion=0.0, noise=0.0),
+                     2, "test")["clip"][None]
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18_tiny", "mobilenet_v2_tiny", "hrnet_small"])
+@pytest.mark.parametrize("path", ["sparse", "auto"])
+def test_block_reference_keeps_everything_and_matches_masked_dense(backend, backbone, path):
+    """ε = 0 reproduces the dense net; at ε > 0 the skipping kernels equal the masked dense formulation
+    (z[active] = conv(x)[active]) frame by frame, on the C++ kernels and on the PyTorch fallback."""
+    from gatesearch.ops import _native
+
+    if backend == "native" and not _native.available():
+        pytest.skip("C++ kernels unavailable")
+    clip = _moving_clip()
+    with (_native.disabled() if backend == "torch" else torch.inference_mode()), torch.inference_mode():
+        for threshold in (0.0, 0.05):
+            model = gated(backbone, "input_norm", threshold=threshold, block_size=4, reference="block", per_value=True)
+            for layer in skip_layers(model):
+                layer.path = path
+            fast = model.stream(clip)
+            for layer in skip_layers(model):
+                layer.path = "dense"
+            masked = model.stream(clip)
+            assert (fast - masked).abs().max().item() <= 1e-4
+            if threshold == 0.0:
+                assert (fast - model(clip)).abs().max().item() <= 1e-4
+            else:
+                assert min(l.density for l in skip_layers(model)) < 0.5, "ε > 0 must skip"
+
+
+def test_block_reference_bounds_the_drift_that_eq3_accumulates():
+    """A slow ramp, below ε per frame: Eq. 3 (reference="frame") drops it every frame and the output drifts
+    without bound; the block reference accumulates it until the gate fires, so the error stays bounded."""
+    from gatesearch.policies.norm_gates import NormGate
+    from gatesearch.policies.skipconv import SkipConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x0, step = torch.randn(1, 4, 12, 12), torch.full((1, 4, 12, 12), 0.02)  # per frame: 36 * 0.02 = 0.72 < ε
+    errors = {}
+    for reference in ("frame", "block"):
+        layer = SkipConv2d(nn.Conv2d(4, 6, 3, padding=1), NormGate(1.0, output_norm=False), block_size=2,
+                           reference=reference).eval()
+        layer.conv.load_state_dict(conv.state_dict())
+        with torch.inference_mode(), streaming(layer):
+            for t in range(40):
+                out = layer(x0 + t * step).clone()
+            errors[reference] = (out - conv(x0 + 39 * step)).abs().max().item()
+    bound = (1.0 + 0.72) * conv.weight.abs().amax().item()  # one window's pending change: at most ε plus a step
+    assert errors["block"] <= bound < errors["frame"], errors
+
+
+def test_per_value_threshold_scales_with_the_support():
+    model = gated("tiny", "input_norm", threshold=0.1, block_size=2, per_value=True)
+    for layer in skip_layers(model):
+        c = layer.conv
+        assert layer.gate._args(layer)["threshold"] == pytest.approx(0.1 * c.in_channels * c.kernel_size[0] * c.kernel_size[1])
+
+
+def test_bad_reference_options_fail_with_one_line():
+    with pytest.raises(ValueError, match="reference must be one of frame, block"):
+        gated("tiny", "input_norm", threshold=0.1, block_size=2, reference="last")
+    with pytest.raises(ValueError, match="per_value must be true or false"):
+        gated("tiny", "input_norm", threshold=0.1, block_size=2, per_value="yes")
+    with pytest.raises(ValueError, match="does not take 'reference'"):
+        build_policy("gumbel", beta=1.0, block_size=2, reference="block")
