@@ -473,3 +473,50 @@ def test_native_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("GATESEARCH_NATIVE", "0")
     assert not _native.available()
     assert not ops.native_available()
+
+
+# ---------------------------------------------------------------------------
+# BlockReference (reference mode "block")
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["3x3", "stride2", "dilation2", "depthwise", "grouped", "1x1", "k5_pad2_stride2",
+                                  "one_in_channel", "asymmetric"])
+def test_block_reference_matches_the_fallback_and_the_dense_conv(name, layout):
+    """C++ and PyTorch block references give the same masks and outputs frame after frame; the sparse step equals
+    z[active] = conv(x)[active]; at threshold 0 the stream stays the dense conv of the current frame."""
+    if not _native.available():
+        pytest.skip("C++ kernels unavailable")
+    case = CASES[name]
+    x, weight, _, geom = make_layer(case, 4, fmt=LAYOUTS[layout])
+    gen = torch.Generator().manual_seed(9)
+    frames = [x]
+    for _ in range(4):
+        bump = torch.randn(x.shape, generator=gen) * (torch.rand(x.shape[0], 1, *x.shape[2:], generator=gen) > 0.85)
+        frames.append((frames[-1] + bump).contiguous(memory_format=LAYOUTS[layout]))
+    for threshold in (0.0, 12.0):
+        z, skipped = {}, False
+        refs = {}
+        for backend in ("native", "torch"):
+            with (_native.disabled() if backend == "torch" else torch.no_grad()):
+                refs[backend] = ops.BlockReference(x, geom)
+            z[backend] = F.conv2d(x, weight, None, **case.conv).contiguous(memory_format=LAYOUTS[layout])
+        z_masked = z["native"].clone()
+        masked_ref = ops.BlockReference(x, geom)
+        for frame in frames[1:]:
+            masks = {}
+            for backend in ("native", "torch"):
+                with (_native.disabled() if backend == "torch" else torch.no_grad()):
+                    masks[backend] = refs[backend].gate(frame, threshold=threshold)
+                    refs[backend].step(z[backend], frame, weight, None, masks[backend], max_rows=10**9)
+            assert torch.equal(masks["native"], masks["torch"])
+            skipped |= not bool(masks["native"].all())
+            masked_ref.recompute(z_masked, frame, weight, None, masked_ref.gate(frame, threshold=threshold))
+            assert (z["native"] - z["torch"]).abs().max().item() <= TOL
+            assert (z["native"] - z_masked).abs().max().item() <= TOL
+        if threshold == 0.0:
+            dense = F.conv2d(frames[-1], weight, None, **case.conv)
+            assert (z["native"] - dense).abs().max().item() <= TOL
+        else:
+            assert skipped, "threshold 12 must skip some block"

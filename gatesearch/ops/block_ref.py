@@ -13,8 +13,9 @@ reference)[block] holds exactly, so the error of every output stays bounded
 by the gate instead of growing with the stream.
 
 Memory: (b-1)s + (k-1)d + 1 squared halo floats per block and channel, about
-2.25x the input for 3x3 convs in 4x4 blocks. The C++ kernels keep the halos
-channel-minor; the PyTorch fallback keeps ``unfold``'s layout.
+2.25x the input for 3x3 convs in 4x4 blocks. The C++ kernels keep each halo
+in x's layout (channel-major for NCHW, channel-minor for channels_last), since
+the gate reads every halo every frame; the PyTorch fallback keeps ``unfold``'s.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class BlockReference:
     def __init__(self, x: torch.Tensor, geom: ConvGeometry) -> None:
         self.geom = geom
         self.native = _native.usable(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        # the C++ halos follow the reference frame's layout; later frames are read in that layout
+        self.layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         if self.native:
             hb, wb = geom.grid
             ph, pw = halo(geom)
@@ -52,8 +55,7 @@ class BlockReference:
     def gate(self, x: torch.Tensor, *, threshold: float, scale: float = 1.0) -> torch.Tensor:
         """Bool (N, Hb, Wb): blocks with an output whose scale * ||x - reference||_1 over its support > threshold."""
         if self.native:
-            x = x if _dense(x) else x.contiguous()
-            return _native.ops().gate_block_ref(x, self.ref, self.geom.ints(), float(threshold), float(scale))
+            return _native.ops().gate_block_ref(self._layout(x), self.ref, self.geom.ints(), float(threshold), float(scale))
         g = self.geom
         d = (self._halos(x) - self.ref).abs()  # (N, C*Ph*Pw, L)
         n, _, blocks = d.shape
@@ -71,7 +73,8 @@ class BlockReference:
         """z[active] += conv(x - reference)[active], references of active blocks <- x; returns the positions
         recomputed, or -1 when it ran the dense conv instead (more than ``max_rows``; the result is the same)."""
         g = self.geom
-        if self.native and _native.usable(z, x, weight) and _dense(x) and _dense(z):
+        if self.native and _native.usable(z, x, weight) and _dense(z):
+            x = self._layout(x)
             kind = kernel_kind(in_per_group=g.in_channels // g.groups)
             rows = _native.ops().block_sparse_accumulate_(
                 z, x, packed_weight(weight, kind, g.groups), mask, g.ints(), int(kind), max_rows, None, self.ref)
@@ -88,16 +91,19 @@ class BlockReference:
         out = F.conv2d(x, weight, bias, **g.conv_args())
         if self.native and _native.usable(z, out) and _dense(z) and _dense(out):
             _native.ops().masked_add_(z, out, mask, g.block, True)
-            _native.ops().refresh_block_ref_(self.ref, x.contiguous() if not _dense(x) else x, mask, g.ints())
+            _native.ops().refresh_block_ref_(self.ref, self._layout(x), mask, g.ints())
             return
         keep = upsample_block_mask(mask, g.block, g.out_hw)  # (N, 1, Ho, Wo)
         z.copy_(torch.where(keep, out, z))
         if self.native:  # operands off the fast path this once; the references stay in their C++ layout
-            _native.ops().refresh_block_ref_(self.ref, x.contiguous(), mask, g.ints())
+            _native.ops().refresh_block_ref_(self.ref, self._layout(x), mask, g.ints())
         else:
             self.ref = torch.where(mask.flatten(1)[:, None, :], self._halos(x), self.ref)
 
     # -- helpers ----------------------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.layout)
+
     def _halos(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C*Ph*Pw, Hb*Wb): every block's halo, zeros where the conv reads padding."""
         g = self.geom

@@ -81,20 +81,24 @@ struct Block {
 };
 
 // Per-block references (the "block" reference mode): every output block keeps
-// the input halo it was last computed from, (Hb*Wb*N) slots of (P_h, P_w, Ci)
-// channel-minor floats, P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the
-// leading ph*pw*Ci floats of their slot. The residual of a block is then
+// the input halo it was last computed from, N*Hb*Wb slots of P_h*P_w*Ci floats,
+// P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the leading ph*pw*Ci
+// floats of their slot. The layout follows x so the gate, which reads every
+// halo every frame, streams both contiguously: (Ci, ph, pw) for NCHW x
+// ("cmajor"), (ph, pw, Ci) for channels_last. The residual of a block is then
 // x - (its own last input), so changes below the gate's threshold accumulate
 // until they count instead of being dropped frame after frame.
 struct BlockRef {
   float* data = nullptr;
   int64_t slot = 0, Bh = 0, Bw = 0, b = 1;
+  bool cmajor = false;
   float* at(const Block& bl) const { return data + ((bl.n * Bh + bl.oy0 / b) * Bw + bl.ox0 / b) * slot; }
 };
 
 int64_t halo_len(int64_t b, int64_t k, int64_t s, int64_t d) { return (b - 1) * s + (k - 1) * d + 1; }
 
-BlockRef block_ref(const at::Tensor& ref, const Conv& cv, int64_t N, int64_t Ci) {
+BlockRef block_ref(const at::Tensor& ref, const Conv& cv, const at::Tensor& x) {
+  const int64_t N = x.size(0), Ci = x.size(1);
   TORCH_CHECK(ref.is_contiguous() && ref.scalar_type() == at::kFloat && ref.device().is_cpu(),
               "skip_conv: block reference must be a contiguous fp32 CPU tensor");
   BlockRef br;
@@ -104,16 +108,28 @@ BlockRef block_ref(const at::Tensor& ref, const Conv& cv, int64_t N, int64_t Ci)
   br.slot = halo_len(cv.b, cv.kh, cv.sh, cv.dh) * halo_len(cv.b, cv.kw, cv.sw, cv.dw) * Ci;
   TORCH_CHECK(ref.numel() == N * br.Bh * br.Bw * br.slot, "skip_conv: block reference has the wrong size");
   br.data = ref.data_ptr<float>();
+  br.cmajor = Ci > 1 && x.stride(1) != 1;
   return br;
 }
 
-// patch <- patch - ref, ref <- old patch: the block's residual, and its new reference.
-inline void diff_and_refresh(float* __restrict patch, float* __restrict ref, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = patch[i];
-    patch[i] = v - ref[i];
-    ref[i] = v;
+// patch (positions x Ci, channel-minor) <- patch - ref, ref <- old patch: the block's residual and its new
+// reference; ref is (Ci, positions) when cmajor.
+inline void diff_and_refresh(float* __restrict patch, float* __restrict ref, int64_t positions, int64_t Ci,
+                             bool cmajor) {
+  if (!cmajor) {
+    for (int64_t i = 0; i < positions * Ci; ++i) {
+      const float v = patch[i];
+      patch[i] = v - ref[i];
+      ref[i] = v;
+    }
+    return;
   }
+  for (int64_t c = 0; c < Ci; ++c)
+    for (int64_t i = 0; i < positions; ++i) {
+      const float v = patch[i * Ci + c];
+      patch[i * Ci + c] = v - ref[c * positions + i];
+      ref[c * positions + i] = v;
+    }
 }
 
 std::vector<Block> list_blocks(const at::Tensor& mask, const Conv& cv, int64_t* rows) {
@@ -344,7 +360,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
-      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw, Ci, ref->cmajor);
       int64_t m = bl.m0;
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m)
@@ -459,7 +475,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockR
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
-      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw, Ci, ref->cmajor);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
           int64_t taps = 0;
@@ -553,23 +569,50 @@ void for_blocks(const Conv& cv, int64_t N, const bool* mask, int64_t floats_per_
   });
 }
 
+// The halo of one block in the reference layout (zeros where the conv reads padding).
+void read_halo(const float* xp, const Strides& xs, int64_t Ci, int64_t H, int64_t W, const Block& bl, const Conv& cv,
+               bool cmajor, float* dst, int64_t* ph_out, int64_t* pw_out) {
+  const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
+  const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
+  const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+  *ph_out = ph;
+  *pw_out = pw;
+  const bool edge = iy0 < 0 || ix0 < 0 || iy0 + ph > H || ix0 + pw > W;
+  if (edge) std::fill(dst, dst + ph * pw * Ci, 0.f);
+  const int64_t y_lo = std::max<int64_t>(0, -iy0), y_hi = std::min(ph, H - iy0);
+  const int64_t x_lo = std::max<int64_t>(0, -ix0), x_hi = std::min(pw, W - ix0);
+  if (x_hi <= x_lo) return;
+  for (int64_t py = y_lo; py < y_hi; ++py) {
+    const float* row = xp + bl.n * xs.n + (iy0 + py) * xs.h + (ix0 + x_lo) * xs.w;
+    if (cmajor) {
+      for (int64_t c = 0; c < Ci; ++c) {
+        const float* src = row + c * xs.c;
+        float* out = dst + (c * ph + py) * pw + x_lo;
+        for (int64_t px = 0; px < x_hi - x_lo; ++px) out[px] = src[px * xs.w];
+      }
+    } else if (xs.c == 1) {  // channels_last: a patch row is one contiguous run
+      std::memcpy(dst + (py * pw + x_lo) * Ci, row, (x_hi - x_lo) * Ci * sizeof(float));
+    } else {  // one input channel, any strides
+      for (int64_t px = 0; px < x_hi - x_lo; ++px) dst[py * pw + x_lo + px] = row[px * xs.w];
+    }
+  }
+}
+
 // ref[block] <- halo of x for every block (mask undefined) or the active ones.
 void refresh_block_ref_(at::Tensor& ref_t, const at::Tensor& x, const c10::optional<at::Tensor>& mask_in,
                         c10::IntArrayRef geom) {
   const Conv cv = parse_conv(geom);
   check_dense_fp32(x, "x");
   const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  const BlockRef ref = block_ref(ref_t, cv, N, Ci);
+  const BlockRef ref = block_ref(ref_t, cv, x);
   at::Tensor mask;
   if (mask_in.has_value() && mask_in->defined()) mask = mask_in->contiguous();
   const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const Strides xs(x);
   const float* xp = x.data_ptr<float>();
-  for_blocks(cv, N, mp, ref.slot, [&](const Block& bl, std::vector<float>& patch) {
-    const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
-    const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
-    load_patch(xp, nullptr, xs, Ci, H, W, bl.n, bl.oy0 * cv.sh - cv.ph, bl.ox0 * cv.sw - cv.pw, ph, pw, patch);
-    std::memcpy(ref.at(bl), patch.data(), ph * pw * Ci * sizeof(float));
+  for_blocks(cv, N, mp, ref.slot, [&](const Block& bl, std::vector<float>&) {
+    int64_t ph, pw;
+    read_halo(xp, xs, Ci, H, W, bl, cv, ref.cmajor, ref.at(bl), &ph, &pw);
   });
 }
 
@@ -580,40 +623,56 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
   const Conv cv = parse_conv(geom);
   check_dense_fp32(x, "x");
   const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  const BlockRef ref = block_ref(ref_t, cv, N, Ci);
+  const BlockRef ref = block_ref(ref_t, cv, x);
   const Strides xs(x);
   const float* xp = x.data_ptr<float>();
   at::Tensor out = at::zeros({N, ref.Bh, ref.Bw}, at::kBool);
   bool* o = out.data_ptr<bool>();
   const float thr = static_cast<float>(threshold), sc = static_cast<float>(scale);
-  for_blocks(cv, N, nullptr, ref.slot, [&](const Block& bl, std::vector<float>& patch) {
-    const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
-    const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
-    load_patch(xp, nullptr, xs, Ci, H, W, bl.n, bl.oy0 * cv.sh - cv.ph, bl.ox0 * cv.sw - cv.pw, ph, pw, patch);
+  for_blocks(cv, N, nullptr, ref.slot, [&](const Block& bl, std::vector<float>& buf) {
+    buf.resize(ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
+    float* halo = buf.data();
+    int64_t ph, pw;
+    read_halo(xp, xs, Ci, H, W, bl, cv, ref.cmajor, halo, &ph, &pw);
+    const int64_t P = ph * pw;
+    float* a = halo + ref.slot;  // per halo position: sum_c |x - ref|
+    float* rows = a + P;         // window sums along x: (ph, block width)
     const float* old = ref.at(bl);
-    std::vector<float> a(ph * pw);  // per halo position: sum_c |x - ref|
-    for (int64_t i = 0; i < ph * pw; ++i) {
-      const float* p = patch.data() + i * Ci;
-      const float* q = old + i * Ci;
-      f32x16 acc = {};
-      int64_t c = 0;
-      float s = 0.f;
-      for (; c + 16 <= Ci; c += 16) {
-        const f32x16 v = load16(p + c) - load16(q + c);
-        acc += v < 0 ? -v : v;
+    if (ref.cmajor) {
+      std::fill(a, a + P, 0.f);
+      for (int64_t c = 0; c < Ci; ++c) {
+        const float* p = halo + c * P;
+        const float* q = old + c * P;
+        for (int64_t i = 0; i < P; ++i) a[i] += std::fabs(p[i] - q[i]);
       }
-      for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
-      for (int j = 0; j < 16; ++j) s += acc[j];
-      a[i] = s;
-    }
-    bool active = false;
-    for (int64_t oy = bl.oy0; oy < bl.oy1 && !active; ++oy)
-      for (int64_t ox = bl.ox0; ox < bl.ox1 && !active; ++ox) {
+    } else {
+      for (int64_t i = 0; i < P; ++i) {
+        const float* p = halo + i * Ci;
+        const float* q = old + i * Ci;
+        f32x16 acc = {};
+        int64_t c = 0;
         float s = 0.f;
-        for (int64_t ky = 0; ky < cv.kh; ++ky) {
-          const float* row = a.data() + ((oy - bl.oy0) * cv.sh + ky * cv.dh) * pw + (ox - bl.ox0) * cv.sw;
-          for (int64_t kx = 0; kx < cv.kw; ++kx) s += row[kx * cv.dw];
+        for (; c + 16 <= Ci; c += 16) {
+          const f32x16 v = load16(p + c) - load16(q + c);
+          acc += v < 0 ? -v : v;
         }
+        for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
+        for (int j = 0; j < 16; ++j) s += acc[j];
+        a[i] = s;
+      }
+    }
+    const int64_t bw = bl.ox1 - bl.ox0;
+    for (int64_t py = 0; py < ph; ++py)
+      for (int64_t j = 0; j < bw; ++j) {
+        float s = 0.f;
+        for (int64_t kx = 0; kx < cv.kw; ++kx) s += a[py * pw + j * cv.sw + kx * cv.dw];
+        rows[py * bw + j] = s;
+      }
+    bool active = false;
+    for (int64_t i = 0; i < bl.oy1 - bl.oy0 && !active; ++i)
+      for (int64_t j = 0; j < bw && !active; ++j) {
+        float s = 0.f;
+        for (int64_t ky = 0; ky < cv.kh; ++ky) s += rows[(i * cv.sh + ky * cv.dh) * bw + j];
         active = s * sc > thr;
       }
     o[(bl.n * ref.Bh + bl.oy0 / cv.b) * ref.Bw + bl.ox0 / cv.b] = active;
@@ -663,7 +722,7 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   const float* pp = prev_ptr(r, r_prev);
   TORCH_CHECK(!(pp && ref_in.has_value()), "skip_conv: give r_prev or a block reference, not both");
   BlockRef ref;
-  if (ref_in.has_value() && ref_in->defined()) ref = block_ref(*ref_in, cv, N, Ci);
+  if (ref_in.has_value() && ref_in->defined()) ref = block_ref(*ref_in, cv, r);
   const BlockRef* rf = ref.data ? &ref : nullptr;
   int64_t M = 0;
   const std::vector<Block> blocks = list_blocks(mask, cv, &M);
