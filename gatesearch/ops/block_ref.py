@@ -13,9 +13,10 @@ reference)[block] holds exactly, so the error of every output stays bounded
 by the gate instead of growing with the stream.
 
 Memory: (b-1)s + (k-1)d + 1 squared halo floats per block and channel, about
-2.25x the input for 3x3 convs in 4x4 blocks. The C++ kernels keep each halo
-in x's layout (channel-major for NCHW, channel-minor for channels_last), since
-the gate reads every halo every frame; the PyTorch fallback keeps ``unfold``'s.
+2.25x the input for 3x3 convs in 4x4 blocks. The C++ kernels keep the halos
+channel-minor (they also take channel-major ones, the layout NCHW frames give,
+but the gate's inner loops are then only a halo row long); the PyTorch
+fallback keeps ``unfold``'s.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ class BlockReference:
     def __init__(self, x: torch.Tensor, geom: ConvGeometry) -> None:
         self.geom = geom
         self.native = _native.usable(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-        # the C++ halos follow the reference frame's layout; later frames are read in that layout
-        self.layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        # the C++ halos are channel-minor: the gate then reads every halo with whole channel vectors, and the
+        # gather copies them without a transpose; an NCHW frame is converted once per layer and frame
+        self.layout = torch.channels_last
+        self._converted: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.native:
+            x = self._layout(x)
             hb, wb = geom.grid
             ph, pw = halo(geom)
             self.ref = torch.zeros(x.shape[0] * hb * wb * ph * pw * x.shape[1])
@@ -102,7 +106,12 @@ class BlockReference:
 
     # -- helpers ----------------------------------------------------------
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=self.layout)
+        """x in the halos' layout; the gate and the step of one frame share the conversion."""
+        if x.is_contiguous(memory_format=self.layout):
+            return x
+        if self._converted is None or self._converted[0] is not x:
+            self._converted = (x, x.contiguous(memory_format=self.layout))
+        return self._converted[1]
 
     def _halos(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C*Ph*Pw, Hb*Wb): every block's halo, zeros where the conv reads padding."""

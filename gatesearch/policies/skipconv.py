@@ -102,6 +102,10 @@ class SkipConv2d(FrameAverages, nn.Module):
         if getattr(x if x._base is None else x._base, "_skip_state", False):
             x = x.clone()  # another skip-conv's live state (its BN folded away): it changes in place next frame
         state = self.__dict__  # per-frame attributes bypass nn.Module.__setattr__ (a few µs each, every layer)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            # streams run channels_last: the gates and gathers read whole channel vectors, and the state (and
+            # so every layer after) keeps that layout; only the first layer converts, its 3-channel frame
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.x_prev is None or self.x_prev.shape != x.shape:
             bn = self.bn
             state["folded"] = bn is not None and not bn.training and not torch.is_grad_enabled()
