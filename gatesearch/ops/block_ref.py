@@ -14,9 +14,8 @@ by the gate instead of growing with the stream.
 
 Memory: (b-1)s + (k-1)d + 1 squared halo floats per block and channel, about
 2.25x the input for 3x3 convs in 4x4 blocks. The C++ kernels keep the halos
-channel-minor (they also take channel-major ones, the layout NCHW frames give,
-but the gate's inner loops are then only a halo row long); the PyTorch
-fallback keeps ``unfold``'s.
+channel-minor and read x channels_last (whole channel vectors; streams run in
+that layout); the PyTorch fallback keeps ``unfold``'s layout.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from gatesearch.ops import _native
 from gatesearch.ops.gate import upsample_block_mask
-from gatesearch.ops.geometry import ConvGeometry
+from gatesearch.ops.geometry import ConvGeometry, is_dense
 from gatesearch.ops.packing import kernel_kind, packed_weight
 
 
@@ -41,7 +40,7 @@ class BlockReference:
 
     def __init__(self, x: torch.Tensor, geom: ConvGeometry) -> None:
         self.geom = geom
-        self.native = _native.usable(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        self.native = _native.usable(x) and is_dense(x)
         # the C++ halos are channel-minor: the gate then reads every halo with whole channel vectors, and the
         # gather copies them without a transpose; an NCHW frame is converted once per layer and frame
         self.layout = torch.channels_last
@@ -77,7 +76,7 @@ class BlockReference:
         """z[active] += conv(x - reference)[active], references of active blocks <- x; returns the positions
         recomputed, or -1 when it ran the dense conv instead (more than ``max_rows``; the result is the same)."""
         g = self.geom
-        if self.native and _native.usable(z, x, weight) and _dense(z):
+        if self.native and _native.usable(z, x, weight) and is_dense(z):
             x = self._layout(x)
             kind = kernel_kind(in_per_group=g.in_channels // g.groups)
             rows = _native.ops().block_sparse_accumulate_(
@@ -93,7 +92,7 @@ class BlockReference:
         residual update), references of active blocks <- x."""
         g = self.geom
         out = F.conv2d(x, weight, bias, **g.conv_args())
-        if self.native and _native.usable(z, out) and _dense(z) and _dense(out):
+        if self.native and _native.usable(z, out) and is_dense(z) and is_dense(out):
             _native.ops().masked_add_(z, out, mask, g.block, True)
             _native.ops().refresh_block_ref_(self.ref, self._layout(x), mask, g.ints())
             return
@@ -121,7 +120,3 @@ class BlockReference:
         right = max(0, (wb - 1) * b * g.stride[1] + pw - x.shape[3] - g.padding[1])
         xp = F.pad(x, (g.padding[1], right, g.padding[0], bottom))
         return F.unfold(xp, (ph, pw), stride=(b * g.stride[0], b * g.stride[1]))
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)

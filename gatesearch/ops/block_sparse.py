@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gatesearch.ops import _native, _torch_kernels
 from gatesearch.ops.gate import upsample_block_mask
-from gatesearch.ops.geometry import ConvGeometry, Pair, check_operands, resolve_geometry
+from gatesearch.ops.geometry import ConvGeometry, Pair, check_operands, is_dense, resolve_geometry, same_dense_layout
 from gatesearch.ops.packing import kernel_kind, packed_weight
 
 PATHS = ("auto", "sparse", "dense")
@@ -53,7 +53,7 @@ def accumulate_block_sparse_(
         r.shape, weight.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, block_size=block_size
     )
     check_operands(geom, z, r, block_mask)
-    if r_prev is not None and (path == "dense" or not _native.usable(r, r_prev) or not _same_dense_layout(r, r_prev)):
+    if r_prev is not None and (path == "dense" or not _native.usable(r, r_prev) or not same_dense_layout(r, r_prev)):
         r, r_prev = r - r_prev, None
     if path == "dense" or not _native.cpu_fp32_inference(z, r, weight):
         return accumulate_dense_(z, r, weight, block_mask, geom)
@@ -108,7 +108,7 @@ def sparse_step(
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     args = dict(block_size=block_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
     geom = resolve_geometry(r.shape, weight.shape, **args)
-    fast = path != "dense" and _native.usable(z, r, weight) and _is_dense(r) and _is_dense(z)
+    fast = path != "dense" and _native.usable(z, r, weight) and is_dense(r) and is_dense(z)
 
     def general(z_, r_, mask, r_prev=None):
         accumulate_block_sparse_(z_, r_, weight, mask, path=path, r_prev=r_prev, **args)
@@ -155,20 +155,11 @@ def accumulate_dense_(
     out = F.conv2d(x, weight, None, **geom.conv_args())  # (N, Co, Ho, Wo)
     if bool(block_mask.all()):
         return z.add_(out)
-    if _native.usable(z, out) and _is_dense(z):
+    if _native.usable(z, out) and is_dense(z):
         _native.ops().masked_add_(z, out, block_mask, geom.block)
         return z
     mask = upsample_block_mask(block_mask, geom.block, geom.out_hw).to(out.dtype)  # (N, 1, Ho, Wo)
     return z.addcmul_(out, mask)
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The C++ kernels read a residual pair with one set of strides."""
-    return _is_dense(a) and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -177,4 +168,4 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 def _dense_layout(t: torch.Tensor) -> torch.Tensor:
     """t itself when NCHW- or channels_last-contiguous, else an NCHW copy."""
-    return t if _is_dense(t) else t.contiguous()
+    return t if is_dense(t) else t.contiguous()

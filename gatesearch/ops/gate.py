@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gatesearch.ops import _native
-from gatesearch.ops.geometry import Pair, ceil_div, conv_out_size, pair
+from gatesearch.ops.geometry import Pair, ceil_div, conv_out_size, is_dense, pair, same_dense_layout
 
 
 def norm_gate_block_mask(
@@ -52,10 +52,9 @@ def norm_gate_block_mask(
         out_hw = tuple(conv_out_size(n, *a) for n, a in zip(r.shape[-2:], zip(kernel, stride, padding, dilation)))
     out_hw = (int(out_hw[0]), int(out_hw[1]))
     b = int(block_size)
-    if r_prev is not None and not (_native.usable(r, r_prev) and r.shape == r_prev.shape and r.stride() == r_prev.stride()
-                                   and _dense(r)):
+    if r_prev is not None and not (_native.usable(r, r_prev) and same_dense_layout(r, r_prev)):
         r, r_prev = r - r_prev, None
-    if _native.usable(r) and _dense(r):
+    if _native.usable(r) and is_dense(r):
         ints = [*kernel, *stride, *padding, *dilation, b, *out_hw]
         return _native.ops().gate_block_mask(r, ints, float(threshold), float(scale), r_prev)
     return _gate_torch(r, kernel, stride, padding, dilation, b, float(threshold), float(scale), out_hw)
@@ -80,7 +79,7 @@ def norm_gate(
     def general(r_, r_prev=None):
         return norm_gate_block_mask(r_, r_prev=r_prev, **kw)
 
-    if not (_native.usable(r) and _dense(r) and r.dim() == 4):
+    if not (_native.usable(r) and is_dense(r) and r.dim() == 4):
         return general
     ops = _native.ops()
     ints = [*pair(kernel_size, "kernel_size"), *pair(stride, "stride"), *pair(padding, "padding"),
@@ -93,10 +92,6 @@ def norm_gate(
         return ops.gate_block_mask(r_, ints, kw["threshold"], kw["scale"], r_prev)
 
     return gate
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _gate_torch(r, kernel, stride, padding, dilation, block, threshold, scale, out_hw) -> torch.Tensor:

@@ -109,6 +109,16 @@ def resolve_geometry(r_shape, weight_shape, *, stride, padding, dilation, groups
     )
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """NCHW- or channels_last-contiguous: the two layouts the C++ kernels take."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The C++ kernels read a residual pair (x, x_prev) with one set of strides."""
+    return is_dense(a) and a.shape == b.shape and a.stride() == b.stride()
+
+
 def check_operands(geom: ConvGeometry, z: torch.Tensor, r: torch.Tensor, block_mask: torch.Tensor) -> None:
     """Fail with one clear line when z, r or the mask do not fit the conv."""
     n = r.shape[0]

@@ -83,15 +83,13 @@ struct Block {
 // Per-block references (the "block" reference mode): every output block keeps
 // the input halo it was last computed from, N*Hb*Wb slots of P_h*P_w*Ci floats,
 // P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the leading ph*pw*Ci
-// floats of their slot. The layout follows x so the gate, which reads every
-// halo every frame, streams both contiguously: (Ci, ph, pw) for NCHW x
-// ("cmajor"), (ph, pw, Ci) for channels_last. The residual of a block is then
-// x - (its own last input), so changes below the gate's threshold accumulate
-// until they count instead of being dropped frame after frame.
+// floats of their slot, channel-minor (ph, pw, Ci) like the gather's patches
+// (fast with channels_last x: whole channel vectors). The residual of a block
+// is then x - (its own last input), so changes below the gate's threshold
+// accumulate until they count instead of being dropped frame after frame.
 struct BlockRef {
   float* data = nullptr;
   int64_t slot = 0, Bh = 0, Bw = 0, b = 1;
-  bool cmajor = false;
   float* at(const Block& bl) const { return data + ((bl.n * Bh + bl.oy0 / b) * Bw + bl.ox0 / b) * slot; }
 };
 
@@ -108,28 +106,16 @@ BlockRef block_ref(const at::Tensor& ref, const Conv& cv, const at::Tensor& x) {
   br.slot = halo_len(cv.b, cv.kh, cv.sh, cv.dh) * halo_len(cv.b, cv.kw, cv.sw, cv.dw) * Ci;
   TORCH_CHECK(ref.numel() == N * br.Bh * br.Bw * br.slot, "skip_conv: block reference has the wrong size");
   br.data = ref.data_ptr<float>();
-  br.cmajor = Ci > 1 && x.stride(1) != 1;
   return br;
 }
 
-// patch (positions x Ci, channel-minor) <- patch - ref, ref <- old patch: the block's residual and its new
-// reference; ref is (Ci, positions) when cmajor.
-inline void diff_and_refresh(float* __restrict patch, float* __restrict ref, int64_t positions, int64_t Ci,
-                             bool cmajor) {
-  if (!cmajor) {
-    for (int64_t i = 0; i < positions * Ci; ++i) {
-      const float v = patch[i];
-      patch[i] = v - ref[i];
-      ref[i] = v;
-    }
-    return;
+// patch <- patch - ref, ref <- old patch: the block's residual, and its new reference.
+inline void diff_and_refresh(float* __restrict patch, float* __restrict ref, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = patch[i];
+    patch[i] = v - ref[i];
+    ref[i] = v;
   }
-  for (int64_t c = 0; c < Ci; ++c)
-    for (int64_t i = 0; i < positions; ++i) {
-      const float v = patch[i * Ci + c];
-      patch[i * Ci + c] = v - ref[c * positions + i];
-      ref[c * positions + i] = v;
-    }
 }
 
 std::vector<Block> list_blocks(const at::Tensor& mask, const Conv& cv, int64_t* rows) {
@@ -360,7 +346,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
-      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw, Ci, ref->cmajor);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       int64_t m = bl.m0;
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox, ++m)
@@ -475,7 +461,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockR
       const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
       const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
-      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw, Ci, ref->cmajor);
+      if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
         for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
           int64_t taps = 0;
@@ -569,9 +555,9 @@ void for_blocks(const Conv& cv, int64_t N, const bool* mask, int64_t floats_per_
   });
 }
 
-// The halo of one block in the reference layout (zeros where the conv reads padding).
+// The halo of one block, channel-minor (zeros where the conv reads padding).
 void read_halo(const float* xp, const Strides& xs, int64_t Ci, int64_t H, int64_t W, const Block& bl, const Conv& cv,
-               bool cmajor, float* dst, int64_t* ph_out, int64_t* pw_out) {
+               float* dst, int64_t* ph_out, int64_t* pw_out) {
   const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
   const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
   const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
@@ -584,16 +570,11 @@ void read_halo(const float* xp, const Strides& xs, int64_t Ci, int64_t H, int64_
   if (x_hi <= x_lo) return;
   for (int64_t py = y_lo; py < y_hi; ++py) {
     const float* row = xp + bl.n * xs.n + (iy0 + py) * xs.h + (ix0 + x_lo) * xs.w;
-    if (cmajor) {
-      for (int64_t c = 0; c < Ci; ++c) {
-        const float* src = row + c * xs.c;
-        float* out = dst + (c * ph + py) * pw + x_lo;
-        for (int64_t px = 0; px < x_hi - x_lo; ++px) out[px] = src[px * xs.w];
-      }
-    } else if (xs.c == 1) {  // channels_last: a patch row is one contiguous run
+    if (xs.c == 1) {  // channels_last: a patch row is one contiguous run
       std::memcpy(dst + (py * pw + x_lo) * Ci, row, (x_hi - x_lo) * Ci * sizeof(float));
-    } else {  // one input channel, any strides
-      for (int64_t px = 0; px < x_hi - x_lo; ++px) dst[py * pw + x_lo + px] = row[px * xs.w];
+    } else {  // other strides (NCHW): correct, but a transpose
+      for (int64_t px = 0; px < x_hi - x_lo; ++px)
+        for (int64_t c = 0; c < Ci; ++c) dst[(py * pw + x_lo + px) * Ci + c] = row[px * xs.w + c * xs.c];
     }
   }
 }
@@ -612,7 +593,7 @@ void refresh_block_ref_(at::Tensor& ref_t, const at::Tensor& x, const c10::optio
   const float* xp = x.data_ptr<float>();
   for_blocks(cv, N, mp, ref.slot, [&](const Block& bl, std::vector<float>&) {
     int64_t ph, pw;
-    read_halo(xp, xs, Ci, H, W, bl, cv, ref.cmajor, ref.at(bl), &ph, &pw);
+    read_halo(xp, xs, Ci, H, W, bl, cv, ref.at(bl), &ph, &pw);
   });
 }
 
@@ -633,33 +614,24 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
     buf.resize(ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
     float* halo = buf.data();
     int64_t ph, pw;
-    read_halo(xp, xs, Ci, H, W, bl, cv, ref.cmajor, halo, &ph, &pw);
+    read_halo(xp, xs, Ci, H, W, bl, cv, halo, &ph, &pw);
     const int64_t P = ph * pw;
     float* a = halo + ref.slot;  // per halo position: sum_c |x - ref|
     float* rows = a + P;         // window sums along x: (ph, block width)
     const float* old = ref.at(bl);
-    if (ref.cmajor) {
-      std::fill(a, a + P, 0.f);
-      for (int64_t c = 0; c < Ci; ++c) {
-        const float* p = halo + c * P;
-        const float* q = old + c * P;
-        for (int64_t i = 0; i < P; ++i) a[i] += std::fabs(p[i] - q[i]);
+    for (int64_t i = 0; i < P; ++i) {
+      const float* p = halo + i * Ci;
+      const float* q = old + i * Ci;
+      f32x16 acc = {};
+      int64_t c = 0;
+      float s = 0.f;
+      for (; c + 16 <= Ci; c += 16) {
+        const f32x16 v = load16(p + c) - load16(q + c);
+        acc += v < 0 ? -v : v;
       }
-    } else {
-      for (int64_t i = 0; i < P; ++i) {
-        const float* p = halo + i * Ci;
-        const float* q = old + i * Ci;
-        f32x16 acc = {};
-        int64_t c = 0;
-        float s = 0.f;
-        for (; c + 16 <= Ci; c += 16) {
-          const f32x16 v = load16(p + c) - load16(q + c);
-          acc += v < 0 ? -v : v;
-        }
-        for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
-        for (int j = 0; j < 16; ++j) s += acc[j];
-        a[i] = s;
-      }
+      for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
+      for (int j = 0; j < 16; ++j) s += acc[j];
+      a[i] = s;
     }
     const int64_t bw = bl.ox1 - bl.ox0;
     for (int64_t py = 0; py < ph; ++py)
