@@ -83,19 +83,9 @@ def accumulate_block_sparse_(
     return z
 
 
-def sparse_step(
-    z: torch.Tensor,
-    r: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    block_size: int,
-    stride: int | Pair = 1,
-    padding: int | Pair = 0,
-    dilation: int | Pair = 1,
-    groups: int = 1,
-    path: str = "auto",
-) -> Callable[..., int]:
-    """``accumulate_block_sparse_`` resolved once for a stream's fixed shapes, layouts and weight.
+def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path: str = "auto", **conv) -> Callable[..., int]:
+    """``accumulate_block_sparse_`` resolved once for a stream's fixed shapes, layouts and weight (``conv``: its
+    geometry keywords, ``block_size`` to ``groups``).
 
     A skip-conv calls the same step every frame; validating the geometry,
     packing the weight and looking up the crossover once per clip leaves one
@@ -106,7 +96,7 @@ def sparse_step(
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    args = dict(block_size=block_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    args = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **conv}
     geom = resolve_geometry(r.shape, weight.shape, **args)
     fast = path != "dense" and _native.usable(z, r, weight) and is_dense(r) and is_dense(z)
 

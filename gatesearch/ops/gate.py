@@ -60,21 +60,11 @@ def norm_gate_block_mask(
     return _gate_torch(r, kernel, stride, padding, dilation, b, float(threshold), float(scale), out_hw)
 
 
-def norm_gate(
-    r: torch.Tensor,
-    *,
-    kernel_size: int | Pair,
-    stride: int | Pair = 1,
-    padding: int | Pair = 0,
-    dilation: int | Pair = 1,
-    block_size: int = 1,
-    threshold: float,
-    scale: float = 1.0,
-    out_hw: Pair,
-) -> Callable[..., torch.Tensor]:
-    """``norm_gate_block_mask`` resolved once for a stream's fixed shape and layout: ``gate(r, r_prev=None) -> mask``."""
-    kw = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, block_size=block_size,
-              threshold=float(threshold), scale=float(scale), out_hw=(int(out_hw[0]), int(out_hw[1])))
+def norm_gate(r: torch.Tensor, *, out_hw: Pair, **gate) -> Callable[..., torch.Tensor]:
+    """``norm_gate_block_mask`` (same keywords) resolved once for a stream's fixed shape and layout:
+    ``gate(r, r_prev=None) -> mask``."""
+    kw = {"stride": 1, "padding": 0, "dilation": 1, "block_size": 1, "scale": 1.0, **gate,
+          "out_hw": (int(out_hw[0]), int(out_hw[1]))}
 
     def general(r_, r_prev=None):
         return norm_gate_block_mask(r_, r_prev=r_prev, **kw)
@@ -82,16 +72,16 @@ def norm_gate(
     if not (_native.usable(r) and is_dense(r) and r.dim() == 4):
         return general
     ops = _native.ops()
-    ints = [*pair(kernel_size, "kernel_size"), *pair(stride, "stride"), *pair(padding, "padding"),
-            *pair(dilation, "dilation"), int(block_size), *kw["out_hw"]]
-    shape = (tuple(r.shape), r.stride())
+    ints = [*(v for name in ("kernel_size", "stride", "padding", "dilation") for v in pair(kw[name], name)),
+            int(kw["block_size"]), *kw["out_hw"]]
+    shape, threshold, scale = (tuple(r.shape), r.stride()), float(kw["threshold"]), float(kw["scale"])
 
-    def gate(r_, r_prev=None):
+    def resolved(r_, r_prev=None):
         if (tuple(r_.shape), r_.stride()) != shape or (r_prev is not None and r_prev.stride() != shape[1]):
             return general(r_, r_prev)
-        return ops.gate_block_mask(r_, ints, kw["threshold"], kw["scale"], r_prev)
+        return ops.gate_block_mask(r_, ints, threshold, scale, r_prev)
 
-    return gate
+    return resolved
 
 
 def _gate_torch(r, kernel, stride, padding, dilation, block, threshold, scale, out_hw) -> torch.Tensor:
