@@ -25,7 +25,9 @@ paper reports 0.44-0.59 on a Xeon CPU, Table 2). Minutes on 2 cores at the
 defaults; the full-size check takes about 25:
 
     python benchmarks/skipconv_model.py --backbone resnet18 --width 1 --size 224 --train-clips 768 \
-        --val-clips 150 --epochs 3 --frames 64 --thresholds 2,3,4,5,6,8 --save runs/r18.pt
+        --val-clips 150 --epochs 3 --frames 64 --thresholds 2,4,8,16 --save runs/r18.pt
+    # then, on the same weights, the drift-free block reference with per-value ε:
+    python benchmarks/skipconv_model.py ... --load runs/r18.pt --reference block --per-value --thresholds 0.02,0.03,0.04,0.06
 """
 
 from __future__ import annotations
