@@ -177,7 +177,8 @@ void channel_abs_sum(const at::Tensor& r, const float* prev, float* a) {
           }
           for (; c < C; ++c) s += std::fabs(p[c]);
         }
-        for (int j = 0; j < 16; ++j) s += acc[j];
+        if (C >= 16)
+          for (int j = 0; j < 16; ++j) s += acc[j];
         a[i] = s;
       }
     });
@@ -630,7 +631,8 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
         acc += v < 0 ? -v : v;
       }
       for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
-      for (int j = 0; j < 16; ++j) s += acc[j];
+      if (Ci >= 16)  // a 3-channel frame has no full vector: skip the empty reduction
+        for (int j = 0; j < 16; ++j) s += acc[j];
       a[i] = s;
     }
     const int64_t bw = bl.ox1 - bl.ox0;
