@@ -9,7 +9,7 @@ fraction of output positions recomputed.
 """
 
 from gatesearch.ops.block_ref import BlockReference
-from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_, sparse_step
+from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_, sparse_rows_limit, sparse_step
 from gatesearch.ops.crossover import calibrate as calibrate_crossover
 from gatesearch.ops.crossover import crossover_density
 from gatesearch.ops.gate import active_positions, block_density, norm_gate, norm_gate_block_mask, upsample_block_mask
@@ -38,6 +38,7 @@ __all__ = [
     "norm_gate",
     "norm_gate_block_mask",
     "resolve_geometry",
+    "sparse_rows_limit",
     "sparse_step",
     "upsample_block_mask",
 ]

@@ -41,10 +41,6 @@ class BlockReference:
     def __init__(self, x: torch.Tensor, geom: ConvGeometry) -> None:
         self.geom = geom
         self.native = _native.usable(x) and is_dense(x)
-        # the C++ halos are channel-minor: the gate then reads every halo with whole channel vectors, and the
-        # gather copies them without a transpose; an NCHW frame is converted once per layer and frame
-        self.layout = torch.channels_last
-        self._converted: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.native:
             x = self._layout(x)
             hb, wb = geom.grid
@@ -104,13 +100,10 @@ class BlockReference:
             self.ref = torch.where(mask.flatten(1)[:, None, :], self._halos(x), self.ref)
 
     # -- helpers ----------------------------------------------------------
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """x in the halos' layout; the gate and the step of one frame share the conversion."""
-        if x.is_contiguous(memory_format=self.layout):
-            return x
-        if self._converted is None or self._converted[0] is not x:
-            self._converted = (x, x.contiguous(memory_format=self.layout))
-        return self._converted[1]
+    @staticmethod
+    def _layout(x: torch.Tensor) -> torch.Tensor:
+        """x channels_last, as the C++ halos are channel-minor (a no-op for streams, which run channels_last)."""
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _halos(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C*Ph*Pw, Hb*Wb): every block's halo, zeros where the conv reads padding."""

@@ -60,15 +60,7 @@ def accumulate_block_sparse_(
 
     r = _dense_layout(r)
     work = _dense_layout(z)
-    channels_last = _is_channels_last(r)
-    total = block_mask.shape[0] * geom.out_hw[0] * geom.out_hw[1]
-    if path == "sparse":
-        max_rows = total
-    else:
-        from gatesearch.ops.crossover import crossover_density
-
-        rho = crossover_density(geom, batch=block_mask.shape[0], channels_last=channels_last)
-        max_rows = int(rho * total)
+    max_rows = sparse_rows_limit(geom, r, path)
 
     if _native.usable(r, weight):
         kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
@@ -109,13 +101,7 @@ def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path:
     ops, ints = _native.ops(), geom.ints()
     kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
     wpack = packed_weight(weight, kind, geom.groups)
-    total = r.shape[0] * geom.out_hw[0] * geom.out_hw[1]
-    if path == "sparse":
-        max_rows = total
-    else:
-        from gatesearch.ops.crossover import crossover_density
-
-        max_rows = int(crossover_density(geom, batch=r.shape[0], channels_last=_is_channels_last(r)) * total)
+    max_rows = sparse_rows_limit(geom, r, path)
     shapes = (tuple(z.shape), z.stride(), tuple(r.shape), r.stride())
 
     def step(z_, r_, mask, r_prev=None):
@@ -129,6 +115,17 @@ def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path:
         return rows
 
     return step
+
+
+def sparse_rows_limit(geom: ConvGeometry, r: torch.Tensor, path: str) -> int:
+    """Most output positions (over the batch) the sparse kernels take before the dense conv is faster:
+    all of them for "sparse", none for "dense", this machine's crossover for "auto"."""
+    total = r.shape[0] * geom.out_hw[0] * geom.out_hw[1]
+    if path != "auto":
+        return total if path == "sparse" else -1
+    from gatesearch.ops.crossover import crossover_density
+
+    return int(crossover_density(geom, batch=r.shape[0], channels_last=_is_channels_last(r)) * total)
 
 
 def accumulate_dense_(

@@ -166,13 +166,7 @@ class SkipConv2d(FrameAverages, nn.Module):
         geom = ops.resolve_geometry(x.shape, weight.shape, **geometry)
         reference = ops.BlockReference(self.x_prev, geom)
         bias = self._fold_cache[2] if self.folded else self.conv.bias
-        total = x.shape[0] * geom.out_hw[0] * geom.out_hw[1]
-        if self.path == "auto":
-            from gatesearch.ops.crossover import crossover_density
-
-            max_rows = int(crossover_density(geom, batch=x.shape[0], channels_last=not x.is_contiguous()) * total)
-        else:
-            max_rows = total if self.path == "sparse" else -1  # "dense": the masked dense formulation every frame
+        max_rows = ops.sparse_rows_limit(geom, x, self.path)  # "dense": the masked dense formulation every frame
 
         def step(z_, x_, mask, x_prev=None):
             return reference.step(z_, x_, weight, bias, mask, max_rows=max_rows)
