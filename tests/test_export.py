@@ -30,6 +30,21 @@ def test_round_trip_same_outputs(tmp_path, static_clip):
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary folder left behind
 
 
+def test_gate_options_travel_with_the_artifact(tmp_path, static_clip):
+    """A trial with the block reference and per-value ε exports and reloads as that gate, not the paper's default."""
+    trial = TrialConfig(gate="input_norm", threshold=0.02, block_size=2, reference="block", per_value=True)
+    model = build_model(trial, 12).eval()
+    meta = trial_meta(trial, metrics={}, data=DATA, num_classes=12, frame_shape=(3, 32, 32))
+    art = load_artifact(save_artifact(tmp_path / "opt", model, meta))
+    assert art.trial == trial
+    from gatesearch.policies.skipconv import skip_layers
+
+    layers = skip_layers(art.model)
+    assert layers and all(l.reference == "block" and l.gate.per_value for l in layers)
+    with torch.inference_mode():
+        assert torch.equal(art.model.stream(static_clip), model.stream(static_clip))
+
+
 def test_refuses_to_overwrite(tmp_path):
     make(tmp_path)
     with pytest.raises(ArtifactError, match="already exists"):

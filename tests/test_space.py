@@ -48,7 +48,30 @@ def test_suggest_has_no_side_effects_and_round_trips():
     assert cfg.space.define_by_run(study.ask()) == {"trial": tc.to_dict()}
 
 
+def test_gate_options_are_searched_only_when_named():
+    """``reference`` / ``per_value`` are options of the norm gates: left out, trials keep the gate's default
+    (None in the config); named in the YAML, they are sampled and reach the policy."""
+    plain = parse_search_config({"space": {"gate": "input_norm"}})
+    for _, tc in sample(plain, 5):
+        assert tc.reference is None and tc.per_value is None
+        assert set(tc.gate_knobs()) == {"threshold", "block_size"}
+    cfg = parse_search_config({"space": {"gate": ["input_norm", "gumbel"], "reference": ["frame", "block"],
+                                         "gates": {"input_norm": {"per_value": True}}}})
+    seen = set()
+    for trial, tc in sample(cfg):
+        if tc.gate == "gumbel":
+            assert tc.reference is None and "reference" not in tc.gate_knobs()
+            continue
+        seen.add(tc.reference)
+        assert tc.per_value is True and tc.gate_knobs()["reference"] == tc.reference
+        assert trial.params["input_norm.reference"] == tc.reference
+    assert seen == {"frame", "block"}
+
+
 @pytest.mark.parametrize("raw, message", [
+    ({"space": {"gate": "input_norm", "reference": "blocks"}}, r"^space.reference: 'blocks' is not one of frame, block"),
+    ({"space": {"gate": "input_norm", "per_value": "yes"}}, r"^space.per_value: expected true or false, got 'yes'"),
+    ({"space": {"gate": "gumbel", "reference": "block"}}, r"^space.reference: not taken by any searched gate \(gumbel\)"),
     ({"trails": 3}, r"^trails: unknown key"),
     ({"trials": "many"}, r"^trials: expected int, got 'many'"),
     ({"trials": 0}, r"^trials: must be >= 1"),

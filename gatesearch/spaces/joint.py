@@ -27,6 +27,9 @@ PARAMS: dict[str, Param] = {
         Param(name="beta", kind=float, low=0.0, doc="β of the Gumbel gate loss (Skip-Conv Eq. 9)"),
         Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0, doc="D: D-STEP target FLOPs ratio (Eq. 3)"),
         Param(name="block_size", kind=int, choices=(1, 2, 4, 8), doc="mask block size b"),
+        Param(name="reference", kind=str, choices=("frame", "block"),
+              doc="norm gates' residual: previous frame (Eq. 3) or each block's last computed input"),
+        Param(name="per_value", kind=bool, doc="norm gates: ε per input value (threshold ε·C_in·k²)"),
         Param(name="search_space_size", kind=int, choices=(2, 3, 4), doc="S: VA-RED² alternatives per dimension"),
         Param(name="lambda_e", kind=float, low=0.0, doc="λ_e: weight of VA-RED²'s efficiency loss (Eq. 3.6)"),
         Param(name="clip_length", kind=int, choices=(2, 4, 8, 16), doc="frames per training clip"),
@@ -99,7 +102,9 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
             raise SpaceError(f"space.gate: unknown gate {g!r}; known: {', '.join(POLICIES)}")
     gate_dom = Choice(tuple(gates))
 
-    gate_takes = {g: POLICIES.get(g).params for g in gates}
+    # options (not searched unless the YAML names them) ride along with the parameters
+    gate_takes = {g: {**POLICIES.get(g).params, **POLICIES.get(g).options} for g in gates}
+    searched = {g: POLICIES.get(g).params for g in gates}
     takers = {p for params in gate_takes.values() for p in params}
     shared: dict[str, Domain] = {}
     common: dict[str, Any] = {}
@@ -137,6 +142,8 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
                 raise SpaceError(f"space.gates.{g}.{key}: gate {g!r} does not take {key!r} (it takes {takes})")
         doms = {}
         for key, default in gate_takes[g].items():
+            if key not in searched[g] and key not in overrides and key not in common:
+                continue  # an option left to its default
             where = f"space.gates.{g}.{key}" if key in overrides else f"space.{key}"
             value = overrides.get(key, common.get(key, default))
             doms[key] = PARAMS[key].domain(value, where)

@@ -65,7 +65,7 @@ class Param:
     """A legal parameter: its type, hard bounds or allowed values, and a doc line."""
 
     name: str
-    kind: type  # int, float or str
+    kind: type  # int, float, str or bool
     doc: str
     low: float | None = None  # inclusive hard bounds for numbers
     high: float | None = None
@@ -76,7 +76,10 @@ class Param:
         """Return ``value`` coerced to the parameter's type or raise SpaceError."""
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, self.kind) or isinstance(value, bool):
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise SpaceError(f"{where}: expected true or false, got {value!r}")
+        elif not isinstance(value, self.kind) or isinstance(value, bool):
             raise SpaceError(f"{where}: expected {self.kind.__name__}, got {value!r}")
         if self.kind is float and not math.isfinite(value):
             raise SpaceError(f"{where}: must be finite, got {value!r}")

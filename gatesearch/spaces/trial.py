@@ -17,6 +17,8 @@ class TrialConfig:
     beta: float | None = None  # Gumbel β (Skip-Conv Eq. 9)
     target_flops_ratio: float | None = None  # D: D-STEP's target F/F_S (Eq. 3)
     block_size: int | None = None  # b: masks are constant on b×b blocks
+    reference: str | None = None  # norm gates: "frame" (Eq. 3) or "block" (ops.block_ref); None: the gate's default
+    per_value: bool | None = None  # norm gates: ε per input value; None: the gate's default (off)
     search_space_size: int | None = None  # S: VA-RED² alternatives per dimension (Eq. 3.5)
     lambda_e: float | None = None  # λ_e: VA-RED²'s efficiency-loss weight (Section 3.4)
     clip_length: int = 4  # T: frames per training clip; reference-frame reset period at inference
@@ -26,10 +28,13 @@ class TrialConfig:
     seed: int = 0  # weight init and data order
 
     def gate_knobs(self) -> dict[str, Any]:
-        """The knobs the chosen gate takes (its declared parameters), by name."""
+        """The knobs the chosen gate takes: its declared parameters, and the options this trial sets."""
         from gatesearch.policies import POLICIES
 
-        return {name: getattr(self, name) for name in POLICIES.get(self.gate).params}
+        policy = POLICIES.get(self.gate)
+        knobs = {name: getattr(self, name) for name in policy.params}
+        knobs.update({name: getattr(self, name) for name in policy.options if getattr(self, name, None) is not None})
+        return knobs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

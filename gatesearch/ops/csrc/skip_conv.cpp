@@ -620,21 +620,39 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
     float* a = halo + ref.slot;  // per halo position: sum_c |x - ref|
     float* rows = a + P;         // window sums along x: (ph, block width)
     const float* old = ref.at(bl);
-    for (int64_t i = 0; i < P; ++i) {
-      const float* p = halo + i * Ci;
-      const float* q = old + i * Ci;
-      f32x16 acc = {};
-      int64_t c = 0;
-      float s = 0.f;
-      for (; c + 16 <= Ci; c += 16) {
-        const f32x16 v = load16(p + c) - load16(q + c);
-        acc += v < 0 ? -v : v;
+    if (Ci < 16) {  // few channels (the RGB frame): |x - ref| over the whole halo in full vectors, then per position
+      const int64_t n = P * Ci;
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const f32x16 v = load16(halo + i) - load16(old + i);
+        store16(halo + i, v < 0 ? -v : v);
       }
-      for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
-      if (Ci >= 16)  // a 3-channel frame has no full vector: skip the empty reduction
+      for (; i < n; ++i) halo[i] = std::fabs(halo[i] - old[i]);
+      for (int64_t p = 0; p < P; ++p) {
+        float s = 0.f;
+        for (int64_t c = 0; c < Ci; ++c) s += halo[p * Ci + c];
+        a[p] = s;
+      }
+    } else {
+      for (int64_t i = 0; i < P; ++i) {
+        const float* p = halo + i * Ci;
+        const float* q = old + i * Ci;
+        f32x16 acc = {};
+        int64_t c = 0;
+        float s = 0.f;
+        for (; c + 16 <= Ci; c += 16) {
+          const f32x16 v = load16(p + c) - load16(q + c);
+          acc += v < 0 ? -v : v;
+        }
+        for (; c < Ci; ++c) s += std::fabs(p[c] - q[c]);
         for (int j = 0; j < 16; ++j) s += acc[j];
-      a[i] = s;
+        a[i] = s;
+      }
     }
+    float total = 0.f;  // every window of the block sums a subset of the halo: a quiet block ends here
+    for (int64_t i = 0; i < P; ++i) total += a[i];
+    const int64_t cell = (bl.n * ref.Bh + bl.oy0 / cv.b) * ref.Bw + bl.ox0 / cv.b;
+    if (total * sc <= thr) return;  // o[cell] stays false
     const int64_t bw = bl.ox1 - bl.ox0;
     for (int64_t py = 0; py < ph; ++py)
       for (int64_t j = 0; j < bw; ++j) {
@@ -649,7 +667,7 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
         for (int64_t ky = 0; ky < cv.kh; ++ky) s += rows[(i * cv.sh + ky * cv.dh) * bw + j];
         active = s * sc > thr;
       }
-    o[(bl.n * ref.Bh + bl.oy0 / cv.b) * ref.Bw + bl.ox0 / cv.b] = active;
+    o[cell] = active;
   });
   return out;
 }
