@@ -11,11 +11,10 @@
    linear probe (ridge regression, fitted once on the dense model's per-frame
    features of training clips, its penalty chosen on held-out ones) reads the
    object centre from every frame's pooled features, and quality is its PCK
-   (within 0.05 × the frame side, the
-   radius the heatmap task uses; Skip-Convolutions Section 4.2) over held-out
-   mp4 streams of ``--frames`` frames, decoded (codec noise included), with no
-   reference reset: the same streams the timing uses. The probe is fixed, so
-   any drop is the gates' doing.
+   (within 0.05 × the frame side, the radius the heatmap task uses;
+   Skip-Convolutions Section 4.2) over held-out mp4 streams of ``--frames``
+   frames, decoded (codec noise included), with no reference reset: the same
+   streams the timing uses. The probe is fixed, so any drop is the gates' doing.
 3. Sweep the Skip-Conv threshold ε and keep the largest one whose probe PCK
    and clip top-1 both stay within one point of dense.
 4. Time dense vs gated side by side on the first of those streams with
