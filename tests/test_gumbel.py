@@ -152,6 +152,33 @@ def test_block_mask_agrees_with_position_mask_at_inference():
     assert torch.equal(layer.gate.block_mask(r, layer), F.max_pool2d(hard, 4, 4).squeeze(1) > 0)
 
 
+@pytest.mark.parametrize("conv, size, block", [
+    (nn.Conv2d(3, 8, 7, stride=2, padding=3), 30, 4),  # an RGB stem: fewer channels than a vector
+    (nn.Conv2d(20, 8, 3, padding=1), 13, 2),  # a vector and a remainder of channels
+    (nn.Conv2d(32, 8, 3, padding=2, dilation=2), 12, 1),
+    (nn.Conv2d(16, 8, 1, stride=2), 19, 4),
+])
+def test_inference_plan_reads_the_pair_and_matches_the_gate_on_the_residual(conv, size, block):
+    """The C++ plan (f > 0 from x and x_prev, no residual tensor) gives the generic gate's mask on r = x - x_prev."""
+    from gatesearch.ops import _native
+    from gatesearch.policies.skipconv import SkipConv2d
+
+    if not _native.available():
+        pytest.skip("C++ kernels unavailable")
+    torch.manual_seed(0)
+    layer = SkipConv2d(conv, GumbelGate(conv), block_size=block).eval()
+    layer.gate.bias.data.fill_(0.0)  # f = w * r: about half the moving blocks open, the still ones closed
+    x_prev, x = (torch.randn(2, conv.in_channels, size, size).contiguous(memory_format=torch.channels_last)
+                 for _ in range(2))
+    x[:, :, : size // 2] = x_prev[:, :, : size // 2]  # a still half: those blocks see a zero residual
+    out_hw = tuple(conv(x[:1]).shape[-2:])
+    with torch.inference_mode():
+        fast, r = layer.gate.plan(layer, x, out_hw)(x, x_prev)
+        want = layer.gate.block_mask(x - x_prev, layer)
+    assert r is None and fast.dtype == torch.bool
+    assert torch.equal(fast, want) and 0 < want.float().mean() < 1
+
+
 def test_gradient_reaches_gate_parameters():
     """Straight-through: both L_task and L_gate (Eq. 9) reach φ_l of every layer."""
     model = toy().train()

@@ -98,6 +98,28 @@ class GumbelGate(Gate):
         hard, _ = self.sample(self.block_logits(r, layer))
         return hard > 0  # (N, Hb, Wb)
 
+    def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw, reference=None):
+        """Inference, once per clip: f > 0 (Eq. 8) read from the pair (x, x_prev) by the C++ kernel, no residual
+        tensor and no full-frame conv; anything else (training, forced open, other layouts) takes the generic path."""
+        from gatesearch.ops import _native
+
+        fast = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and _native.usable(x)
+        if reference is not None or self.training or self.force_open or not fast:
+            return super().plan(layer, x, out_hw, reference)
+        c, ops = layer.conv, _native.ops()
+        kh, kw = c.kernel_size
+        wpack = self.weight.detach()[0].permute(1, 2, 0).reshape(kh * kw, c.in_channels).contiguous()
+        bias = float(self.bias.detach() * self.settings.bias_gain)
+        ints = [kh, kw, *c.stride, *c.padding, *c.dilation, layer.block_size, int(out_hw[0]), int(out_hw[1])]
+        generic, layout = super().plan(layer, x, out_hw), (tuple(x.shape), x.stride())
+
+        def mask(x_, x_prev):
+            if (tuple(x_.shape), x_.stride()) != layout or x_prev.stride() != layout[1]:
+                return generic(x_, x_prev)
+            return ops.gate_block_linear(x_, x_prev, wpack, bias, ints), None
+
+        return mask
+
     def train_mask(self, r: torch.Tensor, layer: SkipConv2d, out_hw) -> torch.Tensor:
         """Structured straight-through mask (N, 1, Ho, Wo): values of the hard sample, gradient of the soft one."""
         if self.force_open:
