@@ -260,63 +260,6 @@ at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double
   return out;
 }
 
-// Learned linear gate (Skip-Convolutions Eq. 8 at inference): a block is active
-// when one of its outputs has f = bias + sum_{taps, c} w[tap][c] * (x - x_prev)
-// over its support above 0. w is packed (kh*kw, Ci); x and x_prev are
-// channels_last, so every tap is one contiguous channel vector of each.
-at::Tensor gate_block_linear(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& wpack, double bias,
-                             c10::IntArrayRef geom) {
-  TORCH_CHECK(geom.size() == 11, "gate_block_linear: expected 11 geometry ints");
-  check_dense_fp32(x, "x");
-  check_dense_fp32(x_prev, "x_prev");
-  const Strides xs(x), ps(x_prev);
-  TORCH_CHECK(x.sizes() == x_prev.sizes() && xs.c == 1 && ps.c == 1 && xs.w == ps.w && xs.h == ps.h && xs.n == ps.n,
-              "gate_block_linear: x and x_prev must be channels_last tensors of one shape");
-  const int64_t kh = geom[0], kw = geom[1], sh = geom[2], sw = geom[3], ph = geom[4], pw = geom[5];
-  const int64_t dh = geom[6], dw = geom[7], b = geom[8], Ho = geom[9], Wo = geom[10];
-  const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(wpack.is_contiguous() && wpack.scalar_type() == at::kFloat && wpack.numel() == kh * kw * Ci,
-              "gate_block_linear: packed weight must be fp32 (kh*kw, Ci)");
-  const int64_t Bh = (Ho + b - 1) / b, Bw = (Wo + b - 1) / b;
-  const float* xp = x.data_ptr<float>();
-  const float* pp = x_prev.data_ptr<float>();
-  const float* wp = wpack.data_ptr<float>();
-  const float f0 = static_cast<float>(bias);
-  at::Tensor out = at::zeros({N, Bh, Bw}, at::kBool);
-  bool* o = out.data_ptr<bool>();
-  at::parallel_for(0, N * Bh * Bw, grain(b * b * kh * kw * Ci), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t n = i / (Bh * Bw), by = (i / Bw) % Bh, bx = i % Bw;
-      bool active = false;
-      for (int64_t oy = by * b; oy < std::min((by + 1) * b, Ho) && !active; ++oy)
-        for (int64_t ox = bx * b; ox < std::min((bx + 1) * b, Wo) && !active; ++ox) {
-          f32x16 acc = {};
-          float f = f0;
-          for (int64_t ky = 0; ky < kh; ++ky) {
-            const int64_t iy = oy * sh - ph + ky * dh;
-            if (iy < 0 || iy >= H) continue;
-            for (int64_t kx = 0; kx < kw; ++kx) {
-              const int64_t ix = ox * sw - pw + kx * dw;
-              if (ix < 0 || ix >= W) continue;
-              const int64_t off = n * xs.n + iy * xs.h + ix * xs.w;
-              const float* a = xp + off;
-              const float* q = pp + off;
-              const float* w = wp + (ky * kw + kx) * Ci;
-              int64_t c = 0;
-              for (; c + 16 <= Ci; c += 16) acc += load16(w + c) * (load16(a + c) - load16(q + c));
-              for (; c < Ci; ++c) f += w[c] * (a[c] - q[c]);
-            }
-          }
-          if (Ci >= 16)
-            for (int j = 0; j < 16; ++j) f += acc[j];
-          active = f > 0.f;
-        }
-      o[i] = active;
-    }
-  });
-  return out;
-}
-
 // ---------------------------------------------------------------------------
 // Scatter-add of per-position results into z (disjoint blocks: no races).
 // ---------------------------------------------------------------------------
@@ -725,6 +668,72 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
         active = s * sc > thr;
       }
     o[cell] = active;
+  });
+  return out;
+}
+
+// Learned linear gate (Skip-Convolutions Eq. 8 at inference): a block is active
+// when one of its outputs has f = bias + sum_{taps, c} w[tap][c] * (x - x_prev)
+// over its support above 0. w is packed (kh, kw, Ci). Per block the residual
+// halo (ph, pw, Ci) is formed once; with dilation 1 a kernel row then meets one
+// contiguous run of kw*Ci halo floats, so f is kh dot products of that length.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  f32x16 acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  if (n >= 16)
+    for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+at::Tensor gate_block_linear(const at::Tensor& x, const at::Tensor& x_prev, const at::Tensor& wpack, double bias,
+                             c10::IntArrayRef geom) {
+  const Conv cv = parse_conv(geom);
+  check_dense_fp32(x, "x");
+  check_dense_fp32(x_prev, "x_prev");
+  TORCH_CHECK(x.sizes() == x_prev.sizes() && x.strides() == x_prev.strides(),
+              "gate_block_linear: x and x_prev differ in shape or layout");
+  const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(wpack.is_contiguous() && wpack.scalar_type() == at::kFloat && wpack.numel() == cv.kh * cv.kw * Ci,
+              "gate_block_linear: packed weight must be fp32 (kh*kw, Ci)");
+  const int64_t Bh = (cv.Ho + cv.b - 1) / cv.b, Bw = (cv.Wo + cv.b - 1) / cv.b;
+  const Strides xs(x);
+  const float* xp = x.data_ptr<float>();
+  const float* pp = x_prev.data_ptr<float>();
+  const float* wp = wpack.data_ptr<float>();
+  const float f0 = static_cast<float>(bias);
+  const int64_t slot = halo_len(cv.b, cv.kh, cv.sh, cv.dh) * halo_len(cv.b, cv.kw, cv.sw, cv.dw) * Ci;
+  at::Tensor out = at::zeros({N, Bh, Bw}, at::kBool);
+  bool* o = out.data_ptr<bool>();
+  for_blocks(cv, N, nullptr, slot, [&](const Block& bl, std::vector<float>& buf) {
+    buf.resize(2 * slot);
+    float* r = buf.data();
+    float* old = r + slot;
+    int64_t ph, pw;
+    read_halo(xp, xs, Ci, H, W, bl, cv, r, &ph, &pw);
+    read_halo(pp, xs, Ci, H, W, bl, cv, old, &ph, &pw);
+    const int64_t n = ph * pw * Ci;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store16(r + i, load16(r + i) - load16(old + i));
+    for (; i < n; ++i) r[i] -= old[i];
+    bool active = false;
+    for (int64_t oy = bl.oy0; oy < bl.oy1 && !active; ++oy)
+      for (int64_t ox = bl.ox0; ox < bl.ox1 && !active; ++ox) {
+        float f = f0;
+        for (int64_t ky = 0; ky < cv.kh; ++ky) {
+          const float* row = r + (((oy - bl.oy0) * cv.sh + ky * cv.dh) * pw + (ox - bl.ox0) * cv.sw) * Ci;
+          const float* w = wp + ky * cv.kw * Ci;
+          if (cv.dw == 1) {
+            f += dot(row, w, cv.kw * Ci);
+          } else {
+            for (int64_t kx = 0; kx < cv.kw; ++kx) f += dot(row + kx * cv.dw * Ci, w + kx * Ci, Ci);
+          }
+        }
+        active = f > 0.f;
+      }
+    o[(bl.n * Bh + bl.oy0 / cv.b) * Bw + bl.ox0 / cv.b] = active;
   });
   return out;
 }
