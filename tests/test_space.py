@@ -72,6 +72,8 @@ def test_gate_options_are_searched_only_when_named():
     ({"space": {"gate": "input_norm", "reference": "blocks"}}, r"^space.reference: 'blocks' is not one of frame, block"),
     ({"space": {"gate": "input_norm", "per_value": "yes"}}, r"^space.per_value: expected true or false, got 'yes'"),
     ({"space": {"gate": "gumbel", "reference": "block"}}, r"^space.reference: not taken by any searched gate \(gumbel\)"),
+    ({"space": {"gate": "input_norm", "gates": {"input_norm": {"per_value": [False, True]}}}},
+     r"^space.gates.input_norm.per_value: true or false, not both"),
     ({"trails": 3}, r"^trails: unknown key"),
     ({"trials": "many"}, r"^trials: expected int, got 'many'"),
     ({"trials": 0}, r"^trials: must be >= 1"),

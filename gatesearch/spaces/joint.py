@@ -147,6 +147,9 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
             where = f"space.gates.{g}.{key}" if key in overrides else f"space.{key}"
             value = overrides.get(key, common.get(key, default))
             doms[key] = PARAMS[key].domain(value, where)
+            if key == "per_value" and not isinstance(doms[key], Fixed):
+                raise SpaceError(f"{where}: true or false, not both (it changes the scale of ε, so one threshold "
+                                 "range cannot serve both); run one search per setting")
         gate_params[g] = doms
     gates = _compatible_gates(gates, shared, gate_params, strict=gate_given)
     gate_params = {g: gate_params[g] for g in gates}
