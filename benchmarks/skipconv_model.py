@@ -28,6 +28,7 @@ defaults; the full-size check takes about 25:
         --val-clips 150 --epochs 3 --frames 64 --thresholds 2,4,8,16 --save runs/r18.pt
     # then, on the same weights, the drift-free block reference with per-value ε:
     python benchmarks/skipconv_model.py ... --load runs/r18.pt --reference block --per-value --thresholds 0.02,0.03,0.04,0.06
+    # per-stage overrides (the per-stage study): --stage backbone.layer4:b=2,scale=0.5
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main() -> None:
                     help="residual against the previous frame (Eq. 3) or each block's last computed input")
     ap.add_argument("--per-value", action="store_true", help="ε per input value: a layer's threshold is ε·C_in·k²")
     ap.add_argument("--thresholds", default="0.5,1,2,4,8,16,32,64")
+    ap.add_argument("--stage", action="append", default=[], type=parse_stage, metavar="PREFIX:b=B,scale=S",
+                    help="per-stage override for the layers whose name starts with PREFIX (e.g. backbone.layer4:b=2,"
+                         "scale=0.5): block size b, ε multiplied by scale; repeatable")
     ap.add_argument("--train-clips", type=int, default=256)
     ap.add_argument("--val-clips", type=int, default=96)
     ap.add_argument("--epochs", type=int, default=6)
@@ -116,6 +120,7 @@ def main() -> None:
     for eps in [float(x) for x in args.thresholds.split(",")]:
         gated = build_policy(args.gate, threshold=eps, block_size=args.block_size, reference=args.reference,
                              per_value=args.per_value).apply(copy.deepcopy(dense))
+        apply_stages(gated, args.stage)
         m = evaluate(gated, TrialConfig(**{**trial.to_dict(), "gate": args.gate, "threshold": eps,
                                            "block_size": args.block_size}), val, quick).metrics
         pck = probe.pck(frame_features(gated, streams, stream=True), centers, radius)
@@ -138,6 +143,34 @@ def main() -> None:
         for k in ("threshold", "dense_pck", "pck", "dense_ms", "gated_ms", "speedup", "mac_reduction", "efficiency",
                   "mean_density", "max_abs_diff"):
             print(f"{k:>14}: {result[k]:.4g}")
+
+
+def parse_stage(text: str) -> tuple[str, dict]:
+    """``PREFIX:b=2,scale=0.5`` -> (prefix, {"b": 2, "scale": 0.5})."""
+    prefix, _, spec = text.partition(":")
+    try:
+        knobs = {k.strip(): v.strip() for k, v in (item.split("=") for item in spec.split(","))}
+        out = {"b": int(knobs.pop("b"))} if "b" in knobs else {}
+        if "scale" in knobs:
+            out["scale"] = float(knobs.pop("scale"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PREFIX:b=B,scale=S, got {text!r}") from None
+    if not prefix or knobs or not out:
+        raise argparse.ArgumentTypeError(f"expected PREFIX:b=B,scale=S, got {text!r}")
+    return prefix, out
+
+
+def apply_stages(model, stages) -> None:
+    """Per-stage block sizes and ε factors (the per-stage study in docs/benchmarks.md)."""
+    from gatesearch.policies.skipconv import skip_layers
+
+    for prefix, knobs in stages:
+        layers = [l for l in skip_layers(model) if l.name.startswith(prefix)]
+        if not layers:
+            raise SystemExit(f"--stage {prefix}: no gated layer's name starts with it")
+        for layer in layers:
+            layer.block_size = knobs.get("b", layer.block_size)
+            layer.gate.threshold *= knobs.get("scale", 1.0)
 
 
 @torch.inference_mode()
