@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--directions", type=int, default=1, choices=[1, 2, 4, 8],
                     help="motion directions in the label (1: shape only, learnable frame by frame)")
+    ap.add_argument("--object-size", type=float, default=0.25,
+                    help="mean object diameter / frame side of the synthetic clips (the dataset's default 0.25)")
     ap.add_argument("--gate", default="input_norm", choices=["input_norm", "output_norm"])
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--reference", default="frame", choices=["frame", "block"],
@@ -82,7 +84,8 @@ def main() -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     data = DataConfig(train_clips=args.train_clips, val_clips=args.val_clips,
-                      synthetic={"height": args.size, "width": args.size, "num_directions": args.directions})
+                      synthetic={"height": args.size, "width": args.size, "num_directions": args.directions,
+                                 "object_size": args.object_size})
     trial = TrialConfig(backbone=args.backbone, width=args.width, clip_length=4, epochs=args.epochs, lr=args.lr)
     t0 = time.time()
     dense = build_model(trial, num_classes(data))
@@ -103,7 +106,8 @@ def main() -> None:
     radius = 0.05 * args.size
     probe = PositionProbe.select(frame_features(dense, probe_data["clip"], stream=False), probe_data["centers"], radius)
     del probe_data
-    cfg = SyntheticConfig(height=args.size, width=args.size, frames=args.frames, num_directions=args.directions)
+    cfg = SyntheticConfig(height=args.size, width=args.size, frames=args.frames, num_directions=args.directions,
+                          object_size=args.object_size)
     streams, centers = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.streams):

@@ -92,6 +92,19 @@ def test_object_stays_inside_frame_even_when_tiny():
             assert (c[:, 1] <= cfg.height - 1).all()
 
 
+def test_object_size_scales_the_object_and_keeps_the_default_clips():
+    """The default draws exactly the clips it drew before the knob existed; a smaller size paints a smaller object."""
+    base = make_clip(CFG, 5, "train")
+    same = make_clip(SyntheticConfig(**{**CFG.to_dict(), "object_size": 0.25}), 5, "train")
+    assert torch.equal(base["clip"], same["clip"])
+    still = {"noise": 0.0, "camera_motion": 0.0, "height": 64, "width": 64}
+    area = {}
+    for size in (0.1, 0.25):
+        item = make_clip(SyntheticConfig(**{**CFG.to_dict(), **still, "object_size": size}), 5, "train")
+        area[size] = float((item["clip"][1] - item["clip"][0]).abs().sum(0).gt(0.05).float().sum())  # moved pixels
+    assert 0 < area[0.1] < 0.6 * area[0.25]
+
+
 def test_heatmap_peak_at_centre():
     s = CFG.heatmap_stride
     for i in range(6):
@@ -139,6 +152,8 @@ def test_config_roundtrip_and_validation():
         ({"noise": -0.1}, "noise"),
         ({"speed": 0}, "speed"),
         ({"camera_motion": -1}, "camera_motion"),
+        ({"object_size": 0}, "object_size"),
+        ({"object_size": 0.8}, "object_size"),
         ({"heatmap_stride": 0}, "heatmap_stride"),
         ({"heatmap_sigma": 0}, "heatmap_sigma"),
         ({"seed": -1}, "seed"),

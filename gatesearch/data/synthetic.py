@@ -65,6 +65,7 @@ class SyntheticConfig:
     speed: float = 1.5
     noise: float = 0.02
     camera_motion: float = 0.25
+    object_size: float = 0.25  # mean object diameter / shorter frame side (each clip draws ±20 % around it)
     heatmap_stride: int = 4
     heatmap_sigma: float = 1.5
     seed: int = 0
@@ -75,7 +76,7 @@ class SyntheticConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"SyntheticConfig.{name} must be an int, got {value!r}")
-        for name in ("speed", "noise", "camera_motion", "heatmap_sigma"):
+        for name in ("speed", "noise", "camera_motion", "object_size", "heatmap_sigma"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f"SyntheticConfig.{name} must be a number, got {value!r}")
@@ -95,6 +96,7 @@ class SyntheticConfig:
         check(self.speed > 0, "speed", "must be > 0")
         check(self.noise >= 0, "noise", "must be >= 0")
         check(self.camera_motion >= 0, "camera_motion", "must be >= 0")
+        check(0 < self.object_size <= 0.5, "object_size", "must be in (0, 0.5] (a fraction of the shorter side)")
         check(1 <= self.heatmap_stride <= min(self.height, self.width), "heatmap_stride",
               "must be in 1..min(height, width)")
         check(self.heatmap_sigma > 0, "heatmap_sigma", "must be > 0")
@@ -291,7 +293,7 @@ def make_clip(cfg: SyntheticConfig, index: int, split: str = "train") -> dict[st
     canvas = _background(rng, h + 2 * pad, w + 2 * pad)  # (3, H+2p, W+2p)
     frames = _drift_crop(canvas, drift + pad, h, w)  # (T, 3, H, W)
 
-    radius = 0.5 * min(h, w) * rng.uniform(0.20, 0.30)
+    radius = 0.5 * min(h, w) * rng.uniform(0.20, 0.30) * (cfg.object_size / 0.25)  # the default draws as before
     centres = _trajectory(rng, cfg, direction, radius)  # (T, 2)
     _paint_object(frames, rng, SHAPES[shape_idx], centres, radius)
 
