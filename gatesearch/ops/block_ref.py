@@ -90,11 +90,9 @@ class BlockReference:
         out = F.conv2d(x, weight, bias, **g.conv_args())
         if self.native and _native.usable(z, out) and is_dense(z) and is_dense(out):
             _native.ops().masked_add_(z, out, mask, g.block, True)
-            _native.ops().refresh_block_ref_(self.ref, self._layout(x), mask, g.ints())
-            return
-        keep = upsample_block_mask(mask, g.block, g.out_hw)  # (N, 1, Ho, Wo)
-        z.copy_(torch.where(keep, out, z))
-        if self.native:  # operands off the fast path this once; the references stay in their C++ layout
+        else:
+            z.copy_(torch.where(upsample_block_mask(mask, g.block, g.out_hw), out, z))
+        if self.native:  # the references keep their C++ layout even when the operands were off the fast path
             _native.ops().refresh_block_ref_(self.ref, self._layout(x), mask, g.ints())
         else:
             self.ref = torch.where(mask.flatten(1)[:, None, :], self._halos(x), self.ref)

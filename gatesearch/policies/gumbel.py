@@ -102,16 +102,16 @@ class GumbelGate(Gate):
         """Inference, once per clip: f > 0 (Eq. 8) read from the pair (x, x_prev) by the C++ kernel, no residual
         tensor and no full-frame conv; anything else (training, forced open, other layouts) takes the generic path."""
         from gatesearch.ops import _native
-        from gatesearch.ops.geometry import is_dense
+        from gatesearch.ops.geometry import is_dense, resolve_geometry
 
         fast = x.dim() == 4 and is_dense(x) and _native.usable(x)
         if reference is not None or self.training or self.force_open or not fast:
             return super().plan(layer, x, out_hw, reference)
         c, ops = layer.conv, _native.ops()
-        kh, kw = c.kernel_size
-        wpack = self.weight.detach()[0].permute(1, 2, 0).reshape(kh * kw, c.in_channels).contiguous()  # (kh, kw, Ci)
+        wpack = self.weight.detach()[0].permute(1, 2, 0).reshape(-1, c.in_channels).contiguous()  # (kh, kw, Ci)
         bias = float(self.bias.detach() * self.settings.bias_gain)
-        ints = [kh, kw, *c.stride, *c.padding, *c.dilation, 1, layer.block_size, int(out_hw[0]), int(out_hw[1])]
+        ints = resolve_geometry(x.shape, self.weight.shape, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                                groups=1, block_size=layer.block_size).ints()  # the gate sees every input channel
         generic, layout = super().plan(layer, x, out_hw), (tuple(x.shape), x.stride())
 
         def mask(x_, x_prev):
