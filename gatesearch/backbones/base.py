@@ -40,6 +40,22 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+class Add(nn.Module):
+    """``a + b`` as a layer, for residual joins: gated streams swap it for one that adds only where its inputs
+    changed (``policies.stream_ops``)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x NCHW-contiguous, except a gated stream's live tensor (``ops.changes``), which keeps its layout: copying it
+    would lose which positions changed."""
+    from gatesearch.ops.changes import is_stream
+
+    return x if is_stream(x) else x.contiguous()
+
+
 class ClipHead(nn.Module):
     """Clip classifier over per-frame features.
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Add, Backbone, contiguous
 from .registry import BACKBONES
 from .temporal_shift import TemporalShift
 
@@ -55,12 +55,13 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, cout)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = _downsample(cin, cout, stride)
+        self.add = Add()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Cin, H, W) -> (N, Cout, H/s, W/s)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self.shift(x))))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)  # out of place: gated convs' outputs are their state
+        return self.relu(self.add(out, identity))  # out of place: gated convs' outputs are their state
 
 
 class Bottleneck(nn.Module):
@@ -80,13 +81,14 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(cin, cout, stride)
+        self.add = Add()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Cin, H, W) -> (N, 4·planes, H/s, W/s)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(self.shift(x))))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.add(out, identity))
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
@@ -129,7 +131,7 @@ class ResNet(Backbone):
     def fine(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C1, H/4, W/4)
         # the stem runs channels_last, oneDNN's fast layout: 2.5× faster at 224² on this CPU, max-pool 17×
         x = self.maxpool(self.relu(self.bn1(self.conv1(x.contiguous(memory_format=torch.channels_last)))))
-        return self.layer1(x.contiguous())  # (N, stem, H/4, W/4)
+        return self.layer1(contiguous(x))  # (N, stem, H/4, W/4)
 
     def deep(self, fine: torch.Tensor) -> torch.Tensor:  # (N, C1, H/4, W/4) -> (N, C4, H/32, W/32)
         return self.layer4(self.layer3(self.layer2(fine)))

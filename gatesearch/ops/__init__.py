@@ -8,6 +8,7 @@ fallback); ``norm_gate_block_mask`` is the cheap gate; ``block_density`` the
 fraction of output positions recomputed.
 """
 
+from gatesearch.ops import changes
 from gatesearch.ops.block_ref import BlockReference
 from gatesearch.ops.block_sparse import PATHS, accumulate_block_sparse_, sparse_rows_limit, sparse_step
 from gatesearch.ops.crossover import calibrate as calibrate_crossover

@@ -1,4 +1,4 @@
-"""Build-once, load-once access to the C++ kernels in csrc/skip_conv.cpp.
+"""Build-once, load-once access to the C++ kernels in csrc/ (skip_conv.cpp, changes.cpp).
 
 Why JIT: ``pip install -e .`` stays pure Python; the first use compiles the
 kernels with the machine's own compiler (``-march=native``; ~15 s on 2 cores) into a
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "skip_conv.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("skip_conv.cpp", "changes.cpp")]
 _NAMESPACE = "gatesearch_skipconv"
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -54,7 +54,7 @@ def machine_tag() -> str:
 def build_tag() -> str:
     """Digest of the kernel source, torch version and CPU: names the build and keys timing caches."""
     key = hashlib.sha1()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), _cpu_tag().encode()):
+    for part in (*(src.read_bytes() for src in _SOURCES), torch.__version__.encode(), _cpu_tag().encode()):
         key.update(part)
     return key.hexdigest()[:12]
 
@@ -81,7 +81,7 @@ def _load() -> bool:
         name, build_dir = _build_dir()
         cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(src) for src in _SOURCES],
             build_directory=str(build_dir),
             extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

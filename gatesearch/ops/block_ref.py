@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatesearch.ops import _native
+from gatesearch.ops import _native, changes
 from gatesearch.ops.gate import upsample_block_mask
 from gatesearch.ops.geometry import ConvGeometry, is_dense
 from gatesearch.ops.packing import kernel_kind, packed_weight
@@ -38,8 +38,10 @@ def halo(geom: ConvGeometry) -> tuple[int, int]:
 class BlockReference:
     """The per-block input references of one layer's stream, filled from the clip's reference frame."""
 
-    def __init__(self, x: torch.Tensor, geom: ConvGeometry) -> None:
+    def __init__(self, x: torch.Tensor, geom: ConvGeometry, *, seen: int | None = None) -> None:
+        """``seen``: the update of the stream tensor x (``ops.changes``) the references are filled from."""
         self.geom = geom
+        self.seen = seen
         self.native = _native.usable(x) and is_dense(x)
         if self.native:
             x = self._layout(x)
@@ -52,9 +54,15 @@ class BlockReference:
 
     # -- gate -------------------------------------------------------------
     def gate(self, x: torch.Tensor, *, threshold: float, scale: float = 1.0) -> torch.Tensor:
-        """Bool (N, Hb, Wb): blocks with an output whose scale * ||x - reference||_1 over its support > threshold."""
+        """Bool (N, Hb, Wb): blocks with an output whose scale * ||x - reference||_1 over its support > threshold.
+
+        When x is a stream tensor that says which positions changed since the last call, blocks whose halo
+        holds none of them are not read: their residual is last frame's, which did not fire (or was zeroed).
+        """
+        changed, self.seen = changes.since(x, self.seen), changes.step(x)
         if self.native:
-            return _native.ops().gate_block_ref(self._layout(x), self.ref, self.geom.ints(), float(threshold), float(scale))
+            return _native.ops().gate_block_ref(self._layout(x), self.ref, self.geom.ints(), float(threshold), float(scale),
+                                                changed)
         g = self.geom
         d = (self._halos(x) - self.ref).abs()  # (N, C*Ph*Pw, L)
         n, _, blocks = d.shape

@@ -94,24 +94,33 @@ class SkipConv2d(FrameAverages, nn.Module):
         self.x_prev: torch.Tensor | None = None
         self.z_prev: torch.Tensor | None = None
         self._plan: tuple | None = None  # (gate, step, gate MACs): resolved at a clip's first residual frame
+        self._x_step: int | None = None  # the update of a stream-tensor input seen at the reference frame
 
     # -- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)
         if not self.streaming:
             return self.conv(x)
-        if getattr(x if x._base is None else x._base, "_skip_state", False):
-            x = x.clone()  # another skip-conv's live state (its BN folded away): it changes in place next frame
+        from gatesearch.ops import changes
+
         state = self.__dict__  # per-frame attributes bypass nn.Module.__setattr__ (a few µs each, every layer)
+        reference_frame = self.x_prev is None or self.x_prev.shape != x.shape
+        if changes.is_stream(x) and (reference_frame or self.reference == "frame"):
+            # another layer's live output, changed in place next frame: a frame residual needs this frame's values
+            # then (block references copy what they need, but are filled from the reference frame's x at the next)
+            state["_x_step"] = changes.step(x)
+            x = x.clone()
+        elif reference_frame:
+            state["_x_step"] = None
         if not x.is_contiguous(memory_format=torch.channels_last):
             # streams run channels_last: the gates and gathers read whole channel vectors, and the state (and
             # so every layer after) keeps that layout; only the first layer converts, its 3-channel frame
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.x_prev is None or self.x_prev.shape != x.shape:
+        if reference_frame:
             bn = self.bn
             state["folded"] = bn is not None and not bn.training and not torch.is_grad_enabled()
             # reference frame: dense, bias (and a folded BN) included
             z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
-            z._skip_state = True
+            changes.mark(z, None)
             state["_plan"] = None  # shapes, weights or path may have changed since the last clip
             self._record(float(x.shape[0]), x.shape[0], 0.0)
         else:
@@ -138,7 +147,9 @@ class SkipConv2d(FrameAverages, nn.Module):
         if rows < 0:
             rows = ops.active_positions(block_mask, out_hw, self.block_size)
         self._record(rows / (out_hw[0] * out_hw[1]), block_mask.shape[0], gate_macs)
-        return z_prev
+        # z changed in the active blocks only; layers after a block-reference skip-conv redo just those
+        changed = ops.changes.block_positions(block_mask, self.block_size, out_hw) if self.reference == "block" else None
+        return ops.changes.mark(z_prev, changed)
 
     def _make_plan(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple:
         """What stays fixed over a clip, resolved at its first residual frame: the gate, the conv step
@@ -164,7 +175,7 @@ class SkipConv2d(FrameAverages, nn.Module):
         from gatesearch import ops
 
         geom = ops.resolve_geometry(x.shape, weight.shape, **geometry)
-        reference = ops.BlockReference(self.x_prev, geom)
+        reference = ops.BlockReference(self.x_prev, geom, seen=self._x_step)
         bias = self._fold_cache[2] if self.folded else self.conv.bias
         max_rows = ops.sparse_rows_limit(geom, x, self.path)  # "dense": the masked dense formulation every frame
 
@@ -273,7 +284,9 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int, reference: st
     """Replace every ``Conv2d`` of ``model`` by a ``SkipConv2d`` (in place).
 
     In-place activations are switched off: a skip-conv returns its own state
-    tensor, which must not be changed by the layers after it.
+    tensor, which must not be changed by the layers after it. With block
+    references, ReLU, max-pool and residual adds become their stream versions
+    (``stream_ops``).
     """
     layers = []
     for parent_name, parent in list(model.named_modules()):
@@ -289,6 +302,10 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int, reference: st
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
     fold_batch_norms(model)
+    if reference == "block":  # their convs change only recomputed blocks: ReLU, add, max-pool follow suit
+        from .stream_ops import install
+
+        install(model)
     return layers
 
 

@@ -598,10 +598,28 @@ void refresh_block_ref_(at::Tensor& ref_t, const at::Tensor& x, const c10::optio
   });
 }
 
+// Whether the input rows and columns one block reads hold a changed position.
+bool halo_changed(const bool* changed, int64_t H, int64_t W, const Block& bl, const Conv& cv) {
+  const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
+  const int64_t y1 = std::min(H, iy0 + (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1);
+  const int64_t x1 = std::min(W, ix0 + (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1);
+  for (int64_t y = std::max<int64_t>(0, iy0); y < y1; ++y) {
+    const bool* row = changed + (bl.n * H + y) * W;
+    for (int64_t x = std::max<int64_t>(0, ix0); x < x1; ++x)
+      if (row[x]) return true;
+  }
+  return false;
+}
+
 // Eq. 5 / 7 against the block references: a block is active when one of its
 // outputs sees scale * sum |x - ref[block]| over its support above threshold.
+//
+// With ``changed`` (bool (N, H, W): the inputs that may differ from the previous
+// frame's) a block whose halo holds no changed input is not read at all: its
+// residual is the one it had last frame, which either stayed below the
+// threshold or was zeroed by a refresh, so it cannot fire now.
 at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::IntArrayRef geom, double threshold,
-                          double scale) {
+                          double scale, const c10::optional<at::Tensor>& changed_in) {
   const Conv cv = parse_conv(geom);
   check_dense_fp32(x, "x");
   const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3);
@@ -611,7 +629,16 @@ at::Tensor gate_block_ref(const at::Tensor& x, const at::Tensor& ref_t, c10::Int
   at::Tensor out = at::zeros({N, ref.Bh, ref.Bw}, at::kBool);
   bool* o = out.data_ptr<bool>();
   const float thr = static_cast<float>(threshold), sc = static_cast<float>(scale);
+  const bool* changed = nullptr;
+  if (changed_in.has_value() && changed_in->defined()) {
+    const at::Tensor& m = *changed_in;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() && m.dim() == 3 && m.size(0) == N && m.size(1) == H &&
+                    m.size(2) == W,
+                "gate_block_ref: changed must be a contiguous bool map (N, H, W) of x");
+    changed = m.data_ptr<bool>();
+  }
   for_blocks(cv, N, nullptr, ref.slot, [&](const Block& bl, std::vector<float>& buf) {
+    if (changed && !halo_changed(changed, H, W, bl, cv)) return;
     buf.resize(ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
     float* halo = buf.data();
     int64_t ph, pw;
@@ -807,7 +834,7 @@ TORCH_LIBRARY(gatesearch_skipconv, m) {
       "block_sparse_accumulate_(Tensor(a!) z, Tensor r, Tensor wpack, Tensor mask, int[] geometry, int kind, "
       "int max_rows, Tensor? r_prev=None, Tensor(b!)? block_ref=None) -> int");
   m.def("refresh_block_ref_(Tensor(a!) ref, Tensor x, Tensor? mask, int[] geometry) -> ()");
-  m.def("gate_block_ref(Tensor x, Tensor ref, int[] geometry, float threshold, float scale) -> Tensor");
+  m.def("gate_block_ref(Tensor x, Tensor ref, int[] geometry, float threshold, float scale, Tensor? changed=None) -> Tensor");
   m.def("gate_block_linear(Tensor x, Tensor x_prev, Tensor weight, float bias, int[] geometry) -> Tensor");
   m.def("active_positions(Tensor mask, int block, int Ho, int Wo) -> int");
   m.def("masked_add_(Tensor(a!) z, Tensor out, Tensor mask, int block, bool copy=False) -> ()");
