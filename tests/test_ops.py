@@ -520,3 +520,22 @@ def test_block_reference_matches_the_fallback_and_the_dense_conv(name, layout):
             assert (z["native"] - dense).abs().max().item() <= TOL
         else:
             assert skipped, "threshold 12 must skip some block"
+
+
+def test_onednn_gemm_equals_the_mkl_one(monkeypatch):
+    """Where oneDNN is there, GEMM kernels multiply with its reordered weight (rows padded to a few sizes per
+    octave); the result is the at::mm one, at row counts across the padding steps."""
+    from gatesearch.ops import block_sparse, packing
+
+    if not _native.available() or packing.onednn_weight(torch.ones(2, 2, 1, 1), packing.Kind.GEMM, 1) is None:
+        pytest.skip("C++ kernels or oneDNN unavailable")
+    assert packing.onednn_weight(torch.ones(4, 2, 3, 3), packing.Kind.GEMM, 2) is None  # grouped: at::mm / bmm
+    case = Case(40, 24, 3, padding=1, hw=(30, 31))
+    r, weight, z, geom = make_layer(case, 2, fmt=torch.channels_last)
+    for density in (0.02, 0.1, 0.3, 0.7):
+        mask = random_mask(case.n, geom.grid, density)
+        fast = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=2, path="sparse", **case.conv)
+        with monkeypatch.context() as m:
+            m.setattr(block_sparse, "onednn_weight", lambda *args: None)
+            mkl = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=2, path="sparse", **case.conv)
+        assert (fast - mkl).abs().max().item() <= TOL

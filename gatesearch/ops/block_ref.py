@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from gatesearch.ops import _native, changes
 from gatesearch.ops.gate import upsample_block_mask
 from gatesearch.ops.geometry import ConvGeometry, is_dense
-from gatesearch.ops.packing import kernel_kind, packed_weight
+from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
 
 
 def halo(geom: ConvGeometry) -> tuple[int, int]:
@@ -84,7 +84,8 @@ class BlockReference:
             x = self._layout(x)
             kind = kernel_kind(in_per_group=g.in_channels // g.groups)
             rows = _native.ops().block_sparse_accumulate_(
-                z, x, packed_weight(weight, kind, g.groups), mask, g.ints(), int(kind), max_rows, None, self.ref)
+                z, x, packed_weight(weight, kind, g.groups), mask, g.ints(), int(kind), max_rows, None, self.ref,
+                onednn_weight(weight, kind, g.groups))
             if rows >= 0:
                 return rows
         self.recompute(z, x, weight, bias, mask)

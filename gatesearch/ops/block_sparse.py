@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gatesearch.ops import _native, _torch_kernels
 from gatesearch.ops.gate import upsample_block_mask
 from gatesearch.ops.geometry import ConvGeometry, Pair, check_operands, is_dense, resolve_geometry, same_dense_layout
-from gatesearch.ops.packing import kernel_kind, packed_weight
+from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
 
 PATHS = ("auto", "sparse", "dense")
 
@@ -65,7 +65,8 @@ def accumulate_block_sparse_(
     if _native.usable(r, weight):
         kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
         wpack = packed_weight(weight, kind, geom.groups)
-        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows, r_prev)
+        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows, r_prev,
+                                                      None, onednn_weight(weight, kind, geom.groups))
     else:
         rows = _torch_kernels.block_sparse_accumulate_(work, r, weight, block_mask, geom, max_rows)
     if rows < 0:  # denser than the crossover: the dense conv is faster
@@ -100,7 +101,7 @@ def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path:
         return general
     ops, ints = _native.ops(), geom.ints()
     kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
-    wpack = packed_weight(weight, kind, geom.groups)
+    wpack, onednn = packed_weight(weight, kind, geom.groups), onednn_weight(weight, kind, geom.groups)
     max_rows = sparse_rows_limit(geom, r, path)
     shapes = (tuple(z.shape), z.stride(), tuple(r.shape), r.stride())
 
@@ -109,7 +110,7 @@ def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path:
             r_prev is not None and r_prev.stride() != r_.stride()
         ):
             return general(z_, r_, mask, r_prev)
-        rows = ops.block_sparse_accumulate_(z_, r_, wpack, mask, ints, int(kind), max_rows, r_prev)
+        rows = ops.block_sparse_accumulate_(z_, r_, wpack, mask, ints, int(kind), max_rows, r_prev, None, onednn)
         if rows < 0:  # denser than the crossover: the dense conv is faster
             accumulate_dense_(z_, r_ if r_prev is None else r_ - r_prev, weight, mask, geom)
         return rows

@@ -10,6 +10,8 @@ update bumps ``_version``; ``.data =`` swaps the storage) or is freed.
 from __future__ import annotations
 
 import enum
+import functools
+import os
 import weakref
 
 import torch
@@ -39,20 +41,44 @@ def pack(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
     return w.reshape(co, taps).t().contiguous()  # (T, Co)
 
 
-_cache: dict[tuple[int, int, int], tuple[weakref.ref, int, int, torch.Tensor]] = {}
+_cache: dict[tuple, tuple[weakref.ref, int, int, torch.Tensor | None]] = {}
 
 
 def packed_weight(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor:
     """``pack`` with a per-weight cache (identity + version + storage checked)."""
-    key = (id(weight), int(kind), groups)
+    return _cached(weight, (int(kind), groups), lambda: pack(weight, kind, groups))
+
+
+def onednn_weight(weight: torch.Tensor, kind: Kind, groups: int) -> torch.Tensor | None:
+    """The GEMM weight (K, Co) reordered for oneDNN's linear, which the C++ gather then multiplies with instead
+    of at::mm (faster at the few rows of deep layers); None for grouped or depthwise kernels, or without oneDNN."""
+    if kind != Kind.GEMM or groups != 1 or not _has_onednn_linear():
+        return None
+    return _cached(weight, ("onednn",), lambda: torch.ops.mkldnn._reorder_linear_weight(
+        pack(weight, kind, 1)[0].t().contiguous(), None))
+
+
+def _cached(weight: torch.Tensor, variant: tuple, make):
+    key = (id(weight), *variant)
     hit = _cache.get(key)
     version = _version(weight)
     if hit is not None and hit[0]() is weight and hit[1] == version and hit[2] == weight.data_ptr():
         return hit[3]
-    packed = pack(weight, kind, groups)
+    packed = make()
     ref = weakref.ref(weight, lambda _ref, key=key: _cache.pop(key, None))
     _cache[key] = (ref, version, weight.data_ptr(), packed)
     return packed
+
+
+@functools.lru_cache(maxsize=1)
+def _has_onednn_linear() -> bool:
+    if os.environ.get("GATESEARCH_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), None)
+        return bool(torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), w, None, "none", [], "").sum() == 6)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _version(weight: torch.Tensor) -> int:

@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -329,16 +330,39 @@ void load_patch(const float* rp, const float* pp, const Strides& rs, int64_t Ci,
 // im2col of the active positions only -> cols (G, M, T*Cg), columns ordered
 // (tap, channel-in-group) so every tap copies Cg contiguous floats; then one
 // GEMM (G == 1) or batched GEMM against the weight packed as (G, T*Cg, Cog).
+// With ``onednn`` (the G == 1 weight reordered by mkldnn::_reorder_linear_weight)
+// the GEMM is oneDNN's: at the few rows of a deep layer (M ~ 20, K = 4608) it
+// runs ~1.4x faster than MKL's sgemm behind at::mm, most of all with the weight
+// cold in cache. oneDNN builds a kernel per row count (~0.5 ms, then cached), so
+// the rows are padded with zeros to one of 8 sizes per octave.
 // Returns out (G, M, Cog).
+int64_t bucket_rows(int64_t m) {
+  int64_t octave = 1;
+  while (octave * 2 <= m) octave *= 2;
+  const int64_t step = std::max<int64_t>(8, octave / 8);
+  return (m + step - 1) / step * step;
+}
+
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& weight) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{a, weight, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                 c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
-                       const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
+                       const at::Tensor& onednn, const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t H = r.size(2), W = r.size(3), Ci = r.size(1), G = cv.groups, Cg = Ci / G;
   const int64_t T = cv.kh * cv.kw, Kg = T * Cg;
   const Strides rs(r);
   const bool direct = (rs.c == 1 || Ci == 1) && !ref;  // channel vectors already contiguous
   const float* rp = r.data_ptr<float>();
-  at::Tensor cols = at::empty({G, M, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool use_onednn = onednn.defined() && G == 1;
+  const int64_t rows = use_onednn ? bucket_rows(M) : M;
+  at::Tensor cols = at::empty({G, rows, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
   float* cp = cols.data_ptr<float>();
+  if (rows > M) std::memset(cp + M * Kg, 0, (rows - M) * Kg * sizeof(float));
   at::parallel_for(0, blocks.size(), grain(cv.b * cv.b * T * Ci), [&](int64_t lo, int64_t hi) {
     std::vector<float> patch;
     for (int64_t i = lo; i < hi; ++i) {
@@ -377,6 +401,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
           }
     }
   });
+  if (use_onednn) return onednn_linear(cols[0], onednn).narrow(0, 0, M).unsqueeze(0);
   if (G == 1) return at::mm(cols[0], wpack[0]).unsqueeze(0);
   return at::bmm(cols, wpack);
 }
@@ -387,7 +412,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
 constexpr int64_t kChunkBytes = 1024 * 1024;
 
 void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
-                         const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
+                         const at::Tensor& onednn, const std::vector<Block>& blocks, const Conv& cv, int64_t M) {
   const int64_t K = cv.kh * cv.kw * r.size(1);
   const int64_t max_rows = std::max<int64_t>(256, kChunkBytes / (4 * K));
   const int64_t chunks = (M + max_rows - 1) / max_rows;
@@ -402,7 +427,7 @@ void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, co
       part.back().m0 -= base;
       rows += (blocks[start].oy1 - blocks[start].oy0) * (blocks[start].ox1 - blocks[start].ox0);
     }
-    const at::Tensor out = gather_gemm(r, pp, ref, wpack, part, cv, rows);  // (G, rows, Cog)
+    const at::Tensor out = gather_gemm(r, pp, ref, wpack, onednn, part, cv, rows);  // (G, rows, Cog)
     // (G, rows, Cog) -> (rows, Co): free when G == 1
     const at::Tensor flat = cv.groups == 1 ? out : out.permute({1, 0, 2}).contiguous();
     scatter_add(z, part, flat.data_ptr<float>());
@@ -791,7 +816,8 @@ enum Kind : int64_t { kGemm = 0, kDepthwise = 1 };
 // the dense path: the crossover decision costs no extra pass over the mask).
 int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::Tensor& wpack, const at::Tensor& mask,
                                  c10::IntArrayRef geom, int64_t kind, int64_t max_rows,
-                                 const c10::optional<at::Tensor>& r_prev, const c10::optional<at::Tensor>& ref_in) {
+                                 const c10::optional<at::Tensor>& r_prev, const c10::optional<at::Tensor>& ref_in,
+                                 const c10::optional<at::Tensor>& onednn_in) {
   const Conv cv = parse_conv(geom);
   check_dense_fp32(z, "z");
   check_dense_fp32(r, "r");
@@ -815,7 +841,7 @@ int64_t block_sparse_accumulate_(at::Tensor& z, const at::Tensor& r, const at::T
   if (M == 0) return 0;
   switch (kind) {
     case kGemm:
-      gather_gemm_scatter(z, r, pp, rf, wpack, blocks, cv, M);
+      gather_gemm_scatter(z, r, pp, rf, wpack, onednn_in.has_value() ? *onednn_in : at::Tensor(), blocks, cv, M);
       break;
     case kDepthwise:
       depthwise(z, r, pp, rf, wpack, blocks, cv);
@@ -832,7 +858,7 @@ TORCH_LIBRARY(gatesearch_skipconv, m) {
   m.def("gate_block_mask(Tensor r, int[] geometry, float threshold, float scale, Tensor? r_prev=None) -> Tensor");
   m.def(
       "block_sparse_accumulate_(Tensor(a!) z, Tensor r, Tensor wpack, Tensor mask, int[] geometry, int kind, "
-      "int max_rows, Tensor? r_prev=None, Tensor(b!)? block_ref=None) -> int");
+      "int max_rows, Tensor? r_prev=None, Tensor(b!)? block_ref=None, Tensor? onednn_weight=None) -> int");
   m.def("refresh_block_ref_(Tensor(a!) ref, Tensor x, Tensor? mask, int[] geometry) -> ()");
   m.def("gate_block_ref(Tensor x, Tensor ref, int[] geometry, float threshold, float scale, Tensor? changed=None) -> Tensor");
   m.def("gate_block_linear(Tensor x, Tensor x_prev, Tensor weight, float bias, int[] geometry) -> Tensor");
@@ -849,3 +875,6 @@ TORCH_LIBRARY_IMPL(gatesearch_skipconv, CPU, m) {
   m.impl("gate_block_ref", &gate_block_ref);
   m.impl("gate_block_linear", &gate_block_linear);
 }
+
+// A oneDNN-reordered weight is an MkldnnCPU tensor, which then decides the dispatch key.
+TORCH_LIBRARY_IMPL(gatesearch_skipconv, MkldnnCPU, m) { m.impl("block_sparse_accumulate_", &block_sparse_accumulate_); }
