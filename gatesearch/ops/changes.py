@@ -74,13 +74,16 @@ def block_positions(mask: torch.Tensor, block: int, out_hw) -> torch.Tensor | No
 
 def relu_(out: torch.Tensor, x: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
     """out <- relu(x) at the changed positions; returns the map of out's changes."""
-    return _native.ops().pointwise_changed_(out, x, None, changed, None, True)
+    _native.ops().pointwise_changed_(out, x, None, changed, True)
+    return changed
 
 
 def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, changed_a: torch.Tensor,
          changed_b: torch.Tensor) -> torch.Tensor:
     """out <- a + b where either changed; returns the map of out's changes (the union)."""
-    return _native.ops().pointwise_changed_(out, a, b, changed_a, changed_b, False)
+    changed = changed_a | changed_b
+    _native.ops().pointwise_changed_(out, a, b, changed, False)
+    return changed
 
 
 def max_pool_(out: torch.Tensor, x: torch.Tensor, changed: torch.Tensor, kernel, stride, padding) -> torch.Tensor:

@@ -35,8 +35,8 @@ class _Slot:
         self.out = out
         self.seen: list[int | None] = [None] * len(inputs)
 
-    def holds(self, inputs: Sequence[torch.Tensor]) -> bool:
-        return all(ref() is t for ref, t in zip(self.inputs, inputs))
+    def holds(self, inputs: Sequence[torch.Tensor], shape) -> bool:
+        return tuple(self.out.shape) == tuple(shape) and all(ref() is t for ref, t in zip(self.inputs, inputs))
 
 
 class StreamLayer:
@@ -53,7 +53,7 @@ class StreamLayer:
         slots = self.__dict__.setdefault("_slots", {})
         key = tuple(id(t) for t in inputs)
         slot = slots.get(key)
-        if slot is None or not slot.holds(inputs):
+        if slot is None or not slot.holds(inputs, shape):
             if len(slots) >= 8:  # outputs of inputs gone since (an earlier clip) free their memory
                 slots = {k: s for k, s in slots.items() if all(ref() is not None for ref in s.inputs)}
                 self.__dict__["_slots"] = slots

@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <vector>
 
 namespace {
 
@@ -46,28 +45,24 @@ void for_changed(const bool* m, int64_t positions, int64_t C, F&& fn) {
   });
 }
 
-// out <- max(a (+ b), 0 if relu) at the positions changed in a (or b); returns the map of out's changes.
-at::Tensor pointwise_changed_(at::Tensor& out, const at::Tensor& a, const c10::optional<at::Tensor>& b_in,
-                              const at::Tensor& changed_a, const c10::optional<at::Tensor>& changed_b, bool relu) {
+// out <- max(a (+ b), 0 if relu) at the positions set in ``changed``.
+void pointwise_changed_(at::Tensor& out, const at::Tensor& a, const c10::optional<at::Tensor>& b_in,
+                        const at::Tensor& changed, bool relu) {
   check_stream(out, "out");
   check_stream(a, "a");
   TORCH_CHECK(out.sizes() == a.sizes(), "changes: out and a differ in shape");
-  map_ptr(changed_a, a, "changed_a");
-  at::Tensor changed = changed_a;
+  const bool* m = map_ptr(changed, a, "changed");
   const float* bp = nullptr;
   if (b_in.has_value() && b_in->defined()) {
     check_stream(*b_in, "b");
     TORCH_CHECK(b_in->sizes() == a.sizes(), "changes: a and b differ in shape");
-    TORCH_CHECK(changed_b.has_value() && changed_b->defined(), "changes: b needs its own map");
-    map_ptr(*changed_b, a, "changed_b");
-    changed = at::logical_or(changed_a, *changed_b);
     bp = b_in->data_ptr<float>();
   }
   const int64_t C = a.size(1);
   const float* ap = a.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float lo = relu ? 0.f : -std::numeric_limits<float>::infinity();
-  for_changed(changed.data_ptr<bool>(), changed.numel(), C, [&](int64_t p) {
+  for_changed(m, changed.numel(), C, [&](int64_t p) {
     const float* x = ap + p * C;
     const float* y = bp ? bp + p * C : nullptr;
     float* o = op + p * C;
@@ -77,7 +72,6 @@ at::Tensor pointwise_changed_(at::Tensor& out, const at::Tensor& a, const c10::o
       for (int64_t c = 0; c < C; ++c) o[c] = std::max(x[c], lo);
     }
   });
-  return changed;
 }
 
 // Max-pool (kernel k, stride s, padding p read as -inf, dilation 1, floor mode) of x into out at the
@@ -142,7 +136,7 @@ at::Tensor block_positions(const at::Tensor& mask, int64_t block, int64_t Ho, in
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gatesearch_skipconv, m) {
-  m.def("pointwise_changed_(Tensor(a!) out, Tensor a, Tensor? b, Tensor changed_a, Tensor? changed_b, bool relu) -> Tensor");
+  m.def("pointwise_changed_(Tensor(a!) out, Tensor a, Tensor? b, Tensor changed, bool relu) -> ()");
   m.def("max_pool_changed_(Tensor(a!) out, Tensor x, Tensor changed, int[] kernel, int[] stride, int[] padding) -> Tensor");
   m.def("block_positions(Tensor mask, int block, int Ho, int Wo) -> Tensor");
 }
