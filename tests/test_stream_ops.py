@@ -15,8 +15,7 @@ from gatesearch.ops.block_ref import BlockReference
 from gatesearch.ops.geometry import resolve_geometry
 from gatesearch.policies import build_policy
 from gatesearch.policies.skipconv import skip_layers
-from gatesearch.policies.stream_ops import StreamAdd, StreamLayer, StreamMaxPool2d, StreamReLU, install
-from gatesearch.stateful import streaming
+from gatesearch.policies.stream_ops import StreamAdd, StreamLayer, StreamMaxPool2d, StreamReLU
 
 native = pytest.mark.skipif(not _native.available(), reason="C++ kernels unavailable")
 

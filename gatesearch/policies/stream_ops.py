@@ -57,7 +57,7 @@ class StreamLayer:
             if len(slots) >= 8:  # outputs of inputs gone since (an earlier clip) free their memory
                 slots = {k: s for k, s in slots.items() if all(ref() is not None for ref in s.inputs)}
                 self.__dict__["_slots"] = slots
-            slot = slots[key] = _Slot(inputs, torch.empty(shape).contiguous(memory_format=torch.channels_last))
+            slot = slots[key] = _Slot(inputs, torch.empty(shape, memory_format=torch.channels_last))
         maps = [changes.since(t, seen) for t, seen in zip(inputs, slot.seen)]
         if any(m is None for m in maps):
             kernel(slot.out, [changes.everywhere(t) for t in inputs])
