@@ -88,11 +88,17 @@ at::Tensor max_pool_changed_(at::Tensor& out, const at::Tensor& x, const at::Ten
   const bool* m = map_ptr(changed, x, "changed");
   at::Tensor out_changed = at::zeros({N, Ho, Wo}, at::kBool);
   bool* om = out_changed.data_ptr<bool>();
+  struct Window {
+    int64_t y0, y1, x0, x1;  // the input rows and columns under one output, clipped to the map
+  };
+  const auto window = [&](int64_t oy, int64_t ox) {
+    return Window{std::max<int64_t>(0, oy * sh - ph), std::min(H, oy * sh - ph + kh), std::max<int64_t>(0, ox * sw - pw),
+                  std::min(W, ox * sw - pw + kw)};
+  };
   for (int64_t n = 0; n < N; ++n)
     for (int64_t oy = 0; oy < Ho; ++oy)
       for (int64_t ox = 0; ox < Wo; ++ox) {
-        const int64_t y0 = std::max<int64_t>(0, oy * sh - ph), y1 = std::min(H, oy * sh - ph + kh);
-        const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min(W, ox * sw - pw + kw);
+        const auto [y0, y1, x0, x1] = window(oy, ox);
         bool any = false;
         for (int64_t iy = y0; iy < y1 && !any; ++iy)
           for (int64_t ix = x0; ix < x1 && !any; ++ix) any = m[(n * H + iy) * W + ix];
@@ -101,9 +107,8 @@ at::Tensor max_pool_changed_(at::Tensor& out, const at::Tensor& x, const at::Ten
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for_changed(om, N * Ho * Wo, C * kh * kw, [&](int64_t p) {
-    const int64_t n = p / (Ho * Wo), oy = (p / Wo) % Ho, ox = p % Wo;
-    const int64_t y0 = std::max<int64_t>(0, oy * sh - ph), y1 = std::min(H, oy * sh - ph + kh);
-    const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min(W, ox * sw - pw + kw);
+    const int64_t n = p / (Ho * Wo);
+    const auto [y0, y1, x0, x1] = window((p / Wo) % Ho, p % Wo);
     float* o = op + p * C;
     std::fill(o, o + C, -std::numeric_limits<float>::infinity());
     for (int64_t iy = y0; iy < y1; ++iy)

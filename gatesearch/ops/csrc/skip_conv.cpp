@@ -81,6 +81,16 @@ struct Block {
   int64_t n, oy0, oy1, ox0, ox1, m0;
 };
 
+// The input rows and columns one block reads: ph x pw from (iy0, ix0), which may lie in the padding.
+struct Halo {
+  int64_t iy0, ix0, ph, pw;
+};
+
+Halo halo_of(const Block& bl, const Conv& cv) {
+  return {bl.oy0 * cv.sh - cv.ph, bl.ox0 * cv.sw - cv.pw, (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1,
+          (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1};
+}
+
 // Per-block references (the "block" reference mode): every output block keeps
 // the input halo it was last computed from, N*Hb*Wb slots of P_h*P_w*Ci floats,
 // P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the leading ph*pw*Ci
@@ -367,9 +377,7 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
     std::vector<float> patch;
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
-      const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
-      const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
-      const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+      const auto [iy0, ix0, ph, pw] = halo_of(bl, cv);
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       int64_t m = bl.m0;
@@ -483,9 +491,7 @@ void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockR
     std::vector<const float*> in(cv.kh * cv.kw), w(cv.kh * cv.kw);
     for (int64_t i = lo; i < hi; ++i) {
       const Block& bl = blocks[i];
-      const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
-      const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
-      const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+      const auto [iy0, ix0, ph, pw] = halo_of(bl, cv);
       if (!direct) load_patch(rp, pp, rs, Ci, H, W, bl.n, iy0, ix0, ph, pw, patch);
       if (ref) diff_and_refresh(patch.data(), ref->at(bl), ph * pw * Ci);
       for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
@@ -584,9 +590,7 @@ void for_blocks(const Conv& cv, int64_t N, const bool* mask, int64_t floats_per_
 // The halo of one block, channel-minor (zeros where the conv reads padding).
 void read_halo(const float* xp, const Strides& xs, int64_t Ci, int64_t H, int64_t W, const Block& bl, const Conv& cv,
                float* dst, int64_t* ph_out, int64_t* pw_out) {
-  const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
-  const int64_t ph = (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1;
-  const int64_t pw = (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1;
+  const auto [iy0, ix0, ph, pw] = halo_of(bl, cv);
   *ph_out = ph;
   *pw_out = pw;
   const bool edge = iy0 < 0 || ix0 < 0 || iy0 + ph > H || ix0 + pw > W;
@@ -625,9 +629,8 @@ void refresh_block_ref_(at::Tensor& ref_t, const at::Tensor& x, const c10::optio
 
 // Whether the input rows and columns one block reads hold a changed position.
 bool halo_changed(const bool* changed, int64_t H, int64_t W, const Block& bl, const Conv& cv) {
-  const int64_t iy0 = bl.oy0 * cv.sh - cv.ph, ix0 = bl.ox0 * cv.sw - cv.pw;
-  const int64_t y1 = std::min(H, iy0 + (bl.oy1 - bl.oy0 - 1) * cv.sh + (cv.kh - 1) * cv.dh + 1);
-  const int64_t x1 = std::min(W, ix0 + (bl.ox1 - bl.ox0 - 1) * cv.sw + (cv.kw - 1) * cv.dw + 1);
+  const auto [iy0, ix0, ph, pw] = halo_of(bl, cv);
+  const int64_t y1 = std::min(H, iy0 + ph), x1 = std::min(W, ix0 + pw);
   for (int64_t y = std::max<int64_t>(0, iy0); y < y1; ++y) {
     const bool* row = changed + (bl.n * H + y) * W;
     for (int64_t x = std::max<int64_t>(0, ix0); x < x1; ++x)
