@@ -47,7 +47,7 @@ def achieved(model, clips: dict, *, reset_every: int) -> dict:
         for start in range(0, len(clips["clip"]), 8):
             model.stream(clips["clip"][start : start + 8], reset_every=reset_every)
     layers = counter.report().layers.values()
-    mac_ratio = sum(l.effective for l in layers) / sum(l.dense for l in layers)
+    mac_ratio = sum(layer.effective for layer in layers) / sum(layer.dense for layer in layers)
     return {"ratio": flops_ratio(model), "mac_counter_ratio": mac_ratio, **decisions(model)}
 
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for layout in result["dense_ms"]:
             print(
-                f"  {layout:13s} dense {result['dense_ms'][layout]:7.3f} ms   sparse {result['sparse_ms'][layout]:7.3f} ms"
+                f"  {layout:13s} dense {result['dense_ms'][layout]:7.3f} ms"
+                f"   sparse {result['sparse_ms'][layout]:7.3f} ms"
                 f"   auto {result['auto_ms'][layout]:7.3f} ms   crossover {result['crossover'][layout]:.2f}"
             )
         print(

@@ -31,7 +31,8 @@ defaults; the full-size check takes about 25:
     python benchmarks/skipconv_model.py --backbone resnet18 --width 1 --size 224 --train-clips 768 \
         --val-clips 150 --epochs 3 --frames 64 --thresholds 2,4,8,16 --save runs/r18.pt
     # then, on the same weights, the drift-free block reference with per-value ε:
-    python benchmarks/skipconv_model.py ... --load runs/r18.pt --reference block --per-value --thresholds 0.02,0.03,0.04,0.06
+    python benchmarks/skipconv_model.py ... --load runs/r18.pt --reference block --per-value \
+        --thresholds 0.02,0.03,0.04,0.06
     # per-stage overrides (the per-stage study): --stage backbone.layer4:b=2,scale=0.5
 """
 
@@ -71,7 +72,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--frames", type=int, default=32, help="frames of each quality stream and of the timed clip")
-    ap.add_argument("--probe-clips", type=int, default=256, help="training clips (16 frames) the position probe is fitted on")
+    ap.add_argument("--probe-clips", type=int, default=256,
+                    help="training clips (16 frames) the position probe is fitted on")
     ap.add_argument("--streams", type=int, default=16, help="held-out mp4 streams the per-frame quality is measured on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the timed streams (training uses all)")
     ap.add_argument("--save", type=Path, help="write the trained dense weights here")
@@ -190,7 +192,7 @@ def apply_stages(model, stages) -> None:
     from gatesearch.policies.skipconv import skip_layers
 
     for prefix, knobs in stages:
-        layers = [l for l in skip_layers(model) if l.name.startswith(prefix)]
+        layers = [layer for layer in skip_layers(model) if layer.name.startswith(prefix)]
         if not layers:
             raise SystemExit(f"--stage {prefix}: no gated layer's name starts with it")
         for layer in layers:
@@ -230,7 +232,7 @@ class PositionProbe:
         self.mean, self.std, self.weight, self.offset, self.ridge = mean, std, weight, offset, ridge
 
     @classmethod
-    def fit(cls, features: torch.Tensor, centers: torch.Tensor, ridge: float = 10.0) -> "PositionProbe":
+    def fit(cls, features: torch.Tensor, centers: torch.Tensor, ridge: float = 10.0) -> PositionProbe:
         x = features.reshape(-1, features.shape[-1]).double()
         y = centers.reshape(-1, 2).double()
         mean, std, offset = x.mean(0), x.std(0).clamp_min(1e-6), y.mean(0)
@@ -239,7 +241,7 @@ class PositionProbe:
         return cls(mean, std, torch.linalg.solve(gram, x.T @ (y - offset)), offset, ridge)
 
     @classmethod
-    def select(cls, features: torch.Tensor, centers: torch.Tensor, radius: float) -> "PositionProbe":
+    def select(cls, features: torch.Tensor, centers: torch.Tensor, radius: float) -> PositionProbe:
         """Fit on the first 80 % of the clips for each penalty, keep the best held-out PCK, refit on all."""
         cut = max(1, int(0.8 * len(features)))
         scores = {r: cls.fit(features[:cut], centers[:cut], r).pck(features[cut:], centers[cut:], radius)

@@ -73,8 +73,10 @@ def main() -> None:
             val = load_clips(data, split="val", frames=evaluation.frames, count=data.val_clips)
             outcome = evaluate(model, cfg, val, evaluation)
         else:
-            outcome = run_trial(cfg, data, evaluation,
-                                on_epoch=lambda e, loss, n=name: print(f"  {n} epoch {e + 1}: loss {loss:.3f}", flush=True))
+            outcome = run_trial(
+                cfg, data, evaluation,
+                on_epoch=lambda e, loss, n=name: print(f"  {n} epoch {e + 1}: loss {loss:.3f}", flush=True),
+            )
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 torch.save(outcome.model.state_dict(), args.save / f"{name}.pt")

@@ -34,8 +34,10 @@ def user_errors(fn):
 
 
 def tracking_options(fn):
-    fn = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the work folder).")(fn)
-    fn = click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default="gatesearch_runs", show_default=True, help=WORKDIR_HELP)(fn)
+    fn = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                      help="MLflow tracking URI (default: SQLite store in the work folder).")(fn)
+    fn = click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default="gatesearch_runs",
+                      show_default=True, help=WORKDIR_HELP)(fn)
     return fn
 
 
@@ -46,7 +48,8 @@ def _tracker(workdir: Path, tracking_uri: str | None):
     set_env_defaults()
     uri = tracking_uri or default_tracking_uri(workdir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise click.ClickException(f"no search has been recorded yet ({uri} does not exist); run `gatesearch search` first")
+        raise click.ClickException(f"no search has been recorded yet ({uri} does not exist); "
+                                   "run `gatesearch search` first")
     return Tracker(uri)
 
 
@@ -79,7 +82,8 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
     path = Path(config)
     if not path.exists() and (BUILTIN_CONFIGS / f"{config}.yaml").exists():
         path = BUILTIN_CONFIGS / f"{config}.yaml"
-    cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed, objective=objective)
+    cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed,
+                             objective=objective)
     opts = RunOptions(workdir=workdir, tracking_uri=tracking_uri, ray_address=ray_address)
     summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True))
     if as_json:
@@ -158,8 +162,11 @@ def export(trial_id, out, force, workdir, tracking_uri):
 @main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--video", type=click.Path(path_type=Path), help="Video file to stream (default: a synthetic clip).")
-@click.option("--frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames (synthetic default: 32).")
-@click.option("--reset-every", type=click.IntRange(min=0), default=None, help="Recompute the reference frame densely every N frames (default: the trial's clip length; 0 = only the first frame).")
+@click.option("--frames", type=click.IntRange(min=1), default=None,
+              help="Stop after this many frames (synthetic default: 32).")
+@click.option("--reset-every", type=click.IntRange(min=0), default=None,
+              help="Recompute the reference frame densely every N frames "
+                   "(default: the trial's clip length; 0 = only the first frame).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
 def run(artifact_dir, video, frames, reset_every, as_json):
@@ -186,14 +193,16 @@ def run(artifact_dir, video, frames, reset_every, as_json):
 
     def show(s):
         if not as_json:
-            click.echo(f"frame {s.index:4d}  density {s.density:6.3f}  {s.macs / 1e6:8.2f} MMACs  {s.latency_ms:7.2f} ms")
+            click.echo(f"frame {s.index:4d}  density {s.density:6.3f}  {s.macs / 1e6:8.2f} MMACs  "
+                       f"{s.latency_ms:7.2f} ms")
 
     summary = run_stream(artifact, stream, reset_every=reset_every or None, on_frame=show)
     if as_json:
         _emit_json(summary)
     else:
         click.echo(f"{summary['frames']} frames: mean density {summary['mean_density']:.3f}, "
-                   f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame (dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
+                   f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame "
+                   f"(dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
                    f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
 
 
@@ -204,15 +213,18 @@ def run(artifact_dir, video, frames, reset_every, as_json):
 @click.option("--block-size", type=int, help="Mask block size b.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any other gate parameter or option (e.g. -p reference=block -p per_value=true).")
-@click.option("--artifact", type=click.Path(path_type=Path), help="Bench an exported model (its gate and weights) instead.")
+@click.option("--artifact", type=click.Path(path_type=Path),
+              help="Bench an exported model (its gate and weights) instead.")
 @click.option("--video", type=click.Path(path_type=Path), help="Clip to stream (default: a synthetic clip).")
 @click.option("--frames", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--size", type=click.IntRange(min=16), default=112, show_default=True, help="Frame height and width.")
 @click.option("--width", "width_mult", type=float, default=1.0, show_default=True, help="Backbone width multiplier.")
-@click.option("--reset-every", type=click.IntRange(min=0), default=0, show_default=True, help="Dense reference every N frames (0: first only).")
+@click.option("--reset-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Dense reference every N frames (0: first only).")
 @click.option("--threads", type=click.IntRange(min=1), help="Torch threads for both models (default: all cores).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--layer", is_flag=True, help="Time one conv layer instead (see --channels, --layer-size, --kernel, --density).")
+@click.option("--layer", is_flag=True,
+              help="Time one conv layer instead (see --channels, --layer-size, --kernel, --density).")
 @click.option("--channels", type=int, default=64, show_default=True, help="--layer: channels in and out.")
 @click.option("--layer-size", type=int, default=56, show_default=True, help="--layer: feature map size.")
 @click.option("--kernel", type=int, default=3, show_default=True, help="--layer: kernel size.")
@@ -276,9 +288,11 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
     accepted = [*takes, *POLICIES.get(gate).options]
     for key in knobs:
         if key not in accepted:
-            raise click.ClickException(f"gate {gate!r} does not take {key!r} (it takes {', '.join(accepted) or 'nothing'})")
+            raise click.ClickException(f"gate {gate!r} does not take {key!r} "
+                                       f"(it takes {', '.join(accepted) or 'nothing'})")
     for key, default in takes.items():  # unset knobs: the low end of the gate's default range
-        knobs.setdefault(key, default["low"] if isinstance(default, dict) else default[0] if isinstance(default, list) else default)
+        knobs.setdefault(key, default["low"] if isinstance(default, dict)
+                         else default[0] if isinstance(default, list) else default)
     dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
     try:
         gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
@@ -295,7 +309,8 @@ def _no_gate(trial) -> dict:
 
 def _dense_state(gated) -> dict:
     """The gated model's weights under the dense model's names (a gated conv keeps its conv as `.conv`)."""
-    return {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias"): v for k, v in gated.state_dict().items()}
+    return {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias"): v
+            for k, v in gated.state_dict().items()}
 
 
 def _number(text: str):
@@ -351,8 +366,10 @@ def synth(out_dir, clips_per_class, frames, height, width, shapes, directions, s
 @main.command(name="list")
 def list_cmd():
     """Show the registered backbones and gates."""
-    from gatesearch.backbones import BACKBONES, describe as describe_backbone
-    from gatesearch.policies import POLICIES, describe as describe_policy
+    from gatesearch.backbones import BACKBONES
+    from gatesearch.backbones import describe as describe_backbone
+    from gatesearch.policies import POLICIES
+    from gatesearch.policies import describe as describe_policy
 
     width = max(map(len, [*BACKBONES, *POLICIES]))
     click.echo("backbones:")

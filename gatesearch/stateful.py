@@ -9,7 +9,7 @@ of independent frames. Resetting makes the next frame a dense reference frame.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

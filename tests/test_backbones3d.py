@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatesearch.backbones import BACKBONES, ClipBackbone, ClipModel, build
-from gatesearch.backbones.clip3d import BatchNorm3d, Conv3d, conv3d
+from gatesearch.backbones.clip3d import BatchNorm3d, conv3d
 from gatesearch.objectives import dense_macs, task_loss
 from gatesearch.policies import build_policy
 
@@ -37,7 +37,8 @@ def batch():
 def test_registered_clip_backbones():
     assert {"r2plus1d_18", "r2plus1d_tiny", "resnet3d_small"} <= set(CLIP_BACKBONES)
     assert isinstance(build("r2plus1d_tiny", task="classification", num_classes=K), ClipModel)
-    with pytest.raises(ValueError, match=r"^backbone VideoResNet does not support task 'heatmap'; it supports classification$"):
+    with pytest.raises(ValueError,
+                       match=r"^backbone VideoResNet does not support task 'heatmap'; it supports classification$"):
         build("r2plus1d_tiny", task="heatmap", num_classes=K)
 
 
@@ -48,7 +49,8 @@ def test_r2plus1d_18_has_torchvision_layout():
     names = set(net.state_dict())
     assert {"stem.0.weight", "stem.1.running_mean", "stem.3.weight", "stem.4.bias", "layer1.0.conv1.0.0.weight",
             "layer1.0.conv1.0.1.weight", "layer1.0.conv1.0.3.weight", "layer1.0.conv1.1.weight",
-            "layer2.0.downsample.0.weight", "layer4.1.conv2.0.3.weight", "layer4.1.conv2.1.num_batches_tracked"} <= names
+            "layer2.0.downsample.0.weight", "layer4.1.conv2.0.3.weight",
+            "layer4.1.conv2.1.num_batches_tracked"} <= names
     assert net.deep_channels == 512
 
 
@@ -74,7 +76,8 @@ def test_conv3d_kernels_equal_torch(kernel, stride, padding, frames_major):
     """Frames conv, per-tap GEMMs (inference) and one GEMM (autograd) all equal ``F.conv3d``, gradients included."""
     g = torch.Generator().manual_seed(0)
     for t in (1, 4, 5):
-        x = torch.randn(2, t, 6, 9, 9, generator=g).transpose(1, 2) if frames_major else torch.randn(2, 6, t, 9, 9, generator=g)
+        x = (torch.randn(2, t, 6, 9, 9, generator=g).transpose(1, 2) if frames_major
+             else torch.randn(2, 6, t, 9, 9, generator=g))
         w, b = torch.randn(5, 6, *kernel, generator=g), torch.randn(5, generator=g)
         ref = F.conv3d(x, w, b, stride, padding)
         with torch.no_grad():

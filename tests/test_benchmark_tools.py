@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from skipconv_model import PositionProbe, apply_stages, parse_stage  # noqa: E402
+from skipconv_model import PositionProbe, apply_stages, parse_stage
 
 
 def test_probe_does_not_shrink_its_intercept():

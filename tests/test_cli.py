@@ -23,7 +23,7 @@ def cli(tmp_path, monkeypatch):
 def one_line_error(result, text):
     assert result.exit_code != 0
     assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert text in lines[0], lines[0]
 
@@ -100,7 +100,8 @@ def test_bench_layer_json(cli):
 
 def test_bench_bad_param(cli):
     one_line_error(cli("bench", "--gate", "input_norm", "-p", "beta=1"), "does not take 'beta'")
-    one_line_error(cli("bench", "--gate", "input_norm", "-p", "reference=last"), "reference must be one of frame, block")
+    one_line_error(cli("bench", "--gate", "input_norm", "-p", "reference=last"),
+                   "reference must be one of frame, block")
 
 
 def test_bench_block_reference_option(cli):

@@ -18,7 +18,15 @@ from gatesearch.ops.channel_gather import FoldedConv, tile_conv
 from gatesearch.policies import POLICIES, build_policy
 from gatesearch.policies.dstep import DStep, decisions, flops_ratio, set_gating
 from gatesearch.policies.dstep_block import (
-    COMPUTE, DEFAULTS, REUSE, SKIP, DStepBlock, convert_blocks, dstep_blocks, residual_pairs, tile_sums,
+    COMPUTE,
+    DEFAULTS,
+    REUSE,
+    SKIP,
+    DStepBlock,
+    convert_blocks,
+    dstep_blocks,
+    residual_pairs,
+    tile_sums,
     upsample_tiles,
 )
 from gatesearch.stateful import streaming
@@ -96,7 +104,9 @@ def test_converts_residual_blocks_and_keeps_dense_weight_names():
     gated = build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(copy.deepcopy(dense))
     assert len(dstep_blocks(gated)) == 4
     with pytest.raises(ValueError, match="^gate 'dstep' found no residual blocks"):
-        build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(build("tiny", task="classification", num_classes=4))
+        build_policy("dstep", target_flops_ratio=0.5, block_size=2).apply(
+            build("tiny", task="classification", num_classes=4)
+        )
     dense_keys, gated_keys = set(dense.state_dict()), set(gated.state_dict())
     assert dense_keys <= gated_keys and all(".policy." in k for k in gated_keys - dense_keys)
     for k, v in dense.state_dict().items():
@@ -209,7 +219,8 @@ def test_tile_conv_computes_active_tiles_of_the_used_channels(stride, kernel, ti
     x = torch.randn(1, in_idx.numel(), 13, 13)
     ref = F.conv2d(x, conv.weight[out_idx][:, in_idx], conv.bias[out_idx], conv.stride, conv.padding)
     grid = (-(-ref.shape[-2] // tile), -(-ref.shape[-1] // tile))
-    masks = (torch.rand(1, *grid) < 0.4, torch.zeros(1, *grid, dtype=torch.bool), torch.ones(1, *grid, dtype=torch.bool))
+    masks = (torch.rand(1, *grid) < 0.4, torch.zeros(1, *grid, dtype=torch.bool),
+             torch.ones(1, *grid, dtype=torch.bool))
     for mask in masks:
         want = ref * upsample_tiles(mask.float(), tile, ref.shape[-2:])
         for path, crossover in (("sparse", 0.5), ("auto", 0.0), ("auto", 1.1)):

@@ -52,7 +52,8 @@ def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_se
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    assert all("quality" in c.data.metrics and "latency_ms" in c.data.metrics for c in children if c.info.status == "FINISHED")
+    assert all("quality" in c.data.metrics and "latency_ms" in c.data.metrics
+               for c in children if c.info.status == "FINISHED")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"pareto.json", "pareto.csv", "search_config.json"} <= artifacts
     assert any(a.endswith("pareto.png") for a in artifacts)

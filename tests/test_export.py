@@ -16,7 +16,8 @@ DATA = DataConfig(synthetic={"height": 32, "width": 32})
 
 def make(tmp_path, name="art"):
     model = build_model(TRIAL, 12).eval()
-    meta = trial_meta(TRIAL, metrics={"quality": 0.5}, data=DATA, num_classes=12, frame_shape=(3, 32, 32), trial_id="abc")
+    meta = trial_meta(TRIAL, metrics={"quality": 0.5}, data=DATA, num_classes=12, frame_shape=(3, 32, 32),
+                      trial_id="abc")
     return model, save_artifact(tmp_path / name, model, meta)
 
 
@@ -40,7 +41,7 @@ def test_gate_options_travel_with_the_artifact(tmp_path, static_clip):
     from gatesearch.policies.skipconv import skip_layers
 
     layers = skip_layers(art.model)
-    assert layers and all(l.reference == "block" and l.gate.per_value for l in layers)
+    assert layers and all(layer.reference == "block" and layer.gate.per_value for layer in layers)
     with torch.inference_mode():
         assert torch.equal(art.model.stream(static_clip), model.stream(static_clip))
 

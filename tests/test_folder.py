@@ -78,14 +78,18 @@ def test_folder_errors(tmp_path):
 
 
 def test_search_config_with_video_folder(folder, tmp_path):
-    cfg = parse_search_config({"data": {"kind": "video_folder", "folder": {"root": str(folder), "height": 32, "width": 32}}})
+    cfg = parse_search_config(
+        {"data": {"kind": "video_folder", "folder": {"root": str(folder), "height": 32, "width": 32}}}
+    )
     assert cfg.data.folder["root"] == str(folder.resolve())
     with pytest.raises(SpaceError, match="data.folder.root: .* is not a folder"):
         parse_search_config({"data": {"kind": "video_folder", "folder": {"root": str(tmp_path / "none")}}})
     with pytest.raises(SpaceError, match="data.folder: unknown key 'rot'"):
         parse_search_config({"data": {"kind": "video_folder", "folder": {"rot": "x"}}})
     with pytest.raises(SpaceError, match="data.synthetic: only used with kind: synthetic"):
-        parse_search_config({"data": {"kind": "video_folder", "folder": {"root": str(folder)}, "synthetic": {"height": 32}}})
+        parse_search_config(
+            {"data": {"kind": "video_folder", "folder": {"root": str(folder)}, "synthetic": {"height": 32}}}
+        )
     with pytest.raises(SpaceError, match="data.kind: 'youtube' is not one of"):
         parse_search_config({"data": {"kind": "youtube"}})
 

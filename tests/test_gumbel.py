@@ -68,7 +68,8 @@ def test_space_samples_beta_for_gumbel_only():
 
     from gatesearch.spaces import parse_search_config
 
-    cfg = parse_search_config({"space": {"gate": ["gumbel", "input_norm"], "gates": {"gumbel": {"beta": {"low": 0.01, "high": 1.0, "log": True}}}}})
+    cfg = parse_search_config({"space": {"gate": ["gumbel", "input_norm"],
+                                         "gates": {"gumbel": {"beta": {"low": 0.01, "high": 1.0, "log": True}}}}})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
@@ -214,7 +215,7 @@ def test_policy_loss_is_beta_times_gate_loss():
     assert build_policy("gumbel", beta=0.25, block_size=1).loss(model).item() == pytest.approx(0.25)
     stream_frames(model, frames(3))
     assert build_policy("gumbel", beta=0.0, block_size=1).loss(model) is None
-    assert all(not l.gate.expected for l in skip_layers(model)), "β = 0 still drains the records"
+    assert all(not layer.gate.expected for layer in skip_layers(model)), "β = 0 still drains the records"
 
 
 def test_no_records_at_inference():
@@ -285,15 +286,16 @@ def _macs_for_betas(betas):
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     macs, dense = [], []
     for beta in betas:
-        cfg = TrialConfig(gate="gumbel", beta=beta, block_size=1, clip_length=4, epochs=6, batch_size=4, lr=1e-2, seed=0)
+        cfg = TrialConfig(gate="gumbel", beta=beta, block_size=1, clip_length=4, epochs=6, batch_size=4, lr=1e-2,
+                          seed=0)
         model = build_model(cfg, num_classes(data))  # seeds the global RNG: weights, then the Gumbel noise
         layer = skip_layers(model)[0]
         before = layer.gate.bias.detach().clone()
         train(model, cfg, train_clips)
         if beta:
             assert not torch.equal(layer.gate.bias.detach(), before), "training must move the gate"
-        for l in skip_layers(model):
-            l.path = "dense"  # MACs do not depend on the kernel; skip the timed crossover calibration
+        for skip_layer in skip_layers(model):
+            skip_layer.path = "dense"  # MACs do not depend on the kernel; skip the timed crossover calibration
         metrics = evaluate(model, cfg, val_clips, evaluation).metrics
         assert 0.0 <= metrics["quality"] <= 1.0
         macs.append(metrics["macs"])

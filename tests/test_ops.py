@@ -170,11 +170,15 @@ def test_residual_pair_equals_its_difference(backend, name, layout):
     assert 0 < ops.block_density(mask, geom.out_hw, 4).mean() < 1
     for path in ops.PATHS:
         expected = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=4, path=path, **case.conv)
-        got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path=path, r_prev=x_prev, **case.conv)
+        got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path=path, r_prev=x_prev,
+                                           **case.conv)
         assert (got - expected).abs().max().item() <= TOL, path
     # a pair in two different layouts still works (the residual is formed first)
-    other = x_prev.contiguous(memory_format=torch.contiguous_format if layout == "channels_last" else torch.channels_last)
-    got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path="sparse", r_prev=other, **case.conv)
+    other = x_prev.contiguous(
+        memory_format=torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    )
+    got = ops.accumulate_block_sparse_(z.clone(), x, weight, mask, block_size=4, path="sparse", r_prev=other,
+                                       **case.conv)
     assert (got - expected).abs().max().item() <= TOL
 
 
@@ -189,7 +193,9 @@ def test_resolved_step_and_gate_match_the_one_shot_calls(backend, name, path):
     gate = ops.norm_gate(x, block_size=2, threshold=0.5, out_hw=geom.out_hw, **case.gate)
     z_ref = z.clone()
     for seed, fmt in [(1, torch.channels_last), (2, torch.channels_last), (3, torch.contiguous_format)]:
-        x_next = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) > 0.8)).contiguous(memory_format=fmt)
+        x_next = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)) > 0.8)).contiguous(
+            memory_format=fmt
+        )
         r = x_next - x
         mask = ops.norm_gate_block_mask(r, block_size=2, threshold=0.5, **case.gate)
         assert torch.equal(gate(x_next, x.contiguous(memory_format=fmt)), mask)
@@ -420,7 +426,8 @@ def test_block_density_matches_upsampled_mask():
 
 
 def test_calibration_returns_a_density_and_is_cached(backend, monkeypatch, tmp_path):
-    geom = ops.resolve_geometry((1, 16, 24, 24), (16, 16, 3, 3), stride=1, padding=1, dilation=1, groups=1, block_size=4)
+    geom = ops.resolve_geometry((1, 16, 24, 24), (16, 16, 3, 3), stride=1, padding=1, dilation=1, groups=1,
+                                block_size=4)
     result = ops.calibrate_crossover(geom, budget_s=0.05)
     assert 0.0 <= result["crossover"] <= 1.0
     assert result["dense_ms"] > 0 and len(result["sparse_ms"]) == 2

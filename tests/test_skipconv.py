@@ -41,7 +41,7 @@ def test_zero_threshold_reproduces_dense(static_clip, backbone, gate, block_size
         streamed = model.stream(static_clip)  # 16 frames, reference only at frame 0
     assert streamed.shape == dense.shape == (1, 16, 1, 8, 8)
     assert (streamed - dense).abs().max().item() <= 1e-4
-    densities = [l.density for l in skip_layers(model)]
+    densities = [layer.density for layer in skip_layers(model)]
     assert min(densities) < 1.0, "a still background must let some layer skip"
 
 
@@ -84,8 +84,8 @@ def test_large_threshold_skips_and_resets(static_clip):
     for t in (0, 4, 8, 12):
         assert torch.allclose(out[:, t], dense[:, t], atol=1e-4)
     assert torch.equal(out[:, 1], out[:, 0])
-    used = [l for l in skip_layers(model) if l.frames]  # the heatmap task does not run the deep stage
-    assert len(used) == 4 and all(abs(l.density - 4 / 16) < 1e-6 for l in used)
+    used = [layer for layer in skip_layers(model) if layer.frames]  # the heatmap task does not run the deep stage
+    assert len(used) == 4 and all(abs(layer.density - 4 / 16) < 1e-6 for layer in used)
 
 
 def test_mask_is_block_structured(static_clip):
@@ -117,7 +117,7 @@ def test_mask_is_block_structured(static_clip):
 
 def test_every_conv_converted_and_inplace_activations_disabled():
     model = gated("tiny", "input_norm", threshold=0.0, block_size=1)
-    inner = {id(l.conv) for l in skip_layers(model)}
+    inner = {id(layer.conv) for layer in skip_layers(model)}
     assert inner and all(id(m) in inner for m in model.modules() if type(m) is nn.Conv2d)
     assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
 
@@ -127,7 +127,7 @@ def test_streaming_context_restores_plain_mode(static_clip):
     with torch.inference_mode(), streaming(model):
         model.frame(static_clip[:, 0])
         assert skip_layers(model)[0].x_prev is not None
-    assert all(not l.streaming and l.x_prev is None for l in skip_layers(model))
+    assert all(not layer.streaming and layer.x_prev is None for layer in skip_layers(model))
 
 
 def test_first_frame_dense_then_gradient_flows_through_stream(static_clip):
@@ -135,7 +135,7 @@ def test_first_frame_dense_then_gradient_flows_through_stream(static_clip):
     model = gated("tiny", "input_norm", task="classification", threshold=0.1, block_size=1).train()
     out = model.stream(static_clip[:, :4])
     out.sum().backward()
-    assert all(l.conv.weight.grad is not None for l in skip_layers(model))
+    assert all(layer.conv.weight.grad is not None for layer in skip_layers(model))
 
 
 def test_dense_weights_load_into_the_gated_network(static_clip):
@@ -214,7 +214,7 @@ def test_block_reference_keeps_everything_and_matches_masked_dense(backend, back
             if threshold == 0.0:
                 assert (fast - model(clip)).abs().max().item() <= 1e-4
             else:
-                assert min(l.density for l in skip_layers(model)) < 0.5, "ε > 0 must skip"
+                assert min(layer.density for layer in skip_layers(model)) < 0.5, "ε > 0 must skip"
 
 
 def test_block_reference_bounds_the_drift_that_eq3_accumulates():
@@ -243,7 +243,9 @@ def test_per_value_threshold_scales_with_the_support():
     model = gated("tiny", "input_norm", threshold=0.1, block_size=2, per_value=True)
     for layer in skip_layers(model):
         c = layer.conv
-        assert layer.gate._args(layer)["threshold"] == pytest.approx(0.1 * c.in_channels * c.kernel_size[0] * c.kernel_size[1])
+        assert layer.gate._args(layer)["threshold"] == pytest.approx(
+            0.1 * c.in_channels * c.kernel_size[0] * c.kernel_size[1]
+        )
 
 
 def test_bad_reference_options_fail_with_one_line():

@@ -140,7 +140,7 @@ def test_skipping_gate_equals_masked_dense_formulation(variant, gate, block_size
         threshold = 3.0
         model, dense = converted(variant, lambda conv: NormGate(threshold, output_norm=False), block_size)
         conv = skip_layers(model)[0].conv  # explicit padding
-        mask_fn = lambda r: input_norm_mask(r, conv, threshold, block_size)  # noqa: E731
+        mask_fn = lambda r: input_norm_mask(r, conv, threshold, block_size)
     else:
         model, dense = converted(variant, GumbelGate, block_size)
         layer = skip_layers(model)[0]
@@ -148,7 +148,7 @@ def test_skipping_gate_equals_masked_dense_formulation(variant, gate, block_size
             # f = w * r - 0.3: background residuals (noise) stay closed, the moving patch opens some
             layer.gate.bias.fill_(-0.3 / layer.gate.settings.bias_gain)
         conv = layer.conv
-        mask_fn = lambda r: gumbel_mask(r, conv, layer.gate, block_size)  # noqa: E731
+        mask_fn = lambda r: gumbel_mask(r, conv, layer.gate, block_size)
     xs = sequence(seed=1, noise=0.02)  # small residuals everywhere: the gate must skip non-zero ones
     got = stream(model, xs, path)
     with torch.no_grad():

@@ -40,7 +40,9 @@ def test_conditional_sampling():
 
 
 def test_suggest_has_no_side_effects_and_round_trips():
-    cfg = parse_search_config({"space": {"gate": "input_norm", "threshold": 0.5, "block_size": 4, "lr": 0.01, "clip_length": 4}})
+    cfg = parse_search_config(
+        {"space": {"gate": "input_norm", "threshold": 0.5, "block_size": 4, "lr": 0.01, "clip_length": 4}}
+    )
     study = optuna.create_study(directions=["maximize", "minimize"])
     tc = cfg.space.suggest(study.ask())
     assert tc == TrialConfig.from_dict(tc.to_dict())
@@ -69,9 +71,11 @@ def test_gate_options_are_searched_only_when_named():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"space": {"gate": "input_norm", "reference": "blocks"}}, r"^space.reference: 'blocks' is not one of frame, block"),
+    ({"space": {"gate": "input_norm", "reference": "blocks"}},
+     r"^space.reference: 'blocks' is not one of frame, block"),
     ({"space": {"gate": "input_norm", "per_value": "yes"}}, r"^space.per_value: expected true or false, got 'yes'"),
-    ({"space": {"gate": "gumbel", "reference": "block"}}, r"^space.reference: not taken by any searched gate \(gumbel\)"),
+    ({"space": {"gate": "gumbel", "reference": "block"}},
+     r"^space.reference: not taken by any searched gate \(gumbel\)"),
     ({"space": {"gate": "input_norm", "gates": {"input_norm": {"per_value": [False, True]}}}},
      r"^space.gates.input_norm.per_value: true or false, not both"),
     ({"trails": 3}, r"^trails: unknown key"),
@@ -82,7 +86,8 @@ def test_gate_options_are_searched_only_when_named():
     ({"space": {"tresh": 1}}, r"^space.tresh: unknown parameter"),
     ({"space": {"gate": "dense", "threshold": 0.1}}, r"^space.threshold: not taken by any searched gate \(dense\)"),
     ({"space": {"gate": ["input_norm"], "block_size": [3]}}, r"^space.block_size\[0\]: 3 is not one of 1, 2, 4, 8"),
-    ({"space": {"gate": ["input_norm"], "threshold": {"low": -1.0, "high": 1.0}}}, r"^space.threshold.low: must be >= 0.0"),
+    ({"space": {"gate": ["input_norm"], "threshold": {"low": -1.0, "high": 1.0}}},
+     r"^space.threshold.low: must be >= 0.0"),
     ({"space": {"gate": ["input_norm"], "threshold": {"low": 0.0, "high": 1.0, "log": True}}}, r"needs low > 0"),
     ({"space": {"gate": ["input_norm"], "threshold": {"low": 2.0, "high": 1.0}}}, r"low 2.0 is greater than high 1.0"),
     ({"space": {"lr": {"low": 0.1, "hi": 0.2}}}, r"^space.lr: unknown range key 'hi'"),
@@ -90,8 +95,10 @@ def test_gate_options_are_searched_only_when_named():
     ({"space": {"epochs": 2.5}}, r"^space.epochs: expected int, got 2.5"),
     ({"space": {"backbone": "resnet9000"}}, r"^space.backbone: unknown backbone 'resnet9000'"),
     ({"space": {"task": ["classification", "heatmap"]}}, r"^space.task: one task per search"),
-    ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}}, r"^space.gates.input_norm: gate 'input_norm' is not searched"),
-    ({"space": {"gate": ["input_norm"], "gates": {"input_norm": {"beta": 1.0}}}}, r"^space.gates.input_norm.beta: gate 'input_norm' does not take 'beta'"),
+    ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}},
+     r"^space.gates.input_norm: gate 'input_norm' is not searched"),
+    ({"space": {"gate": ["input_norm"], "gates": {"input_norm": {"beta": 1.0}}}},
+     r"^space.gates.input_norm.beta: gate 'input_norm' does not take 'beta'"),
     ({"space": {"backbone": ["resnet18_tiny", "tiny"], "gate": ["input_norm", "dstep"]}},
      r"^space.gate: backbone 'tiny' cannot take gate 'dstep': .*residual blocks"),
     ({"space": {"backbone": "r2plus1d_tiny", "gate": ["vared2", "gumbel"]}},

@@ -133,8 +133,8 @@ def test_stream_layers_give_what_the_plain_layers_give(backbone):
     with torch.inference_mode():
         fast, slow = model.stream(clip), plain.stream(clip)
     assert (fast - slow).abs().max().item() <= 1e-6
-    assert [l.density for l in skip_layers(model)] == [l.density for l in skip_layers(plain)]
-    assert min(l.density for l in skip_layers(model)) < 0.5
+    assert [layer.density for layer in skip_layers(model)] == [layer.density for layer in skip_layers(plain)]
+    assert min(layer.density for layer in skip_layers(model)) < 0.5
 
 
 def test_block_references_install_the_stream_layers_and_frame_references_do_not():
@@ -169,7 +169,7 @@ def test_skip_conv_outputs_report_their_recomputed_blocks():
     layer = skip_layers(model)[0]
     clip = moving_clip(frames=3)
     seen = []
-    layer.register_forward_hook(lambda m, i, out: seen.append(getattr(out, "_stream")))
+    layer.register_forward_hook(lambda m, i, out: seen.append(out._stream))
     with torch.inference_mode():
         model.stream(clip)
     (s0, m0), (s1, m1), (s2, m2) = seen

@@ -104,7 +104,8 @@ def test_hard_path_computes_only_the_selected_slice(monkeypatch):
     decide(dyn, [0.0, 0.5], [0.0, 0.7])
     calls = []
     real = vared2_layer.conv3d
-    monkeypatch.setattr(vared2_layer, "conv3d", lambda x, w, b, stride, *a: calls.append((tuple(w.shape), tuple(stride)))
+    monkeypatch.setattr(vared2_layer, "conv3d",
+                        lambda x, w, b, stride, *a: calls.append((tuple(w.shape), tuple(stride)))
                         or real(x, w, b, stride, *a))
     with torch.no_grad():
         out = dyn(torch.randn(2, 4, 8, 5, 5))
@@ -148,7 +149,7 @@ def test_inference_applies_the_next_bn_in_the_pass_that_writes_the_output(backbo
     the network still computes the training formula (Eq. 3.5, BN applied by the BN), single and mixed alternatives."""
     net = model(backbone, width=0.5 if backbone != "tiny" else 0.25).eval()
     layers = dynamic_layers(net)
-    assert sum(l.bn is not None for l in layers) >= len(layers) - 1  # the last conv of a network may feed no BN
+    assert sum(layer.bn is not None for layer in layers) >= len(layers) - 1  # the last conv of a network may feed no BN
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in net.modules():
@@ -245,12 +246,14 @@ def test_mac_counter_reads_clip_model_layers():
     counter = MacCounter(net, (3, 32, 32))  # counts one window of 4 frames (the one streamed)
     report = counter.report()
     stem = net.backbone.stem[0]
-    assert set(report.layers) == {l.name for l in dynamic_layers(net)}
+    assert set(report.layers) == {layer.name for layer in dynamic_layers(net)}
     assert report.layers["backbone.stem.0"].dense == stem.conv_macs((4, 16, 16), stem.conv.out_channels) / 4
     for name, lm in report.layers.items():
         assert lm.density == pytest.approx(net.get_submodule(name).density)
         assert lm.gate > 0
-    assert report.effective == pytest.approx(report.dense - sum(l.dense - l.effective for l in report.layers.values()))
+    assert report.effective == pytest.approx(
+        report.dense - sum(lm.dense - lm.effective for lm in report.layers.values())
+    )
 
 
 # -- efficiency loss (Eq. 3.6) -----------------------------------------------------------------------
@@ -263,7 +266,8 @@ def test_efficiency_loss_hand_value_and_mu0():
     clip = torch.randn(2, 4, 3, 32, 32)
     net(clip)
     correct = torch.tensor([True, False])
-    assert efficiency_loss(net, correct).item() == pytest.approx(1 / 32, rel=1e-2)  # (1/16 + 0) / 2 (channel counts round)
+    # (1/16 + 0) / 2 (channel counts round)
+    assert efficiency_loss(net, correct).item() == pytest.approx(1 / 32, rel=1e-2)
     assert efficiency_loss(net, correct) is None  # records drained
     net(clip)
     assert efficiency_loss(net).item() == pytest.approx(1 / 16, rel=1e-2)  # no labels: every clip counts
@@ -314,7 +318,7 @@ def test_2d_backbones_get_channel_only_gates(backbone):
     """Per-frame 2D backbones (as PSPNet in the thesis): channel alternatives only; streaming = batched."""
     net = model(backbone, 3, width=0.25).eval()
     layers = dynamic_layers(net)
-    assert layers and all(not l.temporal and l.strides == (1,) and len(l.keep) == 3 for l in layers)
+    assert layers and all(not layer.temporal and layer.strides == (1,) and len(layer.keep) == 3 for layer in layers)
     clip = torch.randn(2, 3, 3, 32, 32)
     with torch.inference_mode():
         streamed = net.stream(clip)
@@ -360,4 +364,4 @@ def test_trial_end_to_end():
     m = out.metrics
     assert 0 <= m["quality"] <= 1 and m["latency_ms"] > 0
     assert m["macs"] > 0 and m["mac_reduction"] == pytest.approx(m["dense_macs"] / m["macs"])
-    assert set(out.layer_density) == {l.name for l in dynamic_layers(out.model)}
+    assert set(out.layer_density) == {layer.name for layer in dynamic_layers(out.model)}

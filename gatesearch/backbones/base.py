@@ -93,7 +93,10 @@ class VideoModel(nn.Module):
     def __init__(self, backbone: Backbone, *, task: str, num_classes: int) -> None:
         super().__init__()
         if task not in backbone.tasks:
-            raise ValueError(f"backbone {type(backbone).__name__} does not support task {task!r}; it supports {', '.join(backbone.tasks)}")
+            raise ValueError(
+                f"backbone {type(backbone).__name__} does not support task {task!r}; "
+                f"it supports {', '.join(backbone.tasks)}"
+            )
         self.task = task
         self.backbone = backbone
         # only the task's head exists, so every parameter is trained

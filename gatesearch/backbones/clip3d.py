@@ -178,7 +178,7 @@ class ClipModel(nn.Module):
         self.window = step
         logits = [self(clip[:, s : s + step]) for s in range(0, t, step)]
         weights = [min(step, t - s) for s in range(0, t, step)]  # frames each window covers
-        return sum(w * l for w, l in zip(weights, logits)) / t
+        return sum(w * logit for w, logit in zip(weights, logits)) / t
 
     def mac_probe(self, frame_shape: tuple[int, int, int]) -> tuple[nn.Module, torch.Tensor, int]:
         """What MAC counting traces: one window of ``self.window`` frames (see ``objectives.macs._probe``)."""
@@ -189,4 +189,5 @@ def is_clip_model(model: nn.Module) -> bool:
     return isinstance(model, ClipModel)
 
 
-__all__ = ["BatchNorm3d", "ClipBackbone", "ClipModel", "Conv3d", "DEFAULT_WINDOW", "conv3d", "is_clip_model", "window_frames"]
+__all__ = ["BatchNorm3d", "ClipBackbone", "ClipModel", "Conv3d", "DEFAULT_WINDOW", "conv3d", "is_clip_model",
+           "window_frames"]

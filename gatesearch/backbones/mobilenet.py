@@ -15,7 +15,7 @@ at width 1), ``deep`` = the rest (stride 32, 1280 channels).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

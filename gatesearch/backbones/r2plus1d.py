@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import BACKBONES
 from .clip3d import BatchNorm3d, Conv3d
+from .registry import BACKBONES
 from .resnet3d import VideoResNet, channels
 
 

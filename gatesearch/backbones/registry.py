@@ -7,7 +7,7 @@ first line is the description shown by ``gatesearch list``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from gatesearch.registry import Registry
 

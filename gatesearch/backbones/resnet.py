@@ -17,7 +17,7 @@ head), ``deep`` = ``layer2``..``layer4`` (stride 32; the clip head).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -13,7 +13,7 @@ Stages 2-4 halve time, height and width; the stem halves height and width only.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ def conv3x3x3(cin: int, cout: int, mid: int, stride: int = 1) -> Conv3d:
 
 
 def mid_channels(cin: int, cout: int) -> int:
-    """Hidden width of a (2+1)D conv: the 3×3×3 conv's parameter count, spread over 1×3×3 + 3×1×1 (Tran et al., Sec. 3.5)."""
+    """Hidden width of a (2+1)D conv: the 3×3×3 conv's parameter count, spread over 1×3×3 + 3×1×1
+    (Tran et al., Sec. 3.5)."""
     return (cin * cout * 27) // (cin * 9 + 3 * cout)
 
 

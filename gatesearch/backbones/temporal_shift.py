@@ -24,7 +24,7 @@ The same module runs two ways and must give the same numbers:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

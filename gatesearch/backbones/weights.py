@@ -42,7 +42,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is "unreadable", said in one line
+    except Exception as e:  # any decoder failure is "unreadable", said in one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(f"cannot read weights file {path}: {reason}") from None
     return _as_state_dict(state, path)

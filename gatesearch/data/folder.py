@@ -13,9 +13,10 @@ import dataclasses
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ class FolderConfig:
             raise ValueError(f"height/width: must be even and >= 8, got {self.height}x{self.width}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FolderConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FolderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
@@ -211,7 +212,8 @@ def _centres(path: Path, indices: list[int]) -> np.ndarray:
     return centres[np.minimum(indices, len(centres) - 1)]
 
 
-def write_synthetic_folder(out: Path, cfg, *, clips_per_class: int, on_video: Callable[[Path], None] | None = None) -> Path:
+def write_synthetic_folder(out: Path, cfg, *, clips_per_class: int,
+                           on_video: Callable[[Path], None] | None = None) -> Path:
     """Write the synthetic dataset as a VideoFolder: real mp4 files plus centre annotations.
 
     Class folders are named ``<shape>-<direction>``; the same reader then runs

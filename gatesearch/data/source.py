@@ -6,7 +6,7 @@ the export runner and the CLI never care which kind of data a search uses.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -50,5 +50,6 @@ def check_data(data, *, tasks, echo: Callable[[str], None]) -> None:
     if not index.val:
         raise DatasetError(f"{data.folder['root']}: no held-out videos (add videos or lower val_ratio)")
     if "heatmap" in tasks and any(item.annotations is None for item in index.train + index.val):
-        raise DatasetError(f"{data.folder['root']}: task 'heatmap' needs a <video>.json with per-frame centers next to every video")
+        raise DatasetError(f"{data.folder['root']}: task 'heatmap' needs a <video>.json with per-frame centers "
+                           "next to every video")
     echo(f"data: {len(index.train)} training and {len(index.val)} held-out videos in {len(index.classes)} classes")

@@ -115,7 +115,7 @@ class SyntheticConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SyntheticConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -101,7 +101,8 @@ def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, 
         report = counter.report()
         logits.append(out[0] * len(buffer))
         for _ in buffer:
-            s = FrameStats(index=len(stats), density=report.mean_density, macs=report.effective, latency_ms=per_frame_ms)
+            s = FrameStats(index=len(stats), density=report.mean_density, macs=report.effective,
+                           latency_ms=per_frame_ms)
             stats.append(s)
             if on_frame:
                 on_frame(s)

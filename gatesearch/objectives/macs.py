@@ -38,8 +38,8 @@ class MacReport:
     @property
     def mean_density(self) -> float:
         """MAC-weighted fraction of the gated layers' work that was computed."""
-        total = sum(l.dense for l in self.layers.values())
-        return sum(l.dense * l.density for l in self.layers.values()) / total if total else 1.0
+        total = sum(lm.dense for lm in self.layers.values())
+        return sum(lm.dense * lm.density for lm in self.layers.values()) / total if total else 1.0
 
 
 class _FrameForward(nn.Module):
@@ -107,7 +107,7 @@ class MacCounter:
             name: LayerMacs(dense=self.per_module.get(name, 0.0), density=m.density, gate=m.gate_macs)
             for name, m in self.layers.items()
         }
-        saved = sum(l.dense - l.effective for l in layers.values())
+        saved = sum(lm.dense - lm.effective for lm in layers.values())
         return MacReport(dense=self.total, effective=self.total - saved, layers=layers)
 
     def reset(self) -> None:

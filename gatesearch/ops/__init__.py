@@ -34,6 +34,7 @@ __all__ = [
     "active_positions",
     "block_density",
     "calibrate_crossover",
+    "changes",
     "crossover_density",
     "native_available",
     "norm_gate",

@@ -28,7 +28,8 @@ from gatesearch.ops.reference import accumulate_masked_dense_
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def sparse_residual(channels: int, size: int, kernel: int, block: int, density: float, *, seed: int = 0) -> torch.Tensor:
+def sparse_residual(channels: int, size: int, kernel: int, block: int, density: float, *,
+                    seed: int = 0) -> torch.Tensor:
     """(1, C, S, S) residual whose threshold-0 gate activates ~density of the b×b blocks.
 
     Each chosen block gets noise on the input pixels that only its own outputs

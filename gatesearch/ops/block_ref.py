@@ -61,8 +61,8 @@ class BlockReference:
         """
         changed, self.seen = changes.since(x, self.seen), changes.step(x)
         if self.native:
-            return _native.ops().gate_block_ref(self._layout(x), self.ref, self.geom.ints(), float(threshold), float(scale),
-                                                changed)
+            return _native.ops().gate_block_ref(self._layout(x), self.ref, self.geom.ints(), float(threshold),
+                                                float(scale), changed)
         g = self.geom
         d = (self._halos(x) - self.ref).abs()  # (N, C*Ph*Pw, L)
         n, _, blocks = d.shape

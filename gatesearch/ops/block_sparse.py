@@ -11,7 +11,7 @@ conv above a crossover density measured on this machine (``crossover.py``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +65,8 @@ def accumulate_block_sparse_(
     if _native.usable(r, weight):
         kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
         wpack = packed_weight(weight, kind, geom.groups)
-        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows, r_prev,
-                                                      None, onednn_weight(weight, kind, geom.groups))
+        rows = _native.ops().block_sparse_accumulate_(work, r, wpack, block_mask, geom.ints(), int(kind), max_rows,
+                                                      r_prev, None, onednn_weight(weight, kind, geom.groups))
     else:
         rows = _torch_kernels.block_sparse_accumulate_(work, r, weight, block_mask, geom, max_rows)
     if rows < 0:  # denser than the crossover: the dense conv is faster
@@ -76,7 +76,8 @@ def accumulate_block_sparse_(
     return z
 
 
-def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path: str = "auto", **conv) -> Callable[..., int]:
+def sparse_step(z: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, *, path: str = "auto",
+                **conv) -> Callable[..., int]:
     """``accumulate_block_sparse_`` resolved once for a stream's fixed shapes, layouts and weight (``conv``: its
     geometry keywords, ``block_size`` to ``groups``).
 

@@ -38,7 +38,7 @@ REORDER_POSITIONS = 64
 SLICE_BELOW = 0.8
 
 
-def layer_crossover(conv: "FoldedConv", in_shape: tuple[int, int, int], tile: int) -> float:
+def layer_crossover(conv: FoldedConv, in_shape: tuple[int, int, int], tile: int) -> float:
     """Active-output fraction below which gathering tiles beats the dense conv, for this layer.
 
     Measured once per layer shape on this machine (``calibrate``) and cached
@@ -67,7 +67,7 @@ def layer_crossover(conv: "FoldedConv", in_shape: tuple[int, int, int], tile: in
 _memo: dict[str, float] = {}
 
 
-def calibrate(conv: "FoldedConv", in_shape: tuple[int, int, int], tile: int) -> dict:
+def calibrate(conv: FoldedConv, in_shape: tuple[int, int, int], tile: int) -> dict:
     """Time the dense conv (then mask) against ``tile_conv``'s gathering at two densities, on random
     data, and solve for the crossing (``ops.crossover``'s procedure and checks)."""
     from gatesearch.ops import crossover as cal
@@ -112,7 +112,7 @@ class FoldedConv:
     _gemm: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def fold(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FoldedConv":
+    def fold(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> FoldedConv:
         with torch.no_grad():
             scale, bias = bn_affine(bn)  # (Co,)
             if conv.bias is not None:

@@ -81,7 +81,8 @@ def _calibrate(geom: ConvGeometry, *, batch: int, channels_last: bool, budget_s:
     r = torch.randn(batch, ci, *geom.in_hw, generator=gen).contiguous(memory_format=fmt)
     z = torch.zeros(batch, co, *geom.out_hw).contiguous(memory_format=fmt)
     weight = torch.randn(co, ci // geom.groups, *geom.kernel, generator=gen)
-    args = dict(block_size=geom.block, stride=geom.stride, padding=geom.padding, dilation=geom.dilation, groups=geom.groups)
+    args = dict(block_size=geom.block, stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
+                groups=geom.groups)
 
     hb, wb = geom.grid
     blocks = hb * wb

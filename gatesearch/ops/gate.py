@@ -13,7 +13,7 @@ channel-sum of |r|, a box filter, a comparison and a max-pool.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

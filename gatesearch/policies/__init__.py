@@ -1,7 +1,12 @@
 """Gate families, one module each, registered by name in ``POLICIES``."""
 
-from . import dense, gumbel, norm_gates, vared2  # noqa: F401  (registers their entries)
-from . import dstep  # noqa: F401  (registers "dstep")
+from . import (  # noqa: F401  (registers their entries)
+    dense,
+    dstep,
+    gumbel,
+    norm_gates,
+    vared2,
+)
 from .base import POLICIES, Policy, describe, register_policy
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from gatesearch.registry import Registry
 
-POLICIES: Registry[type["Policy"]] = Registry(
+POLICIES: Registry[type[Policy]] = Registry(
     "gate",
     "Contract: each entry is a Policy subclass; its docstring's first line is shown by `gatesearch list`.",
 )

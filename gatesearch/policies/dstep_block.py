@@ -115,7 +115,7 @@ class GatedConv(FrameAverages, nn.Conv2d):
     """
 
     @classmethod
-    def adopt(cls, conv: nn.Conv2d) -> "GatedConv":
+    def adopt(cls, conv: nn.Conv2d) -> GatedConv:
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                   padding_mode=conv.padding_mode, device="meta")

@@ -29,7 +29,14 @@ from torch import nn
 
 from .base import Policy, register_policy
 from .skipconv import (
-    Gate, SkipConv2d, ceil_div, conv_out_hw, convert_convs, pool_blocks, skip_layers, upsample_blocks,
+    Gate,
+    SkipConv2d,
+    ceil_div,
+    conv_out_hw,
+    convert_convs,
+    pool_blocks,
+    skip_layers,
+    upsample_blocks,
 )
 
 

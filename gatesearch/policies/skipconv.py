@@ -13,7 +13,7 @@ train with. The streaming protocol is in ``gatesearch.stateful``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,23 +23,23 @@ from gatesearch.affine import next_batch_norms
 
 from .base import FrameAverages
 
-
 REFERENCES = ("frame", "block")
 
 
 class Gate(nn.Module):
     """Decides which output blocks of a skip-conv layer are recomputed."""
 
-    def block_mask(self, r: torch.Tensor, layer: "SkipConv2d") -> torch.Tensor:
+    def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
         """Residual (N, Ci, H, W) -> bool block mask (N, ceil(Ho/b), ceil(Wo/b))."""
         raise NotImplementedError
 
-    def plan(self, layer: "SkipConv2d", x: torch.Tensor, out_hw, reference=None) -> Callable:
+    def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw, reference=None) -> Callable:
         """Inference, once per clip: ``(x, x_prev) -> (block mask of r = x - x_prev, r or None)``. A gate
         that reads the pair itself returns None for r, and the kernels subtract only where a block is active.
         With an ``ops.BlockReference`` (reference mode "block") the residual is x minus each block's reference."""
         if reference is not None:
-            raise ValueError(f"{type(self).__name__} cannot gate against block references; reference='block' needs a norm gate")
+            raise ValueError(f"{type(self).__name__} cannot gate against block references; "
+                             "reference='block' needs a norm gate")
 
         def frame_mask(x_, x_prev):
             r = x_ - x_prev
@@ -47,11 +47,11 @@ class Gate(nn.Module):
 
         return frame_mask
 
-    def macs(self, layer: "SkipConv2d", in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+    def macs(self, layer: SkipConv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
         """Own cost of the gate per frame and stream, in multiply-accumulates."""
         return 0.0
 
-    def train_mask(self, r: torch.Tensor, layer: "SkipConv2d", out_hw) -> torch.Tensor:
+    def train_mask(self, r: torch.Tensor, layer: SkipConv2d, out_hw) -> torch.Tensor:
         """Residual -> float position mask (N, 1, Ho, Wo) used when training through the stream.
 
         Learned gates override this to let gradients reach their parameters
@@ -139,7 +139,8 @@ class SkipConv2d(FrameAverages, nn.Module):
             # training through the stream: out of place so autograd sees every step
             r = x - x_prev
             mask = self.gate.train_mask(r, self, out_hw)  # (N, 1, Ho, Wo), 0/1 valued
-            self._record(float(mask.detach().mean((1, 2, 3)).sum()), mask.shape[0], self.gate.macs(self, x.shape[-2:], out_hw))
+            self._record(float(mask.detach().mean((1, 2, 3)).sum()), mask.shape[0],
+                         self.gate.macs(self, x.shape[-2:], out_hw))
             return z_prev + mask * F.conv2d(r, weight, None, c.stride, c.padding, c.dilation, c.groups)
         gate, step, gate_macs = self._plan or self._make_plan(x, z_prev, weight)
         block_mask, r = gate(x, x_prev)  # (N, Hb, Wb); r None: the kernels subtract x - x_prev themselves
@@ -148,7 +149,8 @@ class SkipConv2d(FrameAverages, nn.Module):
             rows = ops.active_positions(block_mask, out_hw, self.block_size)
         self._record(rows / (out_hw[0] * out_hw[1]), block_mask.shape[0], gate_macs)
         # z changed in the active blocks only; layers after a block-reference skip-conv redo just those
-        changed = ops.changes.block_positions(block_mask, self.block_size, out_hw) if self.reference == "block" else None
+        changed = (ops.changes.block_positions(block_mask, self.block_size, out_hw) if self.reference == "block"
+                   else None)
         return ops.changes.mark(z_prev, changed)
 
     def _make_plan(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple:
@@ -157,7 +159,8 @@ class SkipConv2d(FrameAverages, nn.Module):
         from gatesearch import ops
 
         c, out_hw = self.conv, z.shape[-2:]
-        geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+        geometry = dict(block_size=self.block_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                        groups=c.groups)
         if self.reference == "block":
             return self._make_block_plan(x, z, weight, geometry)
         if self.path == "dense":  # the reference formulation, as research code runs it
@@ -238,7 +241,8 @@ def fold_batch_norms(model: nn.Module) -> int:
                 backbone.deep(backbone.fine(x))  # and the deep stages a heatmap task skips
     finally:
         model.train(was_training)
-    pairs = {layer: bn for layer, bn in found.items() if layer.bn is None and layer.conv.out_channels == bn.num_features}
+    pairs = {layer: bn for layer, bn in found.items()
+             if layer.bn is None and layer.conv.out_channels == bn.num_features}
     for layer, bn in pairs.items():
         bn.__class__ = FoldedBatchNorm2d
         bn.__dict__["source"] = layer

@@ -16,7 +16,7 @@ the plain layers.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,8 @@ class StreamAdd(StreamLayer, Add):
 
 class StreamMaxPool2d(StreamLayer, nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride or self.kernel_size, self.padding, self.dilation))
+        k, s, p, d = (_pair(v)
+                      for v in (self.kernel_size, self.stride or self.kernel_size, self.padding, self.dilation))
         if self.streaming and d == (1, 1) and not self.ceil_mode and not self.return_indices and changes.usable(x):
             out_hw = [(n + 2 * pi - ki) // si + 1 for n, pi, ki, si in zip(x.shape[2:], p, k, s)]
             return self._update((x,), (*x.shape[:2], *out_hw),

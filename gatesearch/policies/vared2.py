@@ -162,7 +162,7 @@ def correct_clips(output: torch.Tensor | None, batch: dict | None) -> torch.Tens
 
 @register_policy("vared2")
 class VaRed2(Policy):
-    """VA-RED² (Eq. 3.1-3.6): per-conv soft gates choose temporal stride ×2^j and channel ratio 2^-i; the rest rebuilt cheaply."""
+    """VA-RED² (Eq. 3.1-3.6): per-conv soft gates choose temporal stride ×2^j and channel ratio 2^-i; the rest rebuilt cheaply."""  # noqa: E501 - `gatesearch list` shows this first line whole
 
     params = {"search_space_size": [2, 3, 4], "lambda_e": {"low": 0.01, "high": 10.0, "log": True}}
     # the gates train in the ordinary batched forward: no frame-by-frame state to stream through

@@ -398,7 +398,8 @@ class DynamicConv(nn.Module):
         cost += sum((co - self.keep[i]) * computed + co * computed for i in open_c)  # Φ^c, then the V-weighting
         if self.temporal:
             for j in open_t:  # Φ^t, then the V-weighting
-                cost += co * (steps - math.ceil(steps / self.strides[j])) * plane + (0 if single else co * steps * plane)
+                cost += (co * (steps - math.ceil(steps / self.strides[j])) * plane
+                         + (0 if single else co * steps * plane))
         self._record(n, cost, dense, gate, x)
         if not torch.is_grad_enabled():  # inference: rebuilds, V and the next BN written in as few passes as can be
             return self._fused(y, [(i, scale(w_c[i])) for i in open_c], [(j, scale(w_t[j])) for j in open_t], steps)
@@ -434,7 +435,8 @@ class DynamicConv(nn.Module):
                 w, k = vt * vc, self.keep[i]
                 bias += maps["q", i, j] * w
                 a = maps["p", i, j] * w
-                for lo in range(0, co, k):  # Φ^c: channel m ≥ k_i is an affine map of computed channel (m − k_i) mod k_i
+                # Φ^c: channel m ≥ k_i is an affine map of computed channel (m − k_i) mod k_i
+                for lo in range(0, co, k):
                     hi = min(co, lo + k)
                     if biases or i != v_c[0][0]:
                         dst[:, lo:hi].addcmul_(src[:, : hi - lo], a[:, lo:hi])
@@ -507,5 +509,5 @@ def st_cost(v: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-__all__ = ["DEFAULTS", "FUSED_BN", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate", "TemporalRebuild",
-           "channel_counts", "first_open", "st_cost"]
+__all__ = ["DEFAULTS", "FUSED_BN", "ChannelRebuild", "DynamicConv", "GateSettings", "SoftModulationGate",
+           "TemporalRebuild", "channel_counts", "first_open", "st_cost"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig
 
@@ -50,9 +51,9 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     import torch
     from ray import tune
 
+    from gatesearch.data.source import frame_shape, num_classes
     from gatesearch.export import trial_meta, write_files
     from gatesearch.objectives.device import DeviceLock
-    from gatesearch.data.source import frame_shape, num_classes
     from gatesearch.search.trial import run_trial
 
     torch.set_num_threads(threads)
@@ -108,7 +109,8 @@ def _row(trial_cfg: dict, metrics: dict, trial_id: str) -> dict[str, Any]:
     return {
         "trial_id": trial_id,
         "gate": trial_cfg["gate"],
-        "params": {**knobs, "clip_length": trial_cfg["clip_length"], "lr": trial_cfg["lr"], "backbone": trial_cfg["backbone"]},
+        "params": {**knobs, "clip_length": trial_cfg["clip_length"], "lr": trial_cfg["lr"],
+                   "backbone": trial_cfg["backbone"]},
         "quality": metrics.get("quality"),
         "latency_ms": metrics.get("latency_ms"),
         "macs": metrics.get("macs"),
@@ -124,7 +126,8 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
-def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a whole search and return its summary (what ``--json`` prints)."""
     set_env_defaults()
     import optuna
@@ -168,7 +171,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
             tcfg = trial.config["trial"]
             files = Path(trial.checkpoint.path) if trial.checkpoint else None
             row = _row(tcfg, metrics, trial.trial_id)
-            row["run_id"] = tracker.log_trial(parent, search_id, trial.trial_id, tcfg, metrics, status="FINISHED", files=files)
+            row["run_id"] = tracker.log_trial(parent, search_id, trial.trial_id, tcfg, metrics, status="FINISHED",
+                                              files=files)
             rows.append(row)
             self._progress(
                 f"{trial.trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
@@ -180,7 +184,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
             tcfg = trial.config.get("trial", {})
             tracker.log_trial(parent, search_id, trial.trial_id, tcfg, None, status="FAILED", error=err)
             failed.append(trial.trial_id)
-            self._progress(f"{trial.trial_id} FAILED: {err.strip().splitlines()[-1] if err.strip() else 'unknown error'}")
+            reason = err.strip().splitlines()[-1] if err.strip() else "unknown error"
+            self._progress(f"{trial.trial_id} FAILED: {reason}")
 
     cpus = opts.cpus or os.cpu_count() or 1
     started_ray = not ray.is_initialized()  # a caller (or a test session) may have connected already

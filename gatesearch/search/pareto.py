@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -18,7 +18,8 @@ def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str, title: str = "") -> None:
+def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str,
+               title: str = "") -> None:
     """Scatter every trial by gate, circle the Pareto front, draw its staircase."""
     import matplotlib
 

@@ -70,7 +70,8 @@ class Tracker:
         self.client.set_terminated(rid, status=status)
         return rid
 
-    def finish_search(self, parent: str, summary: dict, pareto_rows: list[dict], plot: Path | None, status: str) -> None:
+    def finish_search(self, parent: str, summary: dict, pareto_rows: list[dict], plot: Path | None,
+                      status: str) -> None:
         self.client.log_dict(parent, pareto_rows, "pareto.json")
         if pareto_rows:
             self.client.log_text(parent, _csv(pareto_rows), "pareto.csv")
@@ -89,7 +90,8 @@ class Tracker:
         exps = [e.experiment_id for e in self.client.search_experiments()]
         if not exps:
             return []
-        return self.client.search_runs(exps, filter_string, max_results=max_results, order_by=["attributes.start_time DESC"])
+        return self.client.search_runs(exps, filter_string, max_results=max_results,
+                                       order_by=["attributes.start_time DESC"])
 
     def search_run(self, search_id: str | None):
         """The parent run of ``search_id``, or of the latest search when None."""

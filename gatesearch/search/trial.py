@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -125,7 +125,7 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
         "mac_reduction": macs.reduction,
         "mean_density": macs.mean_density,
     }
-    return TrialOutcome(metrics=metrics, model=model, layer_density={n: l.density for n, l in macs.layers.items()})
+    return TrialOutcome(metrics=metrics, model=model, layer_density={n: lm.density for n, lm in macs.layers.items()})
 
 
 def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, lock=None,

@@ -25,7 +25,8 @@ PARAMS: dict[str, Param] = {
         Param(name="gate", kind=str, doc="policy registry name"),
         Param(name="threshold", kind=float, low=0.0, doc="ε of the norm gates"),
         Param(name="beta", kind=float, low=0.0, doc="β of the Gumbel gate loss (Skip-Conv Eq. 9)"),
-        Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0, doc="D: D-STEP target FLOPs ratio (Eq. 3)"),
+        Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0,
+              doc="D: D-STEP target FLOPs ratio (Eq. 3)"),
         Param(name="block_size", kind=int, choices=(1, 2, 4, 8), doc="mask block size b"),
         Param(name="reference", kind=str, choices=("frame", "block"),
               doc="norm gates' residual: previous frame (Eq. 3) or each block's last computed input"),
@@ -97,7 +98,7 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     gate_raw = raw.pop("gate", list(POLICIES))
     gate_dom = PARAMS["gate"].domain(gate_raw, "space.gate")
     gates = gate_dom.values if isinstance(gate_dom, Choice) else (gate_dom.value,)
-    for i, g in enumerate(gates):
+    for g in gates:
         if g not in POLICIES:
             raise SpaceError(f"space.gate: unknown gate {g!r}; known: {', '.join(POLICIES)}")
     gate_dom = Choice(tuple(gates))
@@ -121,7 +122,8 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
         shared.setdefault(key, PARAMS[key].domain(default, f"space.{key}"))
     _check_registered(shared["backbone"], BACKBONES, "space.backbone")
     if isinstance(shared["task"], Choice) and len(shared["task"].values) > 1:
-        raise SpaceError("space.task: one task per search (the quality objective follows the task); run one search per task")
+        raise SpaceError("space.task: one task per search (the quality objective follows the task); "
+                         "run one search per task")
     from .compat import incompatibility
 
     for b in _values(shared["backbone"]):

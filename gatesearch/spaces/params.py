@@ -9,8 +9,9 @@ a mapping ``{low, high, log}`` is a range.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 class SpaceError(ValueError):

@@ -46,7 +46,8 @@ class EvalConfig:
     frames: int = 16  # frames of each held-out clip, streamed one by one
     latency_warmup: int = 2  # untimed passes before timing (kernel selection, calibration)
     latency_repeats: int = 10  # timed passes; the median is reported, with the spread
-    reference_every: int | str = "clip_length"  # T_test (Skip-Conv Table 4): dense reference frame every N frames; 0 = first frame only
+    # T_test (Skip-Conv Table 4): dense reference frame every N frames; 0 = first frame only
+    reference_every: int | str = "clip_length"
 
     def reset_every(self, clip_length: int) -> int | None:
         """The reference-frame period for a trial trained on clips of ``clip_length``."""
