@@ -1,4 +1,4 @@
-"""Build-once, load-once access to the C++ kernels in csrc/ (skip_conv.cpp, changes.cpp).
+"""Build-once, load-once access to the C++ kernels in csrc/ (one file per concept; kernels.h is what they share).
 
 Why JIT: ``pip install -e .`` stays pure Python; the first use compiles the
 kernels with the machine's own compiler (``-march=native``; ~15 s on 2 cores) into a
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("skip_conv.cpp", "changes.cpp")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = sorted(_CSRC.glob("*.cpp"))
+_HEADERS = sorted(_CSRC.glob("*.h"))
 _NAMESPACE = "gatesearch_skipconv"
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -54,7 +56,8 @@ def machine_tag() -> str:
 def build_tag() -> str:
     """Digest of the kernel source, torch version and CPU: names the build and keys timing caches."""
     key = hashlib.sha1()
-    for part in (*(src.read_bytes() for src in _SOURCES), torch.__version__.encode(), _cpu_tag().encode()):
+    for part in (*(src.read_bytes() for src in (*_SOURCES, *_HEADERS)), torch.__version__.encode(),
+                 _cpu_tag().encode()):
         key.update(part)
     return key.hexdigest()[:12]
 

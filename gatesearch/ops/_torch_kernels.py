@@ -1,9 +1,9 @@
 """Plain-PyTorch block-sparse step: the fallback when the C++ kernels are absent.
 
-Same algorithm as csrc/skip_conv.cpp, in eager ops: list the active blocks,
-gather the receptive fields of their output positions (im2col of the active
-positions only, zero where the kernel reads padding), one (batched) GEMM, and
-``index_add_`` into z. Index tables depend only on the geometry and are
+Same algorithm as the C++ kernels (csrc/gather_gemm.cpp, depthwise.cpp), in
+eager ops: list the active blocks, gather the receptive fields of their output
+positions (im2col of the active positions only, zero where the kernel reads
+padding), one (batched) GEMM, and ``index_add_`` into z. Index tables depend only on the geometry and are
 cached. Slower than the C++ path by the eager dispatch of ~15 ops, exact all
 the same.
 """

@@ -55,7 +55,7 @@ def norm_gate_block_mask(
     if r_prev is not None and not (_native.usable(r, r_prev) and same_dense_layout(r, r_prev)):
         r, r_prev = r - r_prev, None
     if _native.usable(r) and is_dense(r):
-        ints = [*kernel, *stride, *padding, *dilation, b, *out_hw]
+        ints = [*kernel, *stride, *padding, *dilation, 1, b, *out_hw]  # ConvGeometry.ints(), groups 1
         return _native.ops().gate_block_mask(r, ints, float(threshold), float(scale), r_prev)
     return _gate_torch(r, kernel, stride, padding, dilation, b, float(threshold), float(scale), out_hw)
 
@@ -73,7 +73,7 @@ def norm_gate(r: torch.Tensor, *, out_hw: Pair, **gate) -> Callable[..., torch.T
         return general
     ops = _native.ops()
     ints = [*(v for name in ("kernel_size", "stride", "padding", "dilation") for v in pair(kw[name], name)),
-            int(kw["block_size"]), *kw["out_hw"]]
+            1, int(kw["block_size"]), *kw["out_hw"]]  # ConvGeometry.ints(), groups 1
     shape, threshold, scale = (tuple(r.shape), r.stride()), float(kw["threshold"]), float(kw["scale"])
 
     def resolved(r_, r_prev=None):

@@ -69,7 +69,7 @@ class ConvGeometry:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
     def ints(self) -> list[int]:
-        """The flat integer list the C++ kernels take (order fixed by csrc/skip_conv.cpp)."""
+        """The flat integer list the C++ kernels take (order fixed here; csrc/kernels.h: Geometry::parse reads it)."""
         return [
             self.kernel[0], self.kernel[1], self.stride[0], self.stride[1],
             self.padding[0], self.padding[1], self.dilation[0], self.dilation[1],

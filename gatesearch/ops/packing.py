@@ -18,7 +18,7 @@ import torch
 
 
 class Kind(enum.IntEnum):
-    """Kernel variants of csrc/skip_conv.cpp (values shared with its enum)."""
+    """Kernel variants of the C++ conv step (values shared with csrc/register.cpp: Kind)."""
 
     GEMM = 0  # im2col of active positions (G, M, T*Cg) @ weight (G, T*Cg, Cog)
     DEPTHWISE = 1  # one input channel per group: direct loops, weight (T, Co)

@@ -12,16 +12,15 @@
 // Layout: fp32 tensors, channels_last-contiguous (a position's channels are
 // one contiguous run), as skip-conv streams keep them.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <limits>
+
+#include "kernels.h"
 
 namespace {
 
-constexpr int64_t kTaskFloats = 32768;  // as in skip_conv.cpp: below this a second thread costs more than it saves
+using gs::grain;
 
 void check_stream(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 &&
@@ -39,7 +38,7 @@ const bool* map_ptr(const at::Tensor& m, const at::Tensor& like, const char* nam
 // fn(p) for every position p (flat n, h, w) set in the map.
 template <typename F>
 void for_changed(const bool* m, int64_t positions, int64_t C, F&& fn) {
-  at::parallel_for(0, positions, std::max<int64_t>(1, kTaskFloats / std::max<int64_t>(1, C)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, positions, grain(C), [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p)
       if (m[p]) fn(p);
   });
