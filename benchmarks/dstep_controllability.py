@@ -57,8 +57,8 @@ def train(target: float, *, backbone: str, tile: int, epochs: int, seed: int, da
     from gatesearch.search.trial import run_trial
     from gatesearch.spaces import EvalConfig, TrialConfig
 
-    cfg = TrialConfig(backbone=backbone, gate="dstep", target_flops_ratio=target, block_size=tile, epochs=epochs,
-                      clip_length=4, batch_size=batch_size, seed=seed)
+    cfg = TrialConfig(backbone=backbone, gate="dstep", knobs={"target_flops_ratio": target, "block_size": tile},
+                      epochs=epochs, clip_length=4, batch_size=batch_size, seed=seed)
     evaluation = EvalConfig(frames=16, latency_warmup=0, latency_repeats=1)
     t0 = time.perf_counter()
     outcome = run_trial(cfg, data, evaluation)
@@ -89,12 +89,13 @@ def speed(model, clip, *, reset_every: int, repeats: int) -> dict:
     """bench_model against the dense twin and against the gates forced open, plus the clip's F/F_S."""
     from gatesearch.objectives import reset_stats
     from gatesearch.objectives.bench import bench_model
-    from gatesearch.policies.dstep import decisions, flops_ratio, force_compute, set_gating
+    from gatesearch.policies import force_open
+    from gatesearch.policies.dstep import decisions, flops_ratio, set_gating
 
     model.eval()
     dense, opened = copy.deepcopy(model), copy.deepcopy(model)
     set_gating(dense, False)
-    force_compute(opened)
+    force_open(opened)
     reset_stats(model)
     with torch.inference_mode():
         model.stream(clip, reset_every=reset_every)

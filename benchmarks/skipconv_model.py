@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -85,9 +86,10 @@ def main() -> None:
 
     from gatesearch.data import SyntheticConfig, make_clip, read_frames, write_video
     from gatesearch.data.source import load_clips, num_classes
+    from gatesearch.models import build_model
     from gatesearch.objectives.bench import bench_model
     from gatesearch.policies import build_policy
-    from gatesearch.search.trial import build_model, evaluate, train
+    from gatesearch.search.trial import evaluate, train
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -137,8 +139,9 @@ def main() -> None:
         gated = build_policy(args.gate, threshold=eps, block_size=args.block_size, reference=args.reference,
                              per_value=args.per_value).apply(copy.deepcopy(dense))
         apply_stages(gated, args.stage)
-        m = evaluate(gated, TrialConfig(**{**trial.to_dict(), "gate": args.gate, "threshold": eps,
-                                           "block_size": args.block_size}), val, quick).metrics
+        m = evaluate(gated, dataclasses.replace(trial, gate=args.gate, knobs={"threshold": eps,
+                                                                             "block_size": args.block_size}),
+                     val, quick).metrics
         pck = probe.pck(frame_features(gated, streams, stream=True), centers, radius)
         ok = m["quality"] >= base - 0.01 and (pck >= base_pck - 0.01 or not judge_pck)
         print(f"  ε={eps:<6g} top-1 {m['quality']:.3f}  probe PCK {pck:.3f}  MAC reduction {m['mac_reduction']:.2f}  "

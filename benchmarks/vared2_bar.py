@@ -50,8 +50,9 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     from gatesearch.data.source import load_clips, num_classes
+    from gatesearch.models import build_model
     from gatesearch.objectives.bench import bench_model
-    from gatesearch.search.trial import build_model, evaluate, run_trial
+    from gatesearch.search.trial import evaluate, run_trial
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
     args = parse()
@@ -61,7 +62,8 @@ def main() -> None:
     evaluation = EvalConfig(latency_warmup=2, latency_repeats=10)
     dense_cfg = TrialConfig(backbone="r2plus1d_tiny", gate="dense", clip_length=args.clip_length, epochs=args.epochs,
                             lr=args.lr, seed=args.seed)
-    gated_cfg = dataclasses.replace(dense_cfg, gate="vared2", search_space_size=args.space_size, lambda_e=args.lam)
+    gated_cfg = dataclasses.replace(dense_cfg, gate="vared2",
+                                    knobs={"search_space_size": args.space_size, "lambda_e": args.lam})
 
     outcomes = {}
     for name, cfg in (("dense", dense_cfg), ("vared2", gated_cfg)):

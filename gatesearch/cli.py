@@ -76,7 +76,8 @@ def main() -> None:
 @user_errors
 def search(config, trials, max_concurrent, name, seed, objective, workdir, tracking_uri, ray_address, as_json):
     """Run a multi-objective search described by CONFIG (a YAML file, or `quick` for the built-in one)."""
-    from gatesearch.search.engine import RunOptions, format_params, run_search
+    from gatesearch.search.engine import RunOptions, run_search
+    from gatesearch.search.recorder import format_params
     from gatesearch.spaces import load_search_config
 
     path = Path(config)
@@ -116,7 +117,7 @@ def _print_front(rows, format_params) -> None:
 @user_errors
 def pareto(search_id, max_latency_ms, min_quality, workdir, tracking_uri, as_json):
     """Print the Pareto-optimal trials of the latest search (or of SEARCH_ID)."""
-    from gatesearch.search.engine import format_params
+    from gatesearch.search.recorder import format_params
 
     tracker = _tracker(workdir, tracking_uri)
     run = tracker.search_run(search_id)
@@ -265,9 +266,10 @@ def bench(backbone, gate, threshold, block_size, params, artifact, video, frames
 def _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult):
     """(dense, gated, frame size, (backbone, gate)): the same weights with and without the gate."""
     import copy
+    import dataclasses
 
+    from gatesearch.models import build_model
     from gatesearch.policies import POLICIES, build_policy
-    from gatesearch.search.trial import build_model
     from gatesearch.spaces import TrialConfig
 
     if artifact is not None:
@@ -275,7 +277,7 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
 
         art = load_artifact(artifact)
         gated = art.model
-        dense = build_model(TrialConfig(**{**art.trial.to_dict(), **_no_gate(art.trial)}), art.meta["num_classes"])
+        dense = build_model(dataclasses.replace(art.trial, gate="dense", knobs={}), art.meta["num_classes"])
         dense.load_state_dict(_dense_state(gated), strict=False)
         return dense, gated, tuple(art.meta["frame_shape"][1:]), (art.trial.backbone, art.trial.gate)
     knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
@@ -284,27 +286,13 @@ def _bench_models(backbone, gate, threshold, block_size, params, artifact, size,
         if not sep:
             raise click.ClickException(f"--param: {item!r} is not KEY=VALUE")
         knobs[key] = _number(value)
-    takes = POLICIES.get(gate).params
-    accepted = [*takes, *POLICIES.get(gate).options]
-    for key in knobs:
-        if key not in accepted:
-            raise click.ClickException(f"gate {gate!r} does not take {key!r} "
-                                       f"(it takes {', '.join(accepted) or 'nothing'})")
-    for key, default in takes.items():  # unset knobs: the low end of the gate's default range
-        knobs.setdefault(key, default["low"] if isinstance(default, dict)
-                         else default[0] if isinstance(default, list) else default)
+    knobs = {**POLICIES.get(gate).example_knobs(), **knobs}  # unset knobs: the low end of the gate's default range
     dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
     try:
         gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
-    except ValueError as e:  # a knob value the gate cannot take
+    except ValueError as e:  # a knob the gate does not take, or a value it cannot take
         raise click.ClickException(str(e)) from None
     return dense, gated, (size, size), (backbone, gate)
-
-
-def _no_gate(trial) -> dict:
-    from gatesearch.policies import POLICIES
-
-    return {"gate": "dense", **{k: None for k in POLICIES.get(trial.gate).params}}
 
 
 def _dense_state(gated) -> dict:
@@ -367,18 +355,16 @@ def synth(out_dir, clips_per_class, frames, height, width, shapes, directions, s
 def list_cmd():
     """Show the registered backbones and gates."""
     from gatesearch.backbones import BACKBONES
-    from gatesearch.backbones import describe as describe_backbone
     from gatesearch.policies import POLICIES
-    from gatesearch.policies import describe as describe_policy
 
     width = max(map(len, [*BACKBONES, *POLICIES]))
     click.echo("backbones:")
     for name in BACKBONES:
-        click.echo(f"  {name:<{width}}  {describe_backbone(name)}")
+        click.echo(f"  {name:<{width}}  {BACKBONES.describe(name)}")
     click.echo("gates:")
     for name in POLICIES:
-        params = ", ".join(POLICIES.get(name).params) or "-"
-        click.echo(f"  {name:<{width}}  {describe_policy(name)}  [params: {params}]")
+        params = ", ".join(p.name for p in POLICIES.get(name).params) or "-"
+        click.echo(f"  {name:<{width}}  {POLICIES.describe(name)}  [params: {params}]")
 
 
 if __name__ == "__main__":

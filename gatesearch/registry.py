@@ -7,7 +7,9 @@ public model or gate. A failed lookup names the registry and lists what exists.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -42,6 +44,11 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a test that registered something takes it back out); returns what it held."""
+        self.get(name)  # the usual one-line error for an unknown name
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
@@ -53,6 +60,11 @@ class Registry(Generic[T]):
         """Registered names matching a shell-style pattern, sorted."""
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
 
+    def describe(self, name: str) -> str:
+        """The first line of the entry's docstring (what ``gatesearch list`` shows)."""
+        doc = (self.get(name).__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
@@ -61,3 +73,14 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every public module of a package, so that its registering decorators run.
+
+    Called from a package's ``__init__`` with its ``__path__``: a new family is a new file, and no list of
+    imports has to be kept in step with the folder.
+    """
+    for info in pkgutil.iter_modules(path):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -18,7 +18,7 @@ from torch import nn
 from gatesearch.backbones import BACKBONES, ClipBackbone, WeightsError, build, clip_length, load_weights
 from gatesearch.backbones.temporal_shift import TemporalShift
 from gatesearch.objectives import task_loss
-from gatesearch.policies import POLICIES, build_policy
+from gatesearch.policies import POLICIES, build_policy, force_open
 from gatesearch.stateful import streaming
 
 B, T, SIZE, K = 2, 4, 64, 12
@@ -30,36 +30,10 @@ def search_size(name: str) -> bool:
 
 
 BACKBONE_CASES = [n if search_size(n) else pytest.param(n, marks=pytest.mark.slow) for n in BACKBONES.list()]
-# knob values under which a gate computes everything; a gate may instead offer ``keep_all(model)``
-KEEP_ALL = {"threshold": 0.0}
 
 
-def smallest_knobs(gate: str) -> dict:
-    """The first value of each default domain the gate declares (``low`` of a range)."""
-    knobs = {}
-    for name, dom in POLICIES.get(gate).params.items():
-        if isinstance(dom, dict):
-            knobs[name] = dom["low"]
-        elif isinstance(dom, (list, tuple)):
-            knobs[name] = dom[0]
-        else:
-            knobs[name] = dom
-    return knobs
-
-
-def keep_all_knobs(gate: str) -> dict | None:
-    """Knobs under which the gate keeps every position/channel; None when not known.
-
-    Gates with a ``keep_all(model)`` method are opened by it after ``apply``
-    instead (with their smallest knobs).
-    """
-    cls = POLICIES.get(gate)
-    knobs = smallest_knobs(gate)
-    if hasattr(cls, "keep_all"):
-        return knobs
-    if cls.trains_gates or not set(knobs) - {"block_size"} <= set(KEEP_ALL):
-        return None
-    return {k: KEEP_ALL.get(k, v) for k, v in knobs.items()}
+def example_knobs(gate: str) -> dict:
+    return POLICIES.get(gate).example_knobs()
 
 
 def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Module:
@@ -90,23 +64,16 @@ def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Modul
     return model
 
 
-SKIP_CONV_GATES = ("input_norm", "output_norm", "gumbel")
+def refused(backbone: str, gate: str) -> str | None:
+    """Why ``gate`` cannot convert ``backbone``, from the structure the gate declares (``Policy.requires``)."""
+    from gatesearch.spaces.compat import incompatibility
 
-
-def refused(backbone: str, gate: str) -> bool:
-    """The pairs a gate cannot convert, by the structure it needs: Skip-Conv gates per-frame Conv2d
-    layers (not clip backbones), D-STEP residual blocks of the conv1/bn1, conv2/bn2 kind."""
-    clip = isinstance(BACKBONES.get(backbone)(width=WIDTH), ClipBackbone)
-    if gate in SKIP_CONV_GATES:
-        return clip
-    if gate == "dstep":
-        return clip or backbone == "tiny" or backbone.startswith("mobilenet")
-    return False
+    return incompatibility(backbone, gate, tasks_of(backbone)[0])
 
 
 def skip_refused(backbone: str, gate: str) -> None:
-    if refused(backbone, gate):
-        pytest.skip(f"gate {gate!r} does not apply to {backbone!r} (test_gates_refuse_what_they_cannot_gate)")
+    if why := refused(backbone, gate):
+        pytest.skip(f"{why} (test_gates_refuse_exactly_what_they_declare)")
 
 
 def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *, seed: int = 0,
@@ -114,7 +81,7 @@ def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *
     skip_refused(backbone, gate)
     torch.manual_seed(seed)
     model = build(backbone, task=task, num_classes=K, width=width)
-    return build_policy(gate, **(smallest_knobs(gate) if knobs is None else knobs)).apply(model)
+    return build_policy(gate, **(example_knobs(gate) if knobs is None else knobs)).apply(model)
 
 
 def batched(model: nn.Module, clip: torch.Tensor) -> torch.Tensor:
@@ -184,12 +151,12 @@ def test_every_parameter_gets_a_gradient(batch, backbone, gate):
     batch = contract_batch(backbone, batch)
     task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
     model = make_model(backbone, gate, task).train()
-    policy = build_policy(gate, **smallest_knobs(gate))
+    policy = build_policy(gate, **example_knobs(gate))
     policy.on_epoch(model, 1, 2)  # the last epoch of two, as the trial's trainer runs it: gates train by then
     clip = batch["clip"]
     out = model.stream(clip, reset_every=clip.shape[1]) if policy.streams(1, 2) else batched(model, clip)
     loss = task_loss(task, out, batch)
-    extra = policy.loss(model)
+    extra = policy.loss(model, output=out, batch=batch)  # as the trainer calls it
     if extra is not None:
         loss = loss + extra
     loss.backward()
@@ -207,14 +174,9 @@ def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
     Covers the temporal shift too: its streaming state must give what the
     batched shift over a clip gives. Eval mode with non-trivial BN statistics.
     """
-    knobs = keep_all_knobs(gate)
-    if knobs is None:
-        pytest.skip(f"gate {gate!r} declares no keep-everything setting")
+    knobs = POLICIES.get(gate).keep_all()
     for task in tasks_of(backbone):
-        model = randomize_bn(make_model(backbone, gate, task, knobs), batch["clip"]).eval()
-        policy = build_policy(gate, **knobs)
-        if hasattr(policy, "keep_all"):
-            policy.keep_all(model)
+        model = force_open(randomize_bn(make_model(backbone, gate, task, knobs), batch["clip"]).eval())
         with torch.inference_mode():
             dense = batched(model, batch["clip"])
             streamed = model.stream(batch["clip"])
@@ -225,17 +187,20 @@ def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES.list())
-def test_gates_refuse_what_they_cannot_gate(backbone):
-    """Exactly the pairs ``refused`` names fail to apply, each with one line naming the gate;
-    the search space checks the same way (``spaces.compat``) before any trial starts."""
-    from gatesearch.spaces.compat import incompatibility
-
-    task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
+def test_gates_refuse_exactly_what_they_declare(backbone):
+    """``apply`` refuses a backbone, with one line naming the gate, exactly when the backbone lacks the structure
+    the gate declares it needs (``requires``): the search space refuses such pairs from the declaration alone."""
+    task = tasks_of(backbone)[0]
     for gate in POLICIES.list():
-        why = incompatibility(backbone, gate, task, smallest_knobs(gate))
-        assert (why is not None) == refused(backbone, gate), (gate, why)
-        if why:
-            assert "\n" not in why and ("gate" in why or "Gate" in why or "Skip-Conv" in why), why
+        why = refused(backbone, gate)
+        model = build(backbone, task=task, num_classes=K, width=WIDTH)
+        try:
+            build_policy(gate, **example_knobs(gate)).apply(model)
+        except ValueError as err:
+            assert why is not None, f"{gate} declares it can convert {backbone}, but apply refused: {err}"
+            assert "\n" not in str(err) and ("gate" in str(err) or "Skip-Conv" in str(err)), str(err)
+        else:
+            assert why is None, f"{gate} declares it cannot convert {backbone} ({why}), but apply took it"
 
 
 # -- full-size layouts ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 from gatesearch.backbones import BACKBONES, ClipBackbone, ClipModel, build
 from gatesearch.backbones.clip3d import BatchNorm3d, conv3d
 from gatesearch.objectives import dense_macs, task_loss
-from gatesearch.policies import build_policy
+from gatesearch.policies import build_policy, force_open
 
 B, T, SIZE, K = 2, 4, 32, 12
 CLIP_BACKBONES = [n for n in BACKBONES.list() if isinstance(BACKBONES.get(n)(width=0.1), ClipBackbone)]
@@ -171,7 +171,7 @@ def test_contract(batch, backbone, gate):
 
     if gate != "dense":  # forced open, the gated network is the dense one with the same weights
         gated = make(backbone, gate).eval()
-        policy.keep_all(gated)
+        force_open(gated)
         dense = make(backbone, "dense").eval()
         with torch.inference_mode():
             assert (gated(batch["clip"]) - dense(batch["clip"])).abs().max() <= 1e-4
@@ -189,11 +189,11 @@ def test_skip_conv_gates_refuse_clip_backbones():
 def test_run_stream_in_windows(tmp_path, batch):
     from gatesearch.export import load_artifact, save_artifact, trial_meta
     from gatesearch.export.runner import run_stream
-    from gatesearch.search.trial import build_model
+    from gatesearch.models import build_model
     from gatesearch.spaces import DataConfig, TrialConfig
 
-    trial = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, lambda_e=1.0,
-                        clip_length=2)
+    trial = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2",
+                        knobs={"search_space_size": 2, "lambda_e": 1.0}, clip_length=2)
     model = build_model(trial, K).eval()
     meta = trial_meta(trial, metrics={}, data=DataConfig(), num_classes=K, frame_shape=(3, SIZE, SIZE))
     art = load_artifact(save_artifact(tmp_path / "art", model, meta))

@@ -67,7 +67,7 @@ def test_run_missing_and_foreign_artifact(cli, tmp_path):
 
 def test_run_corrupt_video(cli, tmp_path):
     from gatesearch.export import save_artifact, trial_meta
-    from gatesearch.search.trial import build_model
+    from gatesearch.models import build_model
     from gatesearch.spaces import DataConfig, TrialConfig
 
     trial = TrialConfig(gate="dense")
@@ -101,7 +101,7 @@ def test_bench_layer_json(cli):
 def test_bench_bad_param(cli):
     one_line_error(cli("bench", "--gate", "input_norm", "-p", "beta=1"), "does not take 'beta'")
     one_line_error(cli("bench", "--gate", "input_norm", "-p", "reference=last"),
-                   "reference must be one of frame, block")
+                   "gate 'input_norm': reference: 'last' is not one of frame, block")
 
 
 def test_bench_block_reference_option(cli):

@@ -91,8 +91,8 @@ BLOCKS = {
 
 def test_registered_with_its_knobs():
     assert POLICIES.get("dstep") is DStep and DStep.trains_gates
-    assert set(DStep.params) == {"target_flops_ratio", "block_size"}
-    with pytest.raises(ValueError, match="target_flops_ratio must be in"):
+    assert set(DStep.takes()) == {"target_flops_ratio", "block_size"}
+    with pytest.raises(ValueError, match="^gate 'dstep': target_flops_ratio: must be <= 1.0, got 1.5$"):
         build_policy("dstep", target_flops_ratio=1.5, block_size=2)
     with pytest.raises(ValueError, match="does not take 'beta'"):
         build_policy("dstep", target_flops_ratio=0.5, block_size=2, beta=1.0)
@@ -146,12 +146,12 @@ def test_block_protocol_duck_typing_and_flags():
 
 @pytest.mark.parametrize("tile", [1, 4])
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
-def test_force_compute_reproduces_the_dense_block(kind, tile):
+def test_force_open_reproduces_the_dense_block(kind, tile):
     """All tiles active, all channels "compute": the streamed gated block is the dense block (eval, ≤ 1e-4)."""
     torch.manual_seed(0)
     dense = randomize_bn(BLOCKS[kind]()).eval()
     gated = DStepBlock(copy.deepcopy(dense), tile=tile).eval()
-    gated.force_compute = True
+    gated.force_open = True
     clip = torch.randn(4, 2, dense.conv1.in_channels, 12, 12)  # (T, N, C, H, W)
     with torch.inference_mode():
         want = stream_block(dense, clip)
@@ -335,8 +335,8 @@ def test_training_reaches_the_target_flops_ratio():
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
     data = DataConfig(train_clips=48, val_clips=24)
-    cfg = TrialConfig(backbone="resnet18_tiny", gate="dstep", target_flops_ratio=0.4, block_size=2, epochs=6,
-                      clip_length=4, seed=0)
+    cfg = TrialConfig(backbone="resnet18_tiny", gate="dstep", knobs={"target_flops_ratio": 0.4, "block_size": 2},
+                      epochs=6, clip_length=4, seed=0)
     model = run_trial(cfg, data, EvalConfig(frames=4, latency_warmup=0, latency_repeats=1)).model
     val = load_clips(data, frames=16, count=24, split="val")  # per-clip FLOPs vary: measure over many clips
     reset_stats(model)

@@ -7,10 +7,10 @@ import torch
 
 from gatesearch.export import ArtifactError, load_artifact, save_artifact, trial_meta
 from gatesearch.export.runner import run_stream
-from gatesearch.search.trial import build_model
+from gatesearch.models import build_model
 from gatesearch.spaces import DataConfig, TrialConfig
 
-TRIAL = TrialConfig(gate="input_norm", threshold=0.3, block_size=2, clip_length=4)
+TRIAL = TrialConfig(gate="input_norm", knobs={"threshold": 0.3, "block_size": 2}, clip_length=4)
 DATA = DataConfig(synthetic={"height": 32, "width": 32})
 
 
@@ -33,7 +33,8 @@ def test_round_trip_same_outputs(tmp_path, static_clip):
 
 def test_gate_options_travel_with_the_artifact(tmp_path, static_clip):
     """A trial with the block reference and per-value ε exports and reloads as that gate, not the paper's default."""
-    trial = TrialConfig(gate="input_norm", threshold=0.02, block_size=2, reference="block", per_value=True)
+    trial = TrialConfig(gate="input_norm",
+                        knobs={"threshold": 0.02, "block_size": 2, "reference": "block", "per_value": True})
     model = build_model(trial, 12).eval()
     meta = trial_meta(trial, metrics={}, data=DATA, num_classes=12, frame_shape=(3, 32, 32))
     art = load_artifact(save_artifact(tmp_path / "opt", model, meta))

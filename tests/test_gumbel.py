@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatesearch.objectives import MacCounter
-from gatesearch.policies import POLICIES, build_policy
-from gatesearch.policies.gumbel import GumbelGate, force_open, gate_loss, layer_macs
+from gatesearch.policies import POLICIES, build_policy, force_open
+from gatesearch.policies.gumbel import GumbelGate, gate_loss, layer_macs
 from gatesearch.policies.skipconv import convert_convs, skip_layers
 from gatesearch.stateful import streaming
 
@@ -59,8 +59,10 @@ def frames(n=4, seed=0):
 def test_registered_with_beta_and_block_size():
     cls = POLICIES.get("gumbel")
     assert cls.trains_gates
-    assert cls.params["beta"] == {"low": 1e-3, "high": 10.0, "log": True}
-    assert cls.params["block_size"] == [1, 2, 4, 8]
+    takes = cls.takes()
+    assert list(takes) == ["beta", "block_size"]
+    assert takes["beta"].default == {"low": 1e-3, "high": 10.0, "log": True}
+    assert takes["block_size"].default == [1, 2, 4, 8]
 
 
 def test_space_samples_beta_for_gumbel_only():
@@ -77,10 +79,9 @@ def test_space_samples_beta_for_gumbel_only():
         tc = cfg.space.suggest(trial)
         seen.add(tc.gate)
         if tc.gate == "gumbel":
-            assert 0.01 <= tc.beta <= 1.0 and tc.threshold is None
-            assert tc.gate_knobs() == {"beta": tc.beta, "block_size": tc.block_size}
+            assert set(tc.knobs) == {"beta", "block_size"} and 0.01 <= tc.knobs["beta"] <= 1.0
         else:
-            assert tc.beta is None
+            assert "beta" not in tc.knobs
     assert seen == {"gumbel", "input_norm"}
 
 
@@ -277,7 +278,8 @@ def test_beta_lowers_macs_on_the_synthetic_task():
 
 def _macs_for_betas(betas):
     """Train and evaluate one small Gumbel trial per β on the same seed and data: (effective, dense) MACs."""
-    from gatesearch.search.trial import build_model, evaluate, load_clips, num_classes, train
+    from gatesearch.models import build_model
+    from gatesearch.search.trial import evaluate, load_clips, num_classes, train
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
     data = DataConfig(train_clips=32, val_clips=8, synthetic={"height": 32, "width": 32})
@@ -286,8 +288,8 @@ def _macs_for_betas(betas):
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     macs, dense = [], []
     for beta in betas:
-        cfg = TrialConfig(gate="gumbel", beta=beta, block_size=1, clip_length=4, epochs=6, batch_size=4, lr=1e-2,
-                          seed=0)
+        cfg = TrialConfig(gate="gumbel", knobs={"beta": beta, "block_size": 1}, clip_length=4, epochs=6,
+                          batch_size=4, lr=1e-2, seed=0)
         model = build_model(cfg, num_classes(data))  # seeds the global RNG: weights, then the Gumbel noise
         layer = skip_layers(model)[0]
         before = layer.gate.bias.detach().clone()

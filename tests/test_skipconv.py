@@ -54,7 +54,7 @@ SEARCH_SIZE_2D = [n for n in BACKBONES.list() if ("tiny" in n or "small" in n) a
 def test_keep_everything_over_16_frames_every_backbone(backbone, gate):
     """Issue 3 bar: a gate that keeps everything reproduces the dense net frame by frame over 16 frames."""
     from gatesearch.data import SyntheticConfig, make_clip
-    from gatesearch.policies.gumbel import force_open
+    from gatesearch.policies import force_open
 
     clip = make_clip(SyntheticConfig(height=32, width=32, frames=16, seed=2), 1, "test")["clip"][None]
     knobs = {"threshold": 0.0} if gate != "gumbel" else {"beta": 1.0}
@@ -249,9 +249,9 @@ def test_per_value_threshold_scales_with_the_support():
 
 
 def test_bad_reference_options_fail_with_one_line():
-    with pytest.raises(ValueError, match="reference must be one of frame, block"):
+    with pytest.raises(ValueError, match="^gate 'input_norm': reference: 'last' is not one of frame, block$"):
         gated("tiny", "input_norm", threshold=0.1, block_size=2, reference="last")
-    with pytest.raises(ValueError, match="per_value must be true or false"):
+    with pytest.raises(ValueError, match="^gate 'input_norm': per_value: expected true or false, got 'yes'$"):
         gated("tiny", "input_norm", threshold=0.1, block_size=2, per_value="yes")
     with pytest.raises(ValueError, match="does not take 'reference'"):
         build_policy("gumbel", beta=1.0, block_size=2, reference="block")

@@ -10,7 +10,7 @@ from torch import nn
 
 from gatesearch.backbones import build
 from gatesearch.objectives import MacCounter
-from gatesearch.policies import POLICIES, build_policy, vared2_layer
+from gatesearch.policies import POLICIES, build_policy, force_open, vared2_layer
 from gatesearch.policies.vared2 import correct_clips, dynamic_layers, efficiency_loss
 from gatesearch.policies.vared2_layer import DynamicConv, SoftModulationGate, channel_counts, first_open, st_cost
 
@@ -66,7 +66,7 @@ def test_forced_full_layer_is_the_dense_conv(kind, path):
     """R = 1, r = 1 (the gate forced to compute everything): the layer is the dense conv (≤ 1e-4)."""
     conv = CONVS[kind]()
     dyn = layer(conv, 4)
-    dyn.force_full, dyn.path = True, path
+    dyn.force_open, dyn.path = True, path
     x = x_for(conv)
     with torch.no_grad():
         assert (dyn(x) - conv(x)).abs().max() <= 1e-4
@@ -133,7 +133,7 @@ def test_rebuilt_features_are_cheap_linear_maps_of_computed_ones():
 def test_whole_model_keep_all_equals_dense_network():
     """Every layer forced open: the VA-RED² model reproduces the dense model with the same weights."""
     gated = model("r2plus1d_tiny").eval()
-    POLICIES.get("vared2")(search_space_size=2, lambda_e=1.0).keep_all(gated)
+    force_open(gated)
     torch.manual_seed(0)
     dense = build("r2plus1d_tiny", task="classification", num_classes=K, width=0.5).eval()
     state = {k.replace(".conv.weight", ".weight"): v for k, v in gated.state_dict().items()}
@@ -299,7 +299,8 @@ def test_policy_loss_uses_correctness_and_lambda():
 
 def test_policy_declares_its_knobs():
     cls = POLICIES.get("vared2")
-    assert cls.params["search_space_size"] == [2, 3, 4] and cls.params["lambda_e"]["log"] is True
+    takes = cls.takes()
+    assert takes["search_space_size"].default == [2, 3, 4] and takes["lambda_e"].default["log"] is True
     with pytest.raises(ValueError, match="needs 'lambda_e'"):
         build_policy("vared2", search_space_size=2)
 
@@ -357,8 +358,8 @@ def test_trial_end_to_end():
     from gatesearch.search.trial import run_trial
     from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
-    cfg = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2", search_space_size=2, lambda_e=5.0,
-                      epochs=1, batch_size=4, clip_length=4)
+    cfg = TrialConfig(backbone="r2plus1d_tiny", width=0.25, gate="vared2",
+                      knobs={"search_space_size": 2, "lambda_e": 5.0}, epochs=1, batch_size=4, clip_length=4)
     data = DataConfig(train_clips=8, val_clips=4, synthetic={"height": 32, "width": 32})
     out = run_trial(cfg, data, EvalConfig(frames=8, latency_warmup=0, latency_repeats=1))
     m = out.metrics

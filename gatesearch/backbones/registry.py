@@ -24,8 +24,3 @@ def build(name: str, *, task: str, num_classes: int, width: float = 1.0) -> Vide
     if isinstance(backbone, ClipBackbone):
         return ClipModel(backbone, task=task, num_classes=num_classes)
     return VideoModel(backbone, task=task, num_classes=num_classes)
-
-
-def describe(name: str) -> str:
-    doc = BACKBONES.get(name).__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""

@@ -100,7 +100,7 @@ def load_artifact(folder: Path) -> Artifact:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from gatesearch.search.trial import build_model
+    from gatesearch.models import build_model
     from gatesearch.spaces import TrialConfig
 
     meta = read_meta(folder)

@@ -1,19 +1,33 @@
 """The policy (gate family) contract and its registry.
 
-A policy turns a dense ``VideoModel`` into a gated one *in place*
-(``apply``), may add a training loss term (``loss``), and declares the
-joint-space parameters it takes with their default search domains
-(``params``), so the space only samples what the chosen gate uses.
+A gate is one file: a ``Policy`` subclass, registered by name, that declares everything the rest of gatesearch
+needs to know about it. The joint space, the compatibility check, the trainer and the contract tests read these
+declarations from the registry, so no other file names the gate or its knobs:
+
+- ``params``: the knobs a search samples, as ``Param``s carrying their default domains;
+- ``options``: knobs kept at their default unless a search names them;
+- ``requires``: the structure the gate converts (``structure.Structure``), so an impossible (backbone, gate) pair
+  is refused before any trial starts;
+- ``keep_all()``: knobs under which the converted model, forced open (``force_open``), computes the dense network;
+- ``example_knobs()``: legal knobs to build the gate with (the low end of each default domain unless overridden);
+- ``apply(model)`` converts a model in place; ``loss``, ``on_epoch`` and ``streams`` are the trainer's hooks.
+
+``register_policy`` checks the declarations when the module is imported, so a gate that breaks the contract fails
+at once with a message naming it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from gatesearch.registry import Registry
+from gatesearch.spaces.params import Param, SpaceError
+
+from .structure import Structure
 
 POLICIES: Registry[type[Policy]] = Registry(
     "gate",
@@ -21,29 +35,63 @@ POLICIES: Registry[type[Policy]] = Registry(
 )
 
 
+#: b: masks are constant on b×b blocks (Skip-Conv's structured sparsity; D-STEP's tile side p)
+BLOCK_SIZE = Param(name="block_size", kind=int, choices=(1, 2, 4, 8), default=[1, 2, 4, 8],
+                   doc="mask block size b (D-STEP: tile side p)")
+
+
 class Policy:
     """Base class of a gate family."""
 
-    #: joint-space parameters this gate takes -> default search domain (YAML form)
-    params: ClassVar[dict[str, Any]] = {}
-    #: optional knobs (not searched) -> default value
-    options: ClassVar[dict[str, Any]] = {}
+    #: the knobs a search samples, each with its legal values and default search domain
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: knobs kept at ``Param.default`` unless a search names them
+    options: ClassVar[tuple[Param, ...]] = ()
+    #: structure the gate converts; a model without all of it is refused
+    requires: ClassVar[tuple[Structure, ...]] = ()
     #: True when the gate has trainable parameters, so training must stream frames through it
     trains_gates: ClassVar[bool] = False
+    #: set by ``register_policy``
+    registered_name: ClassVar[str]
 
     def __init__(self, **knobs: Any) -> None:
-        unknown = set(knobs) - set(self.params) - set(self.options)
-        if unknown:
-            raise ValueError(f"gate {self.name!r} does not take {sorted(unknown)[0]!r}")
-        missing = set(self.params) - set(knobs)
-        if missing:
-            raise ValueError(f"gate {self.name!r} needs {sorted(missing)[0]!r}")
-        self.knobs = {**self.options, **knobs}
+        self.knobs = {**{p.name: p.default for p in self.options}, **self.check_knobs(knobs)}
 
     @property
     def name(self) -> str:
-        return getattr(type(self), "registered_name", type(self).__name__)
+        return _name(type(self))
 
+    # -- declarations ---------------------------------------------------------------------------
+    @classmethod
+    def takes(cls) -> dict[str, Param]:
+        """Every knob the gate takes, by name: its params, then its options."""
+        return {p.name: p for p in (*cls.params, *cls.options)}
+
+    @classmethod
+    def check_knobs(cls, knobs: Mapping[str, Any]) -> dict[str, Any]:
+        """``knobs`` checked against the declarations and coerced to their types, in declaration order: every
+        param, and the options given. Raises SpaceError with one line naming the gate and the knob."""
+        takes, name = cls.takes(), _name(cls)
+        for key in knobs:
+            if key not in takes:
+                raise SpaceError(f"gate {name!r} does not take {key!r} (it takes {', '.join(takes) or 'no knobs'})")
+        for p in cls.params:
+            if p.name not in knobs:
+                raise SpaceError(f"gate {name!r} needs {p.name!r}")
+        return {key: p.check(knobs[key], f"gate {name!r}: {key}") for key, p in takes.items() if key in knobs}
+
+    @classmethod
+    def example_knobs(cls) -> dict[str, Any]:
+        """Legal knobs to build the gate with: one value of each param's default domain (a range's low end)."""
+        return {p.name: p.domain(p.default, f"gate {_name(cls)!r}: {p.name}").example() for p in cls.params}
+
+    @classmethod
+    def keep_all(cls) -> dict[str, Any]:
+        """Knobs under which the converted model, with its gates forced open (``force_open``), computes exactly
+        what the dense one does: a norm gate's ε = 0, a trained gate's example knobs. Every gate defines it."""
+        raise NotImplementedError
+
+    # -- conversion and training hooks -----------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert ``model`` in place and return it."""
         return model
@@ -60,6 +108,18 @@ class Policy:
     def streams(self, epoch: int, epochs: int) -> bool:
         """Whether this epoch trains frame by frame through the gates (else: frames as one batch)."""
         return self.trains_gates
+
+
+def force_open(model: nn.Module, value: bool = True) -> nn.Module:
+    """Make every gated module of ``model`` keep everything (or, with False, decide again); returns the model.
+
+    A gated module is one with a ``force_open`` attribute; opened, it computes what the dense layer does (the
+    equivalence that ``Policy.keep_all`` promises, and the dense twin a benchmark compares against).
+    """
+    for m in model.modules():
+        if hasattr(m, "force_open"):
+            m.force_open = value
+    return model
 
 
 class FrameAverages:
@@ -81,15 +141,39 @@ class FrameAverages:
 
 
 def register_policy(name: str):
-    """``@register_policy("input_norm")``: register a Policy subclass under ``name``."""
+    """``@register_policy("input_norm")``: check a Policy subclass's declarations and register it under ``name``."""
 
     def deco(cls: type[Policy]) -> type[Policy]:
         cls.registered_name = name
+        _check_contract(cls)
         return POLICIES.register(name)(cls)
 
     return deco
 
 
-def describe(name: str) -> str:
-    doc = POLICIES.get(name).__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+def _name(cls: type) -> str:
+    return getattr(cls, "registered_name", cls.__name__)
+
+
+def _check_contract(cls: type) -> None:
+    """The declarations every gate must make, checked at import (a broken gate fails before any search)."""
+    from gatesearch.spaces.trial import TrialConfig
+
+    where = f"gate {_name(cls)!r}"
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise TypeError(f"{where}: a gate is a Policy subclass, got {cls!r}")
+    if cls.keep_all.__func__ is Policy.keep_all.__func__:
+        raise TypeError(f"{where}: defines no keep_all() (the knobs under which it computes the dense network)")
+    if not all(isinstance(s, Structure) for s in cls.requires):
+        raise TypeError(f"{where}: requires must be a tuple of Structure")
+    if not all(isinstance(p, Param) for p in (*cls.params, *cls.options)):
+        raise TypeError(f"{where}: params and options must be tuples of Param")
+    reserved = set(TrialConfig.shared_fields()) & set(cls.takes())
+    if reserved:
+        raise TypeError(f"{where}: knob {sorted(reserved)[0]!r} is a parameter every trial has; rename it")
+    if len(cls.takes()) != len(cls.params) + len(cls.options):
+        raise TypeError(f"{where}: a knob is declared twice")
+    for p in cls.options:
+        p.check(p.default, f"{where}: option {p.name} default")
+    cls.check_knobs(cls.example_knobs())
+    cls.check_knobs(cls.keep_all())

@@ -38,8 +38,11 @@ import math
 import torch
 from torch import nn
 
-from .base import Policy, register_policy
-from .dstep_block import DEFAULTS, DStepBlock, DStepSettings, convert_blocks, dstep_blocks
+from gatesearch.spaces.params import Param
+
+from .base import BLOCK_SIZE, Policy, register_policy
+from .dstep_block import DStepBlock, DStepSettings, convert_blocks, dstep_blocks
+from .structure import RESIDUAL_BLOCKS
 
 
 def sparsity_terms(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
@@ -94,25 +97,21 @@ def set_gating(model: nn.Module, on: bool) -> None:
         block.gating = on
 
 
-def force_compute(model: nn.Module, value: bool = True) -> None:
-    """Every tile active and every channel "compute": the gated stream computes the dense network."""
-    for block in dstep_blocks(model):
-        block.force_compute = value
-
-
 @register_policy("dstep")
 class DStep(Policy):
     """D-STEP (Eq. 1-3): p×p tiles and skip/reuse/compute channels per residual block, trained to a FLOPs ratio D."""
 
-    params = {"target_flops_ratio": {"low": 0.3, "high": 0.9}, "block_size": [1, 2, 4, 8]}
+    params = (
+        Param(name="target_flops_ratio", kind=float, low=0.0, low_open=True, high=1.0,
+              default={"low": 0.3, "high": 0.9}, doc="D: the FLOPs ratio F/F_S training aims at (Eq. 3)"),
+        BLOCK_SIZE,
+    )
+    requires = (RESIDUAL_BLOCKS,)
     trains_gates = True
 
-    def __init__(self, *, settings: DStepSettings = DEFAULTS, **knobs) -> None:
+    def __init__(self, *, settings: DStepSettings = DStepSettings(), **knobs) -> None:
         super().__init__(**knobs)
-        target = float(knobs["target_flops_ratio"])
-        if not 0.0 < target <= 1.0:
-            raise ValueError(f"gate 'dstep': target_flops_ratio must be in (0, 1], got {target}")
-        self.target = target
+        self.target = self.knobs["target_flops_ratio"]
         self.settings = settings
         self.epoch: int | None = None  # set by on_epoch; None: no schedule
         self.epochs = 1
@@ -122,9 +121,10 @@ class DStep(Policy):
             raise ValueError("gate 'dstep' found no residual blocks to gate (it needs a ResNet-style backbone)")
         return model
 
-    def keep_all(self, model: nn.Module) -> None:
-        """Force every gate open: the gated stream then computes the dense network (Eq. 1 with S = 1, T = compute)."""
-        force_compute(model)
+    @classmethod
+    def keep_all(cls) -> dict:
+        """Any knobs: forced open, the gated stream computes the dense network (Eq. 1 with S = 1, T = compute)."""
+        return cls.example_knobs()
 
     # -- schedule -------------------------------------------------------------------------------
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
@@ -186,5 +186,5 @@ class DStep(Policy):
 
 
 __all__ = [
-    "DStep", "DStepBlock", "DStepSettings", "decisions", "flops_ratio", "force_compute", "set_gating", "sparsity_terms",
+    "DStep", "DStepBlock", "DStepSettings", "decisions", "flops_ratio", "set_gating", "sparsity_terms",
 ]

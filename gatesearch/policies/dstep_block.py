@@ -314,7 +314,7 @@ class DStepBlock(nn.Module):
     their dense names) and adds ``policy``. Streaming state: the previous
     frame's merged features h_{t-1} and pooled masked input g_{t-1}.
 
-    ``force_compute`` keeps every tile and computes every channel (the
+    ``force_open`` keeps every tile and computes every channel (the
     equivalence tests use it); ``gating = False`` runs the original block
     even while streaming (the dense twin of a benchmark); ``path`` is "auto"
     (gathered execution at inference), "sparse" (always gather tiles) or
@@ -342,7 +342,7 @@ class DStepBlock(nn.Module):
         self.train(block.training)
         self.streaming = False
         self.gating = True
-        self.force_compute = False
+        self.force_open = False
         self.path = "auto"
         self.noise = 1.0  # Gumbel noise scale, set by the policy's schedule
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # per frame: (F (N,), spatial density (N,))
@@ -437,7 +437,7 @@ class DStepBlock(nn.Module):
         """
         n = xs.shape[0]
         c = self.conv1.out_channels
-        if self.force_compute:
+        if self.force_open:
             S = xs.new_ones(n, *geo.grid)
             T = F.one_hot(torch.full((n, c), COMPUTE, device=xs.device), 3).to(xs.dtype)
             policy_macs = 0.0
@@ -512,7 +512,7 @@ class DStepBlock(nn.Module):
 
         levels = geo.levels
         n, c = xs.shape[0], self.conv1.out_channels
-        if self.force_compute:
+        if self.force_open:
             active = torch.ones(n, *geo.grid, dtype=torch.bool, device=xs.device)
             choice = torch.full((n, c), COMPUTE, device=xs.device)
             policy_macs = 0.0

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Policy, register_policy
+from gatesearch.spaces.params import Param
+
+from .base import BLOCK_SIZE, Policy, register_policy
 from .skipconv import (
     Gate,
     SkipConv2d,
@@ -38,6 +40,7 @@ from .skipconv import (
     skip_layers,
     upsample_blocks,
 )
+from .structure import FRAME_CONVS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,9 +55,6 @@ class GumbelSettings:
     #                          weights, letting gates close within the few epochs of a search trial
 
 
-DEFAULTS = GumbelSettings()
-
-
 class GumbelGate(Gate):
     """f(r_t; φ_l) of one layer (Eq. 8) with its structured mask.
 
@@ -64,7 +64,7 @@ class GumbelGate(Gate):
     ``force_open`` keeps every position (the equivalence tests use it).
     """
 
-    def __init__(self, conv: nn.Conv2d, settings: GumbelSettings = DEFAULTS) -> None:
+    def __init__(self, conv: nn.Conv2d, settings: GumbelSettings = GumbelSettings()) -> None:
         super().__init__()
         self.settings = settings
         kh, kw = conv.kernel_size
@@ -181,16 +181,27 @@ def gate_loss(model: nn.Module) -> torch.Tensor | None:
 class Gumbel(Policy):
     """Skip-Conv Gumbel gate (Eq. 8-9): a learned 1-channel conv on r_t, trained on L_task + β·L_gate."""
 
-    params = {"beta": {"low": 1e-3, "high": 10.0, "log": True}, "block_size": [1, 2, 4, 8]}
+    params = (
+        Param(name="beta", kind=float, low=0.0, default={"low": 1e-3, "high": 10.0, "log": True},
+              doc="β: weight of the gate loss, trading MACs for accuracy (Eq. 9)"),
+        BLOCK_SIZE,
+    )
+    requires = (FRAME_CONVS,)
     trains_gates = True
+    settings = GumbelSettings()
+
+    @classmethod
+    def keep_all(cls) -> dict:
+        """Any knobs: forced open, every gate keeps every position (Eq. 2 with g = 1)."""
+        return cls.example_knobs()
 
     def apply(self, model: nn.Module) -> nn.Module:
-        convert_convs(model, GumbelGate, block_size=self.knobs["block_size"])
+        convert_convs(model, lambda conv: GumbelGate(conv, self.settings), block_size=self.knobs["block_size"])
         return model
 
     def streams(self, epoch: int, epochs: int) -> bool:
         """Dense warm-up first (fast, batched), as the paper fine-tunes a trained network; then the gates train."""
-        return epoch >= int(DEFAULTS.warmup * epochs)
+        return epoch >= int(self.settings.warmup * epochs)
 
     def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
              batch: dict | None = None) -> torch.Tensor | None:
@@ -199,16 +210,5 @@ class Gumbel(Policy):
         beta = float(self.knobs["beta"])
         return None if l_gate is None or beta == 0 else beta * l_gate
 
-    def keep_all(self, model: nn.Module) -> None:
-        """Force every gate open: the converted network then computes what the dense one does (Eq. 2)."""
-        force_open(model)
 
-
-def force_open(model: nn.Module, value: bool = True) -> None:
-    """Make every Gumbel gate keep every position (a dense-equivalent network)."""
-    for layer in skip_layers(model):
-        if isinstance(layer.gate, GumbelGate):
-            layer.gate.force_open = value
-
-
-__all__ = ["DEFAULTS", "Gumbel", "GumbelGate", "GumbelSettings", "force_open", "gate_loss", "layer_macs"]
+__all__ = ["Gumbel", "GumbelGate", "GumbelSettings", "gate_loss", "layer_macs"]

@@ -17,11 +17,16 @@ changes accumulate instead of being lost.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .base import Policy, register_policy
+from gatesearch.spaces.params import Param
+
+from .base import BLOCK_SIZE, Policy, register_policy
 from .skipconv import Gate, SkipConv2d, convert_convs
+from .structure import FRAME_CONVS
 
 
 class NormGate(Gate):
@@ -67,14 +72,27 @@ class NormGate(Gate):
         return layer.conv.in_channels * in_hw[0] * in_hw[1] + kh * kw * out_hw[0] * out_hw[1]
 
 
+THRESHOLD = Param(name="threshold", kind=float, low=0.0, default={"low": 0.01, "high": 10.0, "log": True},
+                  doc="ε: a position is recomputed where the norm exceeds it (Eq. 5, 7)")
+
+
 class _NormPolicy(Policy):
-    params = {"threshold": {"low": 0.01, "high": 10.0, "log": True}, "block_size": [1, 2, 4, 8]}
-    options = {"reference": "frame", "per_value": False}
+    params = (THRESHOLD, BLOCK_SIZE)
+    options = (
+        Param(name="reference", kind=str, choices=("frame", "block"), default="frame",
+              doc="the residual's reference: the previous frame (Eq. 3) or each block's last computed input"),
+        Param(name="per_value", kind=bool, default=False, doc="ε per input value (threshold ε·C_in·k²)",
+              one_per_search="it changes the scale of ε, so one threshold range cannot serve both"),
+    )
+    requires = (FRAME_CONVS,)
     output_norm = False
 
+    @classmethod
+    def keep_all(cls) -> dict:
+        """ε = 0: only positions whose residual is exactly zero are skipped, and those add nothing."""
+        return {**cls.example_knobs(), "threshold": 0.0}
+
     def apply(self, model: nn.Module) -> nn.Module:
-        if not isinstance(self.knobs["per_value"], bool):
-            raise ValueError(f"per_value must be true or false, got {self.knobs['per_value']!r}")
         k = self.knobs
         convert_convs(
             model,
@@ -93,5 +111,5 @@ class InputNorm(_NormPolicy):
 class OutputNorm(_NormPolicy):
     """Skip-Conv output-norm gate (Eq. 7): recompute where ‖w‖₁·‖r_t‖₁ > ε."""
 
-    params = {"threshold": {"low": 1.0, "high": 1000.0, "log": True}, "block_size": [1, 2, 4, 8]}
+    params = (dataclasses.replace(THRESHOLD, default={"low": 1.0, "high": 1000.0, "log": True}), BLOCK_SIZE)
     output_norm = True

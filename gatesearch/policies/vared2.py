@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from gatesearch.affine import next_batch_norms
+from gatesearch.spaces.params import Param
 
 from .base import Policy, register_policy
+from .structure import BACKBONE_CONVS
 from .vared2_layer import DEFAULTS, FUSED_BN, DynamicConv, GateSettings
 
 
@@ -112,12 +114,6 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, floa
     return shares, next_bn
 
 
-def force_full(model: nn.Module, value: bool = True) -> None:
-    """Make every VA-RED² layer compute everything (R = 1, r = 1): the dense network."""
-    for layer in dynamic_layers(model):
-        layer.force_full = value
-
-
 def efficiency_loss(model: nn.Module, correct: torch.Tensor | None = None) -> torch.Tensor | None:
     """L_e of Eq. 3.6 over the forward passes since the last call; drains the layers' records.
 
@@ -164,7 +160,13 @@ def correct_clips(output: torch.Tensor | None, batch: dict | None) -> torch.Tens
 class VaRed2(Policy):
     """VA-RED² (Eq. 3.1-3.6): per-conv soft gates choose temporal stride ×2^j and channel ratio 2^-i; the rest rebuilt cheaply."""  # noqa: E501 - `gatesearch list` shows this first line whole
 
-    params = {"search_space_size": [2, 3, 4], "lambda_e": {"low": 0.01, "high": 10.0, "log": True}}
+    params = (
+        Param(name="search_space_size", kind=int, choices=(2, 3, 4), default=[2, 3, 4],
+              doc="S: alternatives per dimension, temporal stride ×2^j and channel ratio 2^-i, j, i < S (Eq. 3.5)"),
+        Param(name="lambda_e", kind=float, low=0.0, default={"low": 0.01, "high": 10.0, "log": True},
+              doc="λ_e: weight of the efficiency loss (Eq. 3.6)"),
+    )
+    requires = (BACKBONE_CONVS,)
     # the gates train in the ordinary batched forward: no frame-by-frame state to stream through
     trains_gates = False
     #: share of a trial's epochs trained without L_e: VA-RED² fine-tunes a trained dynamic model with the
@@ -192,9 +194,10 @@ class VaRed2(Policy):
         lam = float(self.knobs["lambda_e"]) if self.efficiency_on else 0.0
         return None if l_e is None or lam == 0 else lam * l_e
 
-    def keep_all(self, model: nn.Module) -> None:
-        """Every layer computes everything (R = 1, r = 1): the converted network is the dense one."""
-        force_full(model)
+    @classmethod
+    def keep_all(cls) -> dict:
+        """Any knobs: forced open, every layer computes everything (R = 1, r = 1), the dense network."""
+        return cls.example_knobs()
 
 
-__all__ = ["VaRed2", "convert", "correct_clips", "dynamic_layers", "efficiency_loss", "force_full"]
+__all__ = ["VaRed2", "convert", "correct_clips", "dynamic_layers", "efficiency_loss"]

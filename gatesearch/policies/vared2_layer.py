@@ -225,7 +225,7 @@ class LayerStats:
 class DynamicConv(nn.Module):
     """A ``Conv2d`` (channel-wise only) or ``Conv3d`` (temporal- and channel-wise) under a VA-RED² gate.
 
-    ``force_full`` makes the layer compute everything (R = 1, r = 1): exactly the
+    ``force_open`` makes the layer compute everything (R = 1, r = 1): exactly the
     dense conv. ``path``: "auto" (soft in training, hard otherwise), "soft" or "hard".
     """
 
@@ -244,7 +244,7 @@ class DynamicConv(nn.Module):
                                        time_bins=settings.time_bins if self.temporal else 1, settings=settings)
         self.phi_c = nn.ModuleList([ChannelRebuild(k, conv.out_channels) for k in self.keep[1:]])
         self.phi_t = nn.ModuleList([TemporalRebuild(r, conv.out_channels) for r in self.strides[1:]])
-        self.force_full = False
+        self.force_open = False
         self.path = "auto"
         self.bn: nn.Module | None = None  # the eval BN right after this conv, applied by ``_fused`` (not a child)
         self.records: list[tuple[float, torch.Tensor]] = []  # (dense MACs per sample, cost ratio (N,)) for L_e
@@ -313,7 +313,7 @@ class DynamicConv(nn.Module):
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_t (N, S_t), V_c (N, S_c)); a 2D layer's V_t is a fixed 1."""
-        if self.force_full:
+        if self.force_open:
             v_t = x.new_zeros(x.shape[0], len(self.strides))
             v_c = x.new_zeros(x.shape[0], len(self.keep))
             v_t[:, 0] = v_c[:, 0] = 1.0
@@ -332,7 +332,7 @@ class DynamicConv(nn.Module):
             if torch.is_grad_enabled():
                 self._record_cost(v_t, v_c, x)
             return self.soft_forward(x, v_t, v_c)
-        if self.force_full:  # R = 1, r = 1: the dense conv itself
+        if self.force_open:  # R = 1, r = 1: the dense conv itself
             dense = self.geometry(x)[1]
             self._record(x.shape[0], dense, dense, 0.0, x)
             return self.conv(x)

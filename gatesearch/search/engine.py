@@ -1,9 +1,8 @@
-"""The search engine: Ray Tune runs trials, Optuna samples them, MLflow records them.
+"""``run_search``: Ray Tune runs the trials, Optuna samples them (``searcher``), MLflow records them (``recorder``).
 
-Optuna's study lives in SQLite storage in the work folder (beside the MLflow
-store), so the Pareto front is read from the study itself. Each Optuna trial
-carries the Tune trial id as a user attribute; that id also tags the trial's
-MLflow child run, which holds the trial's model files for ``export``.
+Each trial runs ``tune_trainable`` in a Ray worker and reports its metrics with its model files as the
+checkpoint; the Tune trial id tags the trial's Optuna trial and its MLflow child run, which holds those files
+for ``export``. The front, its plot and the summary go on the search's parent run at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +17,9 @@ from typing import Any
 
 from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig
 
-from .pareto import pareto_indices, plot_front
+from .pareto import plot_front
+from .recorder import Recorder, tune_callback
+from .searcher import COST, make_searcher, pareto_from_study
 from .tracking import Tracker, default_tracking_uri
 
 ENV_DEFAULTS = {
@@ -29,7 +30,6 @@ ENV_DEFAULTS = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
-COST = {"latency": ("latency_ms", "latency per frame (ms)"), "macs": ("macs", "MACs per frame")}
 
 
 def set_env_defaults() -> None:
@@ -70,62 +70,6 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
         tune.report(outcome.metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _sampler(cfg: SearchConfig):
-    import optuna
-
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.trials // 3)))
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, min(10, cfg.trials // 3)))
-
-
-def _searcher(cfg: SearchConfig, storage_url: str, study_name: str):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class TaggedOptunaSearch(OptunaSearch):
-        """OptunaSearch that records the Tune trial id on each Optuna trial."""
-
-        def suggest(self, trial_id: str):
-            params = super().suggest(trial_id)
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
-            return params
-
-    return TaggedOptunaSearch(
-        space=cfg.space.define_by_run,
-        metric=["quality", COST[cfg.objective][0]],
-        mode=["max", "min"],
-        sampler=_sampler(cfg),
-        storage=optuna.storages.RDBStorage(storage_url),
-        study_name=study_name,
-    )
-
-
-def _row(trial_cfg: dict, metrics: dict, trial_id: str) -> dict[str, Any]:
-    from gatesearch.policies import POLICIES
-
-    knobs = {k: trial_cfg.get(k) for k in POLICIES.get(trial_cfg["gate"]).params}
-    return {
-        "trial_id": trial_id,
-        "gate": trial_cfg["gate"],
-        "params": {**knobs, "clip_length": trial_cfg["clip_length"], "lr": trial_cfg["lr"],
-                   "backbone": trial_cfg["backbone"]},
-        "quality": metrics.get("quality"),
-        "latency_ms": metrics.get("latency_ms"),
-        "macs": metrics.get("macs"),
-        "dense_macs": metrics.get("dense_macs"),
-        "mean_density": metrics.get("mean_density"),
-    }
-
-
-def format_params(params: dict[str, Any]) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
-
-
 def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
                echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a whole search and return its summary (what ``--json`` prints)."""
@@ -154,38 +98,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     parent = tracker.start_search(cfg.name, search_id, cfg.to_dict(), workdir / "mlartifacts")
     cost_key, cost_label = COST[cfg.objective]
 
-    rows: list[dict[str, Any]] = []
-    failed: list[str] = []
-
-    class Recorder(tune.Callback):
-        """Driver-side: log each finished trial to MLflow and print progress."""
-
-        def _progress(self, line: str) -> None:
-            done = len(rows) + len(failed)
-            best = max((r["quality"] for r in rows), default=float("nan"))
-            front = len(pareto_indices([(r["quality"], r[cost_key]) for r in rows]))
-            echo(f"[{done}/{cfg.trials}] {line} | best quality {best:.3f} | Pareto front {front}")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            metrics = dict(trial.last_result or {})
-            tcfg = trial.config["trial"]
-            files = Path(trial.checkpoint.path) if trial.checkpoint else None
-            row = _row(tcfg, metrics, trial.trial_id)
-            row["run_id"] = tracker.log_trial(parent, search_id, trial.trial_id, tcfg, metrics, status="FINISHED",
-                                              files=files)
-            rows.append(row)
-            self._progress(
-                f"{trial.trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
-                f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs"
-            )
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            err = _trial_error(trial)
-            tcfg = trial.config.get("trial", {})
-            tracker.log_trial(parent, search_id, trial.trial_id, tcfg, None, status="FAILED", error=err)
-            failed.append(trial.trial_id)
-            reason = err.strip().splitlines()[-1] if err.strip() else "unknown error"
-            self._progress(f"{trial.trial_id} FAILED: {reason}")
+    recorder = Recorder(tracker, parent, search_id, trials=cfg.trials, cost_key=cost_key, echo=echo)
 
     cpus = opts.cpus or os.cpu_count() or 1
     started_ray = not ray.is_initialized()  # a caller (or a test session) may have connected already
@@ -207,7 +120,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=_searcher(cfg, storage_url, search_id),
+                search_alg=make_searcher(cfg, storage_url, search_id),
                 num_samples=cfg.trials,
                 max_concurrent_trials=cfg.max_concurrent,
                 reuse_actors=True,
@@ -216,7 +129,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
                 name=search_id,
                 storage_path=str(workdir / "ray"),
                 verbose=0,
-                callbacks=[Recorder()],
+                callbacks=[tune_callback(recorder)],
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
@@ -225,7 +138,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     finally:
         if started_ray:
             ray.shutdown()
-        pareto = _pareto_from_study(storage_url, search_id, rows, cost_key)
+        rows = recorder.rows
+        pareto = pareto_from_study(storage_url, search_id, rows, cost_key)
         plot = None
         if rows:
             plot = workdir / "plots" / f"{search_id}-pareto.png"
@@ -235,7 +149,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
         summary = {
             "search_id": search_id,
             "trials_completed": len(rows),
-            "trials_failed": len(failed),
+            "trials_failed": len(recorder.failed),
             "tracking_uri": tracking_uri,
             "optuna_storage": storage_url,
             "objectives": ["quality", cost_key],
@@ -248,25 +162,4 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     return summary
 
 
-def _pareto_from_study(storage_url: str, study_name: str, rows: list[dict], cost_key: str) -> list[dict]:
-    """Pareto-optimal trials according to the Optuna study, as table rows sorted by cost."""
-    import optuna
-
-    by_id = {r["trial_id"]: r for r in rows}
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage_url)
-        best = study.best_trials
-    except (KeyError, ValueError):  # no study or no completed trial
-        return []
-    front = [by_id[t.user_attrs["tune_trial_id"]] for t in best if t.user_attrs.get("tune_trial_id") in by_id]
-    return sorted(front, key=lambda r: (r[cost_key], -r["quality"]))
-
-
-def _trial_error(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        return Path(path).read_text()
-    return str(getattr(trial, "error_msg", "") or "")
-
-
-__all__ = ["RunOptions", "run_search", "set_env_defaults", "tune_trainable", "format_params"]
+__all__ = ["RunOptions", "run_search", "set_env_defaults", "tune_trainable"]

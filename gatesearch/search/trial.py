@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gatesearch.data.source import load_clips, num_classes
+from gatesearch.models import build_model
 from gatesearch.objectives.device import NoLock
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
@@ -24,16 +25,6 @@ class TrialOutcome:
     metrics: dict[str, float]
     model: torch.nn.Module
     layer_density: dict[str, float] = field(default_factory=dict)
-
-
-def build_model(cfg: TrialConfig, num_classes: int) -> torch.nn.Module:
-    """The gated model of a trial, with fresh weights seeded by ``cfg.seed``."""
-    from gatesearch.backbones import build
-    from gatesearch.policies import build_policy
-
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.backbone, task=cfg.task, num_classes=num_classes, width=cfg.width)
-    return build_policy(cfg.gate, **cfg.gate_knobs()).apply(model)
 
 
 def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
@@ -47,7 +38,7 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     from gatesearch.policies import build_policy
 
     lock = lock or NoLock()
-    policy = build_policy(cfg.gate, **cfg.gate_knobs())
+    policy = build_policy(cfg.gate, **cfg.knobs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(clips["label"]) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
@@ -146,5 +137,5 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
     return outcome
 
 
-__all__ = ["TrialOutcome", "build_model", "evaluate", "run_trial", "train"]
+__all__ = ["TrialOutcome", "evaluate", "run_trial", "train"]
 

@@ -1,45 +1,48 @@
-"""Which gate can convert which backbone, found by trying it once.
+"""Which gate can convert which backbone, from the structure the gate declares it needs.
 
-Gate families need different structure: Skip-Conv gates per-frame ``Conv2d``
-layers, D-STEP residual blocks, VA-RED² a clip or frame conv stack. Rather
-than a table that drifts from the code, the space builds each searched
-(backbone, gate) pair once at validation and applies the gate: the policy's
-own refusal is the reason reported, before any trial starts.
+Gate families need different structure (``policies.structure``): Skip-Conv gates per-frame ``Conv2d`` layers,
+D-STEP residual blocks, VA-RED² the convolutions of a backbone. Each gate says which in ``Policy.requires``; the
+space builds each searched backbone and looks for that structure, so an impossible pair is a one-line error
+before any trial starts. (The contract tests check that ``apply`` refuses exactly those pairs.)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
-
-from .params import Choice, Domain, Fixed, Range
 
 
-def example(dom: Domain) -> Any:
-    """One legal value of a domain (enough to build a policy for the check)."""
-    if isinstance(dom, Fixed):
-        return dom.value
-    if isinstance(dom, Choice):
-        return dom.values[0]
-    assert isinstance(dom, Range)
-    return int(dom.low) if dom.integer else dom.low
-
-
-@functools.cache
-def _incompatibility(backbone: str, gate: str, task: str, knobs: tuple) -> str | None:
+def _build(backbone: str, task: str):
     import torch
 
     from gatesearch.backbones import build
-    from gatesearch.policies import build_policy
 
+    with torch.random.fork_rng():
+        return build(backbone, task=task, num_classes=2)
+
+
+@functools.cache
+def _build_error(backbone: str, task: str) -> str | None:
     try:
-        with torch.random.fork_rng():
-            build_policy(gate, **dict(knobs)).apply(build(backbone, task=task, num_classes=2))
+        _build(backbone, task)
     except ValueError as err:
         return str(err).splitlines()[0]
     return None
 
 
-def incompatibility(backbone: str, gate: str, task: str, knobs: dict[str, Any]) -> str | None:
+@functools.cache
+def _lacking(backbone: str, task: str, requires: tuple):
+    """The first of ``requires`` (Structures) that the dense model of ``backbone`` lacks; None: it has them all."""
+    if not requires:
+        return None
+    model = _build(backbone, task)
+    return next((s for s in requires if not s.found(model)), None)
+
+
+def incompatibility(backbone: str, gate: str, task: str) -> str | None:
     """Why ``gate`` cannot convert ``backbone`` for ``task`` (None: it can)."""
-    return _incompatibility(backbone, gate, task, tuple(sorted(knobs.items())))
+    from gatesearch.policies import POLICIES
+
+    if why := _build_error(backbone, task):
+        return why
+    lacking = _lacking(backbone, task, tuple(POLICIES.get(gate).requires))
+    return None if lacking is None else f"gate {gate!r} needs {lacking.name}"

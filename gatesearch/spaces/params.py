@@ -25,6 +25,10 @@ class Fixed:
     def suggest(self, trial, name: str) -> Any:
         return self.value
 
+    def example(self) -> Any:
+        """One legal value (what a check or a test builds the gate with)."""
+        return self.value
+
     def to_yaml(self) -> Any:
         return self.value
 
@@ -37,6 +41,9 @@ class Choice:
         if len(self.values) == 1:
             return self.values[0]
         return trial.suggest_categorical(name, list(self.values))
+
+    def example(self) -> Any:
+        return self.values[0]
 
     def to_yaml(self) -> Any:
         return list(self.values)
@@ -54,6 +61,9 @@ class Range:
             return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(name, self.low, self.high, log=self.log)
 
+    def example(self) -> Any:
+        return int(self.low) if self.integer else self.low
+
     def to_yaml(self) -> Any:
         return {"low": self.low, "high": self.high, "log": self.log}
 
@@ -63,7 +73,8 @@ Domain = Fixed | Choice | Range
 
 @dataclass(frozen=True, kw_only=True)
 class Param:
-    """A legal parameter: its type, hard bounds or allowed values, and a doc line."""
+    """A legal parameter: its type, hard bounds or allowed values, a doc line, and what a search samples when
+    the YAML does not say (for a gate's option: the value it keeps)."""
 
     name: str
     kind: type  # int, float, str or bool
@@ -72,6 +83,8 @@ class Param:
     high: float | None = None
     low_open: bool = False  # True: low itself is not allowed (e.g. lr > 0)
     choices: Sequence[Any] | None = None  # the only allowed values, when finite
+    default: Any = None  # default domain in YAML form (a value, a list or {low, high, log}); None: none
+    one_per_search: str | None = None  # why one search cannot sample several values (None: it can)
 
     def check(self, value: Any, where: str) -> Any:
         """Return ``value`` coerced to the parameter's type or raise SpaceError."""
@@ -122,3 +135,11 @@ class Param:
                 raise SpaceError(f"{where}: a log range needs low > 0, got {low}")
             return Range(low, high, log=log, integer=self.kind is int)
         return Fixed(self.check(raw, where))
+
+    def search_domain(self, raw: Any, where: str) -> Domain:
+        """``domain``, refusing more than one value for a parameter that must stay fixed within a search."""
+        dom = self.domain(raw, where)
+        if self.one_per_search and not isinstance(dom, Fixed):
+            which = "true or false, not both" if self.kind is bool else "one value, not several"
+            raise SpaceError(f"{where}: {which} ({self.one_per_search}); run one search per setting")
+        return dom

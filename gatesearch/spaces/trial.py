@@ -3,46 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrialConfig:
+    """The gate's knobs are one mapping checked by the gate's own policy (``Policy.check_knobs``), so a new gate
+    or knob changes nothing here. ``to_dict`` is flat (the knobs beside the other fields): that is the Ray Tune
+    config, the MLflow params and the ``trial`` of an exported ``gatesearch.json``."""
+
     backbone: str = "tiny"  # backbone registry name
     width: float = 1.0  # channel-width multiplier of the backbone
     task: str = "classification"  # "classification" (top-1) or "heatmap" (PCK)
     gate: str = "dense"  # policy registry name
-    threshold: float | None = None  # ε of the norm gates (Skip-Conv Eq. 5, 7)
-    beta: float | None = None  # Gumbel β (Skip-Conv Eq. 9)
-    target_flops_ratio: float | None = None  # D: D-STEP's target F/F_S (Eq. 3)
-    block_size: int | None = None  # b: masks are constant on b×b blocks
-    reference: str | None = None  # norm gates: "frame" (Eq. 3) or "block" (ops.block_ref); None: the gate's default
-    per_value: bool | None = None  # norm gates: ε per input value; None: the gate's default (off)
-    search_space_size: int | None = None  # S: VA-RED² alternatives per dimension (Eq. 3.5)
-    lambda_e: float | None = None  # λ_e: VA-RED²'s efficiency-loss weight (Section 3.4)
+    knobs: dict[str, Any] = field(default_factory=dict, hash=False)  # the gate's params, and the options set
     clip_length: int = 4  # T: frames per training clip; reference-frame reset period at inference
     lr: float = 3e-3  # AdamW learning rate
     epochs: int = 3  # passes over the training clips
     batch_size: int = 8  # clips per optimisation step
     seed: int = 0  # weight init and data order
 
-    def gate_knobs(self) -> dict[str, Any]:
-        """The knobs the chosen gate takes: its declared parameters, and the options this trial sets."""
+    def __post_init__(self) -> None:
         from gatesearch.policies import POLICIES
 
-        policy = POLICIES.get(self.gate)
-        knobs = {name: getattr(self, name) for name in policy.params}
-        knobs.update({name: getattr(self, name) for name in policy.options if getattr(self, name, None) is not None})
-        return knobs
+        object.__setattr__(self, "knobs", POLICIES.get(self.gate).check_knobs(self.knobs))
+
+    @classmethod
+    def shared_fields(cls) -> tuple[str, ...]:
+        """The fields every trial has, whatever its gate (no knob may take one of these names)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "knobs")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "knobs":
+                out.update(self.knobs)
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown trial parameter {unknown[0]!r}")
-        return cls(**d)
+        """The inverse of ``to_dict``. Files written before knobs were one mapping list every gate's knobs, null
+        where the trial's gate does not take them: a null knob is not set."""
+        shared = set(cls.shared_fields())
+        knobs = {k: v for k, v in d.items() if k not in shared and v is not None}
+        return cls(**{k: v for k, v in d.items() if k in shared}, knobs=knobs)
