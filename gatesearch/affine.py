@@ -8,8 +8,9 @@ stale.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +31,24 @@ def versions(*tensors: torch.Tensor | None) -> tuple:
     """Changes whenever one of ``tensors`` is updated in place (an optimizer step, ``load_state_dict``) or has its
     storage swapped: the key under which a fold of them is cached. Inference tensors keep no version counter."""
     return tuple((-1, -1) if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+
+class _Fold(NamedTuple):
+    key: tuple  # ``versions`` of what it was folded from
+    value: Any
+
+
+class FoldCache:
+    """Folds cached by name, each recomputed when the ``versions`` key of what it was folded from changes."""
+
+    def __init__(self) -> None:
+        self._folds: dict[Hashable, _Fold] = {}
+
+    def get(self, name: Hashable, key: tuple, fold: Callable[[], Any]) -> Any:
+        hit = self._folds.get(name)
+        if hit is None or hit.key != key:
+            hit = self._folds[name] = _Fold(key, fold())
+        return hit.value
 
 
 @contextmanager
@@ -59,4 +78,4 @@ def next_batch_norms(model: nn.Module, producers: dict, bn_types: tuple[type, ..
             h.remove()
 
 
-__all__ = ["bn_affine", "next_batch_norms", "versions"]
+__all__ = ["FoldCache", "bn_affine", "next_batch_norms", "versions"]

@@ -16,19 +16,19 @@ from gatesearch.backbones.resnet import BasicBlock, Bottleneck
 from gatesearch.objectives import reset_stats
 from gatesearch.ops.channel_gather import FoldedConv, tile_conv
 from gatesearch.policies import POLICIES, build_policy
-from gatesearch.policies.dstep import DStep, decisions, flops_ratio, set_gating
-from gatesearch.policies.dstep_block import (
-    COMPUTE,
-    DEFAULTS,
-    REUSE,
-    SKIP,
+from gatesearch.policies.dstep import (
+    DStep,
     DStepBlock,
+    DStepSettings,
     convert_blocks,
+    decisions,
     dstep_blocks,
-    residual_pairs,
-    tile_sums,
-    upsample_tiles,
+    flops_ratio,
+    set_gating,
 )
+from gatesearch.policies.dstep.block import residual_pairs
+from gatesearch.policies.dstep.nets import COMPUTE, REUSE, SKIP
+from gatesearch.policies.dstep.tiles import tile_sums, upsample_tiles
 from gatesearch.stateful import streaming
 
 
@@ -288,7 +288,7 @@ def test_dense_twin_streams_the_original_network():
 
 def test_loss_schedule_and_gradients():
     torch.manual_seed(0)
-    s = DEFAULTS
+    s = DStepSettings()
     model = build("resnet18_tiny", task="classification", num_classes=4)
     policy = build_policy("dstep", target_flops_ratio=0.4, block_size=2)
     policy.apply(model)
@@ -308,9 +308,9 @@ def test_loss_schedule_and_gradients():
     model.train()
     model.stream(torch.randn(2, 3, 3, 32, 32), reset_every=3)
     blocks = dstep_blocks(model)  # Eq. 2-3 from the per-frame records, by hand
-    spent = sum(torch.stack([f for f, _ in b.records]).mean() for b in blocks)
+    spent = sum(torch.stack([r.flops for r in b.records]).mean() for b in blocks)
     ratio = spent / sum(conv.dense_macs for b in blocks for conv in b.convs())
-    rho = torch.stack([torch.stack([d for _, d in b.records]).mean() for b in blocks])
+    rho = torch.stack([torch.stack([r.density for r in b.records]).mean() for b in blocks])
     low, high = policy.bounds()
     want = policy.lam() * (ratio - 0.4) ** 2 + s.gamma * (F.relu(rho - high) ** 2 + F.relu(low - rho) ** 2).mean()
     loss = policy.loss(model)

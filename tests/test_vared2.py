@@ -10,9 +10,11 @@ from torch import nn
 
 from gatesearch.backbones import build
 from gatesearch.objectives import MacCounter
-from gatesearch.policies import POLICIES, build_policy, force_open, vared2_layer
-from gatesearch.policies.vared2 import correct_clips, dynamic_layers, efficiency_loss
-from gatesearch.policies.vared2_layer import DynamicConv, SoftModulationGate, channel_counts, first_open, st_cost
+from gatesearch.policies import POLICIES, build_policy, force_open
+from gatesearch.policies.vared2 import DynamicConv, correct_clips, dynamic_layers, efficiency_loss
+from gatesearch.policies.vared2 import layer as vared2_layer
+from gatesearch.policies.vared2.cost import channel_counts, st_cost
+from gatesearch.policies.vared2.gate import SoftModulationGate, first_open
 
 K = 12
 
@@ -60,9 +62,9 @@ def x_for(conv: nn.Module, t: int = 7) -> torch.Tensor:
 
 # -- equivalence ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["soft", "hard"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("kind", sorted(CONVS))
-def test_forced_full_layer_is_the_dense_conv(kind, path):
+def test_forced_open_layer_is_the_dense_conv(kind, path):
     """R = 1, r = 1 (the gate forced to compute everything): the layer is the dense conv (≤ 1e-4)."""
     conv = CONVS[kind]()
     dyn = layer(conv, 4)
@@ -70,17 +72,17 @@ def test_forced_full_layer_is_the_dense_conv(kind, path):
     x = x_for(conv)
     with torch.no_grad():
         assert (dyn(x) - conv(x)).abs().max() <= 1e-4
-    if path == "hard":
+    if path == "sparse":
         assert dyn.density == 1.0 and dyn.gate_macs == 0.0
 
 
 @pytest.mark.parametrize("space_size", [2, 3, 4])
 @pytest.mark.parametrize("kind", sorted(CONVS))
-def test_hard_path_equals_weight_shared_soft_path(kind, space_size):
+def test_sparse_path_equals_weight_shared_dense_path(kind, space_size):
     """What inference computes (Eq. A.2: one sliced, strided conv) equals the training formula (Eq. 3.5, A.1)."""
     conv = CONVS[kind]()
     x = x_for(conv) * torch.linspace(0.2, 3.0, 5).view(-1, *[1] * (conv.weight.dim() - 1))  # varied inputs
-    for seed in range(20):  # a gate whose samples take different decisions (several groups in the hard path)
+    for seed in range(20):  # a gate whose samples take different decisions (several groups in the sparse path)
         dyn = layer(conv, space_size, seed=seed, spread=3.0)
         with torch.no_grad():
             v_t, v_c = dyn.scores(x)
@@ -89,15 +91,15 @@ def test_hard_path_equals_weight_shared_soft_path(kind, space_size):
     else:
         pytest.fail("no seed gives varied decisions")
     with torch.no_grad():
-        dyn.path = "soft"
-        soft = dyn(x)
-        dyn.path = "hard"
-        hard = dyn(x)
-    assert soft.shape == hard.shape == conv(x).shape
-    assert (soft - hard).abs().max() <= 1e-5
+        dyn.path = "dense"
+        dense = dyn(x)
+        dyn.path = "sparse"
+        sparse = dyn(x)
+    assert dense.shape == sparse.shape == conv(x).shape
+    assert (dense - sparse).abs().max() <= 1e-5
 
 
-def test_hard_path_computes_only_the_selected_slice(monkeypatch):
+def test_sparse_path_computes_only_the_selected_slice(monkeypatch):
     """R = 2, r = 1/2 selected: one conv with C_out/2 filters at twice the temporal stride (Eq. A.2)."""
     conv = nn.Conv3d(4, 8, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0), bias=False)
     dyn = layer(conv, 2)
@@ -175,15 +177,15 @@ def test_inference_applies_the_next_bn_in_the_pass_that_writes_the_output(backbo
     clip = torch.randn(3, 8, 3, 32, 32, generator=g)
     with torch.no_grad():
         for dyn in layers:
-            dyn.path = "soft"
-        soft = net(clip)
+            dyn.path = "dense"
+        dense = net(clip)
         for dyn in layers:
-            dyn.path = "hard"
+            dyn.path = "sparse"
     passed.clear()
     with torch.inference_mode():
-        hard = net(clip)
+        sparse = net(clip)
     assert passed and all(passed)  # every paired BN was applied by its layer
-    assert (soft - hard).abs().max() <= 1e-4 * max(1.0, soft.abs().max().item())
+    assert (dense - sparse).abs().max() <= 1e-4 * max(1.0, dense.abs().max().item())
 
 
 # -- the gate (Eq. 3.4) ------------------------------------------------------------------------------

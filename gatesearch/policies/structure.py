@@ -29,7 +29,7 @@ def _frame_convs(model: nn.Module) -> bool:
 
 
 def _residual_blocks(model: nn.Module) -> bool:
-    from .dstep_block import residual_pairs
+    from .dstep.block import residual_pairs
 
     return any(residual_pairs(m) is not None for m in model.modules())
 

@@ -2,10 +2,10 @@
 
 D-STEP (Raviv, Dinai, Drozdov, Zehngut and Goldin), Section 3. Every residual
 block gets a spatial tile policy and a skip / reuse / compute channel policy
-between its first and second conv (``dstep_block.DStepBlock``, Eq. 1). The
-network's FLOPs F are those of Eq. 2 summed over the gated blocks (the policy
-networks' own cost included) and averaged over frames; F_S is the same sum for
-the static network. Training minimises (Eq. 3)
+between its first and second conv (``block.DStepBlock``, Eq. 1). The
+network's FLOPs F are those of Eq. 2 (``flops``) summed over the gated blocks
+(the policy networks' own cost included) and averaged over frames; F_S is the
+same sum for the static network. Training minimises (Eq. 3)
 
     L = L_task + λ(e)·(F/F_S − D)² + γ·L_bound,   λ(e) = 0 for e < K, else α·exp(β·e),
 
@@ -29,24 +29,36 @@ The schedule needs the epoch: the trainer calls ``on_epoch(model, epoch,
 epochs)`` at the start of every epoch. Without it, λ stays at its first
 post-warm-up value, L_bound keeps its final bounds, the noise stays on and
 batch norm never freezes.
+
+The family's modules: ``nets`` (the policy networks and their samplers),
+``tiles`` (the tile grid and its map onto each conv), ``flops`` (Eq. 2),
+``block`` (the gated block, Eq. 1, and the conversion), ``settings``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from gatesearch.spaces.params import Param
 
-from .base import BLOCK_SIZE, Policy, register_policy
-from .dstep_block import DStepBlock, DStepSettings, convert_blocks, dstep_blocks
-from .structure import RESIDUAL_BLOCKS
+from ..base import BLOCK_SIZE, Policy, register_policy
+from ..structure import RESIDUAL_BLOCKS
+from .block import DStepBlock, convert_blocks, dstep_blocks
+from .flops import spent_flops, static_flops
+from .settings import DStepSettings
 
 
-def sparsity_terms(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """(F/F_S over the frames streamed since the last call, per-block spatial densities); drains records.
+class SparsityTerms(NamedTuple):
+    ratio: torch.Tensor  # F/F_S, differentiable
+    densities: list[torch.Tensor]  # per block: its mean spatial density
+
+
+def sparsity_terms(model: nn.Module) -> SparsityTerms | None:
+    """F/F_S over the frames streamed since the last call and the per-block spatial densities; drains records.
 
     None when no frame was streamed with autograd on. F and F_S are summed over
     the blocks and F averaged over frames and streams (Eq. 2).
@@ -55,14 +67,14 @@ def sparsity_terms(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]] 
     for block in dstep_blocks(model):
         if not block.records:
             continue
-        flops = torch.stack([f for f, _ in block.records])  # (frames, N)
+        flops = torch.stack([r.flops for r in block.records])  # (frames, N)
         spent.append(flops.mean())
-        densities.append(torch.stack([d for _, d in block.records]).mean())
-        static += sum(conv.dense_macs for conv in block.convs())
+        densities.append(torch.stack([r.density for r in block.records]).mean())
+        static += static_flops(block.convs())
         block.records = []
     if not spent:
         return None
-    return torch.stack(spent).sum() / static, densities
+    return SparsityTerms(torch.stack(spent).sum() / static, densities)
 
 
 def flops_ratio(model: nn.Module) -> float:
@@ -71,12 +83,9 @@ def flops_ratio(model: nn.Module) -> float:
     Read from the gated convs' MacCounter statistics (density, gate_macs),
     so it is what ``MacCounter`` reports for the same layers.
     """
-    spent = static = 0.0
-    for block in dstep_blocks(model):
-        for conv in block.convs():
-            spent += conv.dense_macs * conv.density + conv.gate_macs
-            static += conv.dense_macs
-    return spent / static if static else 1.0
+    convs = [conv for block in dstep_blocks(model) for conv in block.convs()]
+    static = static_flops(convs)
+    return spent_flops(convs) / static if static else 1.0
 
 
 def decisions(model: nn.Module) -> dict[str, float]:
@@ -84,7 +93,7 @@ def decisions(model: nn.Module) -> dict[str, float]:
     active-tile fraction and the fractions of skip / reuse / compute channels."""
     total, weight = {}, 0.0
     for block in dstep_blocks(model):
-        w = sum(conv.dense_macs for conv in block.convs())
+        w = static_flops(block.convs())
         for key, value in block.conv1.decisions.items():
             total[key] = total.get(key, 0.0) + w * value
         weight += w
@@ -186,5 +195,6 @@ class DStep(Policy):
 
 
 __all__ = [
-    "DStep", "DStepBlock", "DStepSettings", "decisions", "flops_ratio", "set_gating", "sparsity_terms",
+    "DStep", "DStepBlock", "DStepSettings", "SparsityTerms", "convert_blocks", "decisions", "dstep_blocks",
+    "flops_ratio", "set_gating", "sparsity_terms",
 ]

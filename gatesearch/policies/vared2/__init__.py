@@ -1,6 +1,6 @@
 """VA-RED²: redundancy-adaptive video networks (Pan et al., ICLR 2021; thesis Chapter 3).
 
-Every conv of the backbone becomes a ``DynamicConv`` (``vared2_layer``) with a
+Every conv of the backbone becomes a ``DynamicConv`` (``layer``) with a
 soft modulation gate that, per input, picks how much of the layer to compute:
 a temporal stride × 2^j and a channel ratio (1/2)^i, j, i < S, the rest rebuilt
 by cheap linear ops. (2+1)D / 3D backbones (``ClipModel``) get both
@@ -13,11 +13,16 @@ Training minimises L_a + λ_e·L_e (Section 3.4), with the efficiency loss
 
 averaged over the clips of a batch. λ_e is the joint space's ``lambda_e`` knob
 (log scale) and S its ``search_space_size``.
+
+The family's modules: ``gate`` (the soft modulation gate, Eq. 3.4),
+``rebuild`` (the cheap ops Φ^c, Φ^t), ``fused`` (rebuilds, V and the next BN
+in one inference pass), ``cost`` (channel counts and accounting), ``layer``
+(``DynamicConv``: the alternatives and the dense / sparse paths), ``settings``.
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,16 +30,19 @@ from torch import nn
 from gatesearch.affine import next_batch_norms
 from gatesearch.spaces.params import Param
 
-from .base import Policy, register_policy
-from .structure import BACKBONE_CONVS
-from .vared2_layer import DEFAULTS, FUSED_BN, DynamicConv, GateSettings
+from ..base import Policy, register_policy
+from ..structure import BACKBONE_CONVS
+from .cost import macs_per_output
+from .fused import FUSED_BN
+from .layer import DynamicConv
+from .settings import GateSettings
 
 
 def dynamic_layers(model: nn.Module) -> list[DynamicConv]:
     return [m for m in model.modules() if isinstance(m, DynamicConv)]
 
 
-def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAULTS) -> list[DynamicConv]:
+def convert(model: nn.Module, *, space_size: int, settings: GateSettings = GateSettings()) -> list[DynamicConv]:
     """Replace the convs of ``model.backbone`` by ``DynamicConv`` layers in place (heads stay dense).
 
     A ``ClipModel``'s ``Conv3d`` layers are gated in time and channels, a
@@ -66,7 +74,7 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
                 layer = DynamicConv(child, space_size=space_size, settings=settings, name=full)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
-                if full in next_bn:  # applied by the layer at inference (``DynamicConv._fused``)
+                if full in next_bn:  # applied by the layer at inference (``fused.fused_output``)
                     bn = next_bn[full]
                     bn.__class__ = FUSED_BN[type(bn)]
                     bn.__dict__["source"] = layer
@@ -74,7 +82,12 @@ def convert(model: nn.Module, *, space_size: int, settings: GateSettings = DEFAU
     return layers
 
 
-def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, float], dict[str, nn.Module]]:
+class ConvShares(NamedTuple):
+    shares: dict[str, float]  # conv name -> its share of the model's conv MACs
+    next_bn: dict[str, nn.Module]  # conv name -> the BN that takes its output
+
+
+def conv_shares(model: nn.Module, kind: type[nn.Module]) -> ConvShares:
     """Share of the model's ``kind`` conv MACs each such conv of the backbone carries, and the BN that takes each
     conv's output, from one small probe pass.
 
@@ -93,7 +106,7 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, floa
     def hook(name):
         def record(module, args, out):
             conv = module.conv if isinstance(module, DynamicConv) else module
-            macs[name] = out[0].numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+            macs[name] = out[0].numel() * macs_per_output(conv)
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in convs.items()]
@@ -111,7 +124,7 @@ def conv_shares(model: nn.Module, kind: type[nn.Module]) -> tuple[dict[str, floa
             h.remove()
     total = sum(macs.values())
     shares = {n: v / total for n, v in macs.items() if not isinstance(convs[n], DynamicConv)} if total else {}
-    return shares, next_bn
+    return ConvShares(shares, next_bn)
 
 
 def efficiency_loss(model: nn.Module, correct: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -127,9 +140,9 @@ def efficiency_loss(model: nn.Module, correct: torch.Tensor | None = None) -> to
     for layer in dynamic_layers(model):
         if not layer.records:
             continue
-        costs = [_per_clip(cost, clips) for _, cost in layer.records]  # each (B,) or (N,)
+        costs = [_per_clip(r.ratio, clips) for r in layer.records]  # each (B,) or (N,)
         per_layer.append(torch.stack(costs).mean(0))
-        weights.append(sum(dense for dense, _ in layer.records) / len(layer.records))
+        weights.append(sum(r.dense_macs for r in layer.records) / len(layer.records))
         layer.records = []
     if not per_layer:
         return None
@@ -200,4 +213,5 @@ class VaRed2(Policy):
         return cls.example_knobs()
 
 
-__all__ = ["VaRed2", "convert", "correct_clips", "dynamic_layers", "efficiency_loss"]
+__all__ = ["ConvShares", "DynamicConv", "GateSettings", "VaRed2", "conv_shares", "convert", "correct_clips",
+           "dynamic_layers", "efficiency_loss"]
