@@ -210,6 +210,24 @@ def test_inference_kernels_match_the_masked_dense_reference(backbone):
         assert counts[path] == pytest.approx(counts["dense"], abs=1e-6), path
 
 
+def test_folded_weights_follow_in_place_updates():
+    """Inference folds each conv + BN (downsample included) once and refolds when any of them changes."""
+    torch.manual_seed(0)
+    dense = randomize_bn(BasicBlock(8, 16, stride=2)).eval()
+    gated = DStepBlock(copy.deepcopy(dense), tile=2).eval()
+    gated.force_open, gated.path = True, "sparse"
+    clip = torch.randn(2, 1, 8, 12, 12)  # (T, N, C, H, W)
+    with torch.inference_mode():
+        stream_block(gated, clip)  # folds every pair
+    with torch.no_grad():
+        for block in (dense, gated):  # what an optimizer step or load_state_dict does: in place
+            block.bn1.running_mean.add_(0.5)
+            block.conv2.weight.mul_(1.5)
+            block.downsample[1].weight.mul_(0.5)
+    with torch.inference_mode():
+        assert (stream_block(gated, clip) - stream_block(dense, clip)).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("stride,kernel,tile", [(1, 3, 1), (2, 3, 2), (1, 1, 4), (2, 3, 8)])
 def test_tile_conv_computes_active_tiles_of_the_used_channels(stride, kernel, tile):
     torch.manual_seed(0)

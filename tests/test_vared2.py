@@ -188,6 +188,36 @@ def test_inference_applies_the_next_bn_in_the_pass_that_writes_the_output(backbo
     assert (dense - sparse).abs().max() <= 1e-4 * max(1.0, dense.abs().max().item())
 
 
+def test_inference_folds_follow_in_place_updates():
+    """The gate's FC1·BN fold and the fused maps (rebuilds × BN) are refolded when a parameter or BN statistic
+    changes in place: after the change the sparse path still computes the dense path's formula."""
+    net = model("r2plus1d_tiny").eval()
+    clip = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    layers = [dyn for dyn in dynamic_layers(net) if dyn.bn is not None]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for dyn in layers:  # gates whose decisions depend on the input (so on the gate's BN)
+            dyn.gate.fc2.weight.normal_(0, 3.0, generator=g)
+            dyn.gate.fc2.bias.uniform_(-0.2, 0.8, generator=g).div_(dyn.gate.bias_gain)
+    with torch.inference_mode():
+        net(clip)  # folds every layer's gate and maps
+    with torch.no_grad():  # what an optimizer step or load_state_dict does: in place
+        for dyn in layers:
+            dyn.bn.running_mean.add_(0.3)
+            dyn.phi_c[0].weight.mul_(-2.0)
+            dyn.phi_t[0].bias.add_(0.5)
+            dyn.gate.bn.running_var.mul_(4.0)
+    with torch.no_grad():
+        for dyn in dynamic_layers(net):
+            dyn.path = "dense"
+        dense = net(clip)
+        for dyn in dynamic_layers(net):
+            dyn.path = "sparse"
+    with torch.inference_mode():
+        sparse = net(clip)
+    assert (dense - sparse).abs().max() <= 1e-4 * max(1.0, dense.abs().max().item())
+
+
 # -- the gate (Eq. 3.4) ------------------------------------------------------------------------------
 
 def test_gate_outputs_in_unit_interval_with_exact_zeros():
