@@ -18,6 +18,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from gatesearch.bench import BenchError
         from gatesearch.data import VideoDecodeError
         from gatesearch.data.folder import DatasetError
         from gatesearch.export import ArtifactError
@@ -27,7 +28,8 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, DatasetError, UnknownNameError) as e:
+        except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, DatasetError, UnknownNameError,
+                BenchError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -168,15 +170,18 @@ def export(trial_id, out, force, workdir, tracking_uri):
 @click.option("--reset-every", type=click.IntRange(min=0), default=None,
               help="Recompute the reference frame densely every N frames "
                    "(default: the trial's clip length; 0 = only the first frame).")
+@click.option("--compare-dense", is_flag=True,
+              help="Run the dense twin (same weights, no gate) beside it: its latency, the speedup, and how far "
+                   "the gated output is from the dense one.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def run(artifact_dir, video, frames, reset_every, as_json):
+def run(artifact_dir, video, frames, reset_every, compare_dense, as_json):
     """Run an exported model over a video stream, frame by frame, with real skipped computation."""
     import itertools
 
     from gatesearch.data import iter_frames
     from gatesearch.data.source import load_clips
-    from gatesearch.export import load_artifact
+    from gatesearch.export import dense_twin, load_artifact
     from gatesearch.export.runner import run_stream
     from gatesearch.spaces import DataConfig
 
@@ -194,26 +199,39 @@ def run(artifact_dir, video, frames, reset_every, as_json):
 
     def show(s):
         if not as_json:
+            dense_ms = f"  (dense {s.dense_latency_ms:7.2f} ms)" if s.dense_latency_ms is not None else ""
             click.echo(f"frame {s.index:4d}  density {s.density:6.3f}  {s.macs / 1e6:8.2f} MMACs  "
-                       f"{s.latency_ms:7.2f} ms")
+                       f"{s.latency_ms:7.2f} ms{dense_ms}")
 
-    summary = run_stream(artifact, stream, reset_every=reset_every or None, on_frame=show)
+    dense = dense_twin(artifact) if compare_dense else None
+    summary = run_stream(artifact, stream, reset_every=reset_every or None, on_frame=show, dense=dense)
     if as_json:
         _emit_json(summary)
-    else:
-        click.echo(f"{summary['frames']} frames: mean density {summary['mean_density']:.3f}, "
-                   f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame "
-                   f"(dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
-                   f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
+        return
+    click.echo(f"{summary['frames']} frames: mean density {summary['mean_density']:.3f}, "
+               f"{summary['macs_per_frame'] / 1e6:.2f} MMACs/frame "
+               f"(dense {summary['dense_macs_per_frame'] / 1e6:.2f}), "
+               f"{summary['latency_ms_per_frame']:.2f} ms/frame (median)")
+    if dense is not None:
+        click.echo(f"dense twin: {summary['dense_latency_ms_per_frame']:.2f} ms/frame (median), speedup "
+                   f"{summary['speedup']:.2f}x; output vs dense: relative error median "
+                   f"{summary['rel_error_median']:.2e}, max {summary['rel_error_max']:.2e}, "
+                   f"{summary['agreement_kind']} agreement {summary['agreement']:.3f}")
 
 
 @main.command()
 @click.option("--backbone", default="tiny", show_default=True, help="Backbone registry name.")
 @click.option("--gate", default="input_norm", show_default=True, help="Gate registry name.")
+@click.option("--task", type=click.Choice(["classification", "heatmap"]), default="classification", show_default=True,
+              help="The head, and so the output whose distance from dense is reported.")
 @click.option("--threshold", type=float, help="ε of the norm gates.")
 @click.option("--block-size", type=int, help="Mask block size b.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any other gate parameter or option (e.g. -p reference=block -p per_value=true).")
+@click.option("--sweep", metavar="ε1,ε2,...",
+              help="Compare these thresholds in one run against one dense twin: a table, one row per ε.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --sweep: write the speed-error curve to this PNG.")
 @click.option("--artifact", type=click.Path(path_type=Path),
               help="Bench an exported model (its gate and weights) instead.")
 @click.option("--video", type=click.Path(path_type=Path), help="Clip to stream (default: a synthetic clip).")
@@ -232,92 +250,31 @@ def run(artifact_dir, video, frames, reset_every, as_json):
 @click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @user_errors
-def bench(backbone, gate, threshold, block_size, params, artifact, video, frames, size, width_mult, reset_every,
-          threads, repeats, layer, channels, layer_size, kernel, density, as_json):
-    """Time the gated model against the dense one, side by side on the same clip."""
-    import os
+def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, artifact, video, frames, size, width_mult,
+          reset_every, threads, repeats, layer, channels, layer_size, kernel, density, as_json):
+    """Time the gated model against the dense one, side by side on the same clip, and say how far its output is."""
+    from gatesearch.bench import BenchConfig, lines, parse_knobs, parse_values, run_bench
 
-    import torch
-
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     if layer:
+        import os
+
         from gatesearch.ops.bench import bench_layer
 
         result = bench_layer(channels=channels, size=layer_size, kernel=kernel, block=block_size or 8,
-                             density=density, threads=torch.get_num_threads(), repeats=max(repeats, 20))
-        _print_result(result, as_json)
-        return
-    from gatesearch.objectives.bench import bench_model
-
-    dense, gated, frame_hw, (backbone, gate) = _bench_models(backbone, gate, threshold, block_size, params, artifact,
-                                                             size, width_mult)
-    if video is not None:
-        from gatesearch.data import read_frames
-
-        clip = read_frames(video, max_frames=frames, size=frame_hw)[None]
+                             density=density, threads=threads or len(os.sched_getaffinity(0)),
+                             repeats=max(repeats, 20))
     else:
-        from gatesearch.data import SyntheticConfig, make_clip
-
-        clip = make_clip(SyntheticConfig(height=frame_hw[0], width=frame_hw[1], frames=frames), 0, "test")["clip"][None]
-    result = bench_model(dense, gated, clip, reset_every=reset_every or None, repeats=repeats)
-    _print_result({"backbone": backbone, "gate": gate, **result}, as_json)
-
-
-def _bench_models(backbone, gate, threshold, block_size, params, artifact, size, width_mult):
-    """(dense, gated, frame size, (backbone, gate)): the same weights with and without the gate."""
-    import copy
-    import dataclasses
-
-    from gatesearch.models import build_model
-    from gatesearch.policies import POLICIES, build_policy
-    from gatesearch.spaces import TrialConfig
-
-    if artifact is not None:
-        from gatesearch.export import load_artifact
-
-        art = load_artifact(artifact)
-        gated = art.model
-        dense = build_model(dataclasses.replace(art.trial, gate="dense", knobs={}), art.meta["num_classes"])
-        dense.load_state_dict(_dense_state(gated), strict=False)
-        return dense, gated, tuple(art.meta["frame_shape"][1:]), (art.trial.backbone, art.trial.gate)
-    knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.ClickException(f"--param: {item!r} is not KEY=VALUE")
-        knobs[key] = _number(value)
-    knobs = {**POLICIES.get(gate).example_knobs(), **knobs}  # unset knobs: the low end of the gate's default range
-    dense = build_model(TrialConfig(backbone=backbone, width=width_mult), 12)
-    try:
-        gated = build_policy(gate, **knobs).apply(copy.deepcopy(dense))
-    except ValueError as e:  # a knob the gate does not take, or a value it cannot take
-        raise click.ClickException(str(e)) from None
-    return dense, gated, (size, size), (backbone, gate)
-
-
-def _dense_state(gated) -> dict:
-    """The gated model's weights under the dense model's names (a gated conv keeps its conv as `.conv`)."""
-    return {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias"): v
-            for k, v in gated.state_dict().items()}
-
-
-def _number(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _print_result(result: dict, as_json: bool) -> None:
+        knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
+        cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs={**knobs, **parse_knobs(params)},
+                          sweep=parse_values(sweep, "--sweep") if sweep is not None else (), plot=plot,
+                          artifact=artifact, video=video, frames=frames, size=size, width=width_mult,
+                          reset_every=reset_every or None, threads=threads, repeats=repeats)
+        result = run_bench(cfg)
     if as_json:
         _emit_json(result)
-        return
-    for key, value in result.items():
-        click.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+    else:
+        for line in lines(result):
+            click.echo(line)
 
 
 @main.group()

@@ -34,3 +34,20 @@ def static_clip():
 
     cfg = SyntheticConfig(height=32, width=32, frames=16, noise=0.0, camera_motion=0.0, seed=3)
     return make_clip(cfg, 5, "test")["clip"][None]  # (1, 16, 3, 32, 32)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """``cli("run", "art", ...)``: the ``gatesearch`` command through click's runner, in a fresh folder."""
+    from click.testing import CliRunner
+
+    from gatesearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args))
+
+    return invoke

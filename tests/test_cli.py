@@ -3,21 +3,6 @@
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from gatesearch.cli import main
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(main, list(args))
-
-    return invoke
 
 
 def one_line_error(result, text):

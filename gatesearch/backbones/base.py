@@ -123,6 +123,10 @@ class VideoModel(nn.Module):
 
     def stream(self, clip: torch.Tensor, *, reset_every: int | None = None) -> torch.Tensor:
         """Frame-by-frame inference; state is reset at frame 0 and every ``reset_every`` frames."""
+        return self._finish(self.stream_frames(clip, reset_every=reset_every))
+
+    def stream_frames(self, clip: torch.Tensor, *, reset_every: int | None = None) -> torch.Tensor:
+        """``stream``'s per-frame outputs (B, T, ...) before the clip head (see ``frame``)."""
         per_frame = []
         with streaming(self):
             for t in range(clip.shape[1]):
@@ -130,7 +134,7 @@ class VideoModel(nn.Module):
                     reset_state(self)
                 # a gated layer's output is its state, updated in place at the next frame: copy it
                 per_frame.append(self.frame(clip[:, t]).clone())
-        return self._finish(torch.stack(per_frame, 1))
+        return torch.stack(per_frame, 1)
 
     def _finish(self, per_frame: torch.Tensor) -> torch.Tensor:
         """classification: logits (B, K); heatmap: logits (B, T, 1, H/4, W/4)."""

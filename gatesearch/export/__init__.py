@@ -1,5 +1,15 @@
 """Exported models: artifact format, loader and the streaming runner."""
 
-from .artifact import Artifact, ArtifactError, load_artifact, read_meta, save_artifact, trial_meta, write_files
+from .artifact import (
+    Artifact,
+    ArtifactError,
+    dense_twin,
+    load_artifact,
+    read_meta,
+    save_artifact,
+    trial_meta,
+    write_files,
+)
 
-__all__ = ["Artifact", "ArtifactError", "load_artifact", "read_meta", "save_artifact", "trial_meta", "write_files"]
+__all__ = ["Artifact", "ArtifactError", "dense_twin", "load_artifact", "read_meta", "save_artifact", "trial_meta",
+           "write_files"]

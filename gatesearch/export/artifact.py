@@ -119,3 +119,19 @@ def load_artifact(folder: Path) -> Artifact:
         raise ArtifactError(f"{Path(folder) / WEIGHTS}: weights do not match the configured model") from None
     model.eval()
     return Artifact(model=model, trial=trial, meta=meta)
+
+
+def dense_twin(artifact: Artifact) -> torch.nn.Module:
+    """The dense network the artifact's gate was applied to, with the artifact's weights (the gate's own left out):
+    what its speed and output are compared against."""
+    from gatesearch.backbones import build
+    from gatesearch.policies import build_policy
+    from gatesearch.policies.dense_twin import load_dense_twin
+
+    trial = artifact.trial
+    dense = build(trial.backbone, task=trial.task, num_classes=int(artifact.meta["num_classes"]), width=trial.width)
+    try:
+        load_dense_twin(dense, artifact.model.state_dict(), build_policy(trial.gate, **trial.gate_knobs()))
+    except (ValueError, RuntimeError) as e:
+        raise ArtifactError(f"no dense twin for this artifact: {e}") from None
+    return dense.eval()

@@ -12,6 +12,7 @@ it reports the window's density, MACs and latency per frame.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ class FrameStats:
     density: float  # MAC-weighted fraction of gated work computed on this frame
     macs: float  # effective MACs of this frame
     latency_ms: float
+    dense_latency_ms: float | None = None  # the dense twin's latency on the same frame, when it runs beside
 
 
 def run_stream(
@@ -36,8 +38,14 @@ def run_stream(
     *,
     reset_every: int | None,
     on_frame: Callable[[FrameStats], None] | None = None,
+    dense: torch.nn.Module | None = None,
 ) -> dict:
-    """Stream (3, H, W) frames through the model; returns the summary ``run --json`` prints."""
+    """Stream (3, H, W) frames through the model; returns the summary ``run --json`` prints.
+
+    With ``dense`` (the artifact's dense twin, ``export.dense_twin``), each frame also runs through it right after
+    the gated model, and the summary adds its latency, the speedup over the stream and the gated output's distance
+    from the dense one (``objectives.fidelity``).
+    """
     from gatesearch.backbones import ClipModel
     from gatesearch.objectives import MacCounter
     from gatesearch.stateful import reset_state, streaming
@@ -46,30 +54,43 @@ def run_stream(
     frame_shape = tuple(artifact.meta["frame_shape"])
     if isinstance(model, ClipModel):
         return _run_windows(model, frames, frame_shape, window=reset_every or artifact.trial.clip_length,
-                            on_frame=on_frame)
+                            on_frame=on_frame, dense=dense)
+    twins = [model] if dense is None else [model, dense.eval()]
     counter = MacCounter(model, frame_shape)
     stats: list[FrameStats] = []
-    per_frame_out = []
-    with torch.inference_mode(), streaming(model):
+    outputs: list[list[torch.Tensor]] = [[] for _ in twins]  # per model, per frame
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for m in twins:
+            stack.enter_context(streaming(m))
         for i, frame in enumerate(frames):
             frame = _fit(frame, frame_shape)
             if reset_every and i and i % reset_every == 0:
-                reset_state(model)
+                for m in twins:
+                    reset_state(m)
             counter.reset()
-            start = time.perf_counter()
-            out = model.frame(frame[None])
-            elapsed = time.perf_counter() - start
+            latency = []
+            for m, out in zip(twins, outputs):
+                start = time.perf_counter()
+                y = m.frame(frame[None])
+                latency.append(1000 * (time.perf_counter() - start))
+                out.append(y.clone())  # a gated layer's state changes at the next frame
             report = counter.report()
-            s = FrameStats(index=i, density=report.mean_density, macs=report.effective, latency_ms=1000 * elapsed)
+            s = FrameStats(index=i, density=report.mean_density, macs=report.effective, latency_ms=latency[0],
+                           dense_latency_ms=latency[1] if dense is not None else None)
             stats.append(s)
-            per_frame_out.append(out.clone())  # the layer's state changes at the next frame
             if on_frame:
                 on_frame(s)
     summary = _summary(stats, counter, reset_every)
+    per_frame = [torch.stack(out, 1) for out in outputs]  # (1, T, ...)
     if model.task == "classification":
         with torch.inference_mode():
-            logits = model.clip_head(torch.stack(per_frame_out, 1))
-        summary["predicted_class"] = int(logits.argmax(1))
+            summary["predicted_class"] = int(model.clip_head(per_frame[0]).argmax(1))
+    if dense is not None:
+        from gatesearch.objectives.fidelity import task_outputs
+
+        with torch.inference_mode():
+            gated_out, dense_out = (task_outputs(m, out) for m, out in zip(twins, per_frame))
+        summary.update(_compared(stats, dense_out, gated_out, model.task, frame_shape[1:]))
     return summary
 
 
@@ -82,27 +103,32 @@ def _fit(frame: torch.Tensor, frame_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, ...], *, window: int,
-                 on_frame: Callable[[FrameStats], None] | None) -> dict:
-    """Clip-window mode: windows of ``window`` frames, run as they fill; logits averaged over frames."""
+                 on_frame: Callable[[FrameStats], None] | None, dense: torch.nn.Module | None) -> dict:
+    """Clip-window mode: windows of ``window`` frames, run as they fill; logits averaged over frames. Beside a
+    dense twin, each window's logits are one output of the comparison."""
     from gatesearch.objectives import MacCounter
 
     model.window = window  # MAC counts are per frame of a window of this length
+    twins = [model] if dense is None else [model, dense.eval()]
     counter = MacCounter(model, frame_shape)
     stats: list[FrameStats] = []
-    logits: list[torch.Tensor] = []
+    logits: list[list[torch.Tensor]] = [[] for _ in twins]  # per model, per window
+    sizes: list[int] = []  # frames per window
     buffer: list[torch.Tensor] = []
 
     def flush() -> None:
         clip = torch.stack(buffer)[None]  # (1, w, 3, H, W)
         counter.reset()
-        start = time.perf_counter()
-        out = model(clip)  # (1, K)
-        per_frame_ms = 1000 * (time.perf_counter() - start) / len(buffer)
+        per_frame_ms = []
+        for m, out in zip(twins, logits):
+            start = time.perf_counter()
+            out.append(m(clip)[0])  # (K,)
+            per_frame_ms.append(1000 * (time.perf_counter() - start) / len(buffer))
         report = counter.report()
-        logits.append(out[0] * len(buffer))
+        sizes.append(len(buffer))
         for _ in buffer:
             s = FrameStats(index=len(stats), density=report.mean_density, macs=report.effective,
-                           latency_ms=per_frame_ms)
+                           latency_ms=per_frame_ms[0], dense_latency_ms=per_frame_ms[1] if dense else None)
             stats.append(s)
             if on_frame:
                 on_frame(s)
@@ -115,7 +141,25 @@ def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, 
                 flush()
         if buffer:  # a last, shorter window
             flush()
-    return {**_summary(stats, counter, window), "predicted_class": int((sum(logits) / len(stats)).argmax())}
+    summary = _summary(stats, counter, window)
+    summary["predicted_class"] = int((sum(n * out for n, out in zip(sizes, logits[0])) / len(stats)).argmax())
+    if dense is not None:
+        gated_out, dense_out = (torch.stack(out)[None] for out in logits)  # (1, windows, K)
+        summary.update(_compared(stats, dense_out, gated_out, model.task, frame_shape[1:]))
+    return summary
+
+
+def _compared(stats: list[FrameStats], dense_out: torch.Tensor, gated_out: torch.Tensor, task: str,
+              frame_hw) -> dict:
+    """The dense twin's side of the summary: its latency, the speedup over the stream, the output's distance."""
+    from gatesearch.objectives.fidelity import fidelity
+
+    dense_ms = [s.dense_latency_ms for s in stats]
+    return {
+        "dense_latency_ms_per_frame": statistics.median(dense_ms),
+        "speedup": sum(dense_ms) / sum(s.latency_ms for s in stats),
+        **fidelity(dense_out, gated_out, task=task, frame_hw=tuple(frame_hw)).to_dict(),
+    }
 
 
 def _summary(stats: list, counter, reset_every) -> dict:

@@ -80,7 +80,7 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     Latency is measured holding the device alone (``lock.exclusive``) with
     ``latency_threads`` torch threads: the deployed model gets the whole device.
     """
-    from gatesearch.objectives import mac_report, measure_latency, pck_correct, reset_stats, top1_correct
+    from gatesearch.objectives import mac_report, measure_latency, pck_correct, pck_radius, reset_stats, top1_correct
 
     lock = lock or NoLock()
     reset_every = evaluation.reset_every(cfg.clip_length)
@@ -96,7 +96,7 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
         else:
             h, w = part["clip"].shape[-2:]
             stride = h // out.shape[-2]
-            hits.append(pck_correct(out, part["centers"], stride=stride, radius_px=0.2 * 0.25 * min(h, w)).flatten())
+            hits.append(pck_correct(out, part["centers"], stride=stride, radius_px=pck_radius((h, w))).flatten())
     quality = float(torch.cat(hits).float().mean())
     frame_shape = tuple(clips["clip"].shape[2:])
     macs = mac_report(model, frame_shape)

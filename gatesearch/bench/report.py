@@ -1,0 +1,62 @@
+"""A bench result for people: key/value lines, the sweep as a table, and the speed–error plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (header, key, format) of the sweep table
+COLUMNS = (
+    ("ε", "threshold", "{:>8.4g}"),
+    ("MAC red.", "mac_reduction", "{:>8.2f}x"),
+    ("speedup", "speedup", "{:>7.2f}x"),
+    ("effic.", "efficiency", "{:>6.2f}"),
+    ("err med", "rel_error_median", "{:>8.2e}"),
+    ("err max", "rel_error_max", "{:>8.2e}"),
+    ("agree", "agreement", "{:>6.3f}"),
+)
+
+
+def lines(result: dict) -> list[str]:
+    """One ``key: value`` line per scalar, then the sweep table if there is one."""
+    out = [f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}"
+           for key, value in result.items() if key != "sweep"]
+    if "sweep" in result:
+        out += sweep_table(result["sweep"])
+    return out
+
+
+def sweep_table(rows: list[dict]) -> list[str]:
+    """One row per threshold: MAC reduction, measured speedup, efficiency, distance from dense."""
+    widths = [len(fmt.format(1.0)) for _, _, fmt in COLUMNS]
+    header = "  ".join(f"{name:>{w}}" for (name, _, _), w in zip(COLUMNS, widths))
+    body = ["  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) for row in rows]
+    kind = rows[0]["agreement_kind"] if rows else "top1"
+    return [header, *body, f"(err: per-frame relative error of the output vs dense; agree: {kind} agreement)"]
+
+
+def plot_sweep(rows: list[dict], path: Path, *, title: str = "") -> Path:
+    """Speedup and MAC reduction against the median per-frame error, one point per threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["threshold"])
+    err = [r["rel_error_median"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ax.plot(err, [r["mac_reduction"] for r in rows], "o--", color="grey", label="MAC reduction")
+    ax.plot(err, [r["speedup"] for r in rows], "o-", color="C0", label="measured speedup")
+    for r, x in zip(rows, err):
+        ax.annotate(f"ε {r['threshold']:g}", (x, r["speedup"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("median per-frame relative error of the output vs dense")
+    ax.set_ylabel("× dense")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
