@@ -173,16 +173,21 @@ def export(trial_id, out, force, workdir, tracking_uri):
 @click.option("--compare-dense", is_flag=True,
               help="Run the dense twin (same weights, no gate) beside it: its latency, the speedup, and how far "
                    "the gated output is from the dense one.")
+@click.option("--streams", type=int, metavar="N",
+              help="Throughput of N independent streams at once (offsets of the clip), one single-threaded worker "
+                   "each, beside the dense twin: frames/s of both.")
+@click.option("--workers", type=click.Choice(["process", "thread"]), default="process", show_default=True,
+              help="With --streams: what runs each stream.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def run(artifact_dir, video, frames, reset_every, compare_dense, as_json):
+def run(artifact_dir, video, frames, reset_every, compare_dense, streams, workers, as_json):
     """Run an exported model over a video stream, frame by frame, with real skipped computation."""
     import itertools
 
     from gatesearch.data import iter_frames
     from gatesearch.data.source import load_clips
     from gatesearch.export import dense_twin, load_artifact
-    from gatesearch.export.runner import run_stream
+    from gatesearch.export.runner import run_stream, run_streams
     from gatesearch.spaces import DataConfig
 
     artifact = load_artifact(artifact_dir)
@@ -196,6 +201,17 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, as_json):
         stream = iter(load_clips(data, split="val", frames=frames or 32, count=1)["clip"][0])
     if reset_every is None:
         reset_every = artifact.trial.clip_length
+    if streams is not None:
+        if streams < 1:
+            raise click.ClickException(f"--streams must be at least 1, got {streams}")
+        summary = run_streams(artifact, stream, streams=streams, reset_every=reset_every or None, workers=workers)
+        if as_json:
+            _emit_json(summary)
+        else:
+            click.echo(f"{streams} streams of {summary['frames_per_stream']} frames, one {workers} each: "
+                       f"dense {summary['dense_fps']:.1f} frames/s, gated {summary['gated_fps']:.1f} frames/s, "
+                       f"speedup {summary['speedup']:.2f}x")
+        return
 
     def show(s):
         if not as_json:
@@ -232,6 +248,11 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, as_json):
               help="Compare these thresholds in one run against one dense twin: a table, one row per ε.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="With --sweep: write the speed-error curve to this PNG.")
+@click.option("--streams", type=int, metavar="N",
+              help="Throughput of N independent streams at once (offsets of the clip), one single-threaded worker "
+                   "each: frames/s of dense and gated.")
+@click.option("--workers", type=click.Choice(["process", "thread"]), default="process", show_default=True,
+              help="With --streams: what runs each stream.")
 @click.option("--artifact", type=click.Path(path_type=Path),
               help="Bench an exported model (its gate and weights) instead.")
 @click.option("--video", type=click.Path(path_type=Path), help="Clip to stream (default: a synthetic clip).")
@@ -250,8 +271,8 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, as_json):
 @click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @user_errors
-def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, artifact, video, frames, size, width_mult,
-          reset_every, threads, repeats, layer, channels, layer_size, kernel, density, as_json):
+def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, streams, workers, artifact, video, frames,
+          size, width_mult, reset_every, threads, repeats, layer, channels, layer_size, kernel, density, as_json):
     """Time the gated model against the dense one, side by side on the same clip, and say how far its output is."""
     from gatesearch.bench import BenchConfig, lines, parse_knobs, parse_values, run_bench
 
@@ -268,7 +289,8 @@ def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, arti
         cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs={**knobs, **parse_knobs(params)},
                           sweep=parse_values(sweep, "--sweep") if sweep is not None else (), plot=plot,
                           artifact=artifact, video=video, frames=frames, size=size, width=width_mult,
-                          reset_every=reset_every or None, threads=threads, repeats=repeats)
+                          reset_every=reset_every or None, threads=threads, repeats=repeats, streams=streams,
+                          workers=workers)
         result = run_bench(cfg)
     if as_json:
         _emit_json(result)

@@ -168,3 +168,58 @@ def test_run_compare_dense(cli, tmp_path):
     assert out["rel_error_max"] <= 1e-5 and out["agreement"] == 1.0 and out["dense_latency_ms_per_frame"] > 0
     r = cli("run", "art", "--frames", "3", "--compare-dense")
     assert r.exit_code == 0 and "dense twin:" in r.output and "top1 agreement 1.000" in r.output
+
+
+# -- many streams ----------------------------------------------------------------------------------
+
+
+def test_offset_streams_start_at_different_frames():
+    from gatesearch.objectives.streams import offset_streams
+
+    clip = torch.arange(8.0).reshape(1, 8, 1, 1, 1)
+    starts = [int(s[0, 0]) for s in offset_streams(clip, 4)]
+    assert starts == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("workers", ["process", "thread"])
+def test_cli_bench_streams_reports_frames_per_second_for_both(cli, workers):
+    r = cli("bench", "--streams", "2", "--workers", workers, "--size", "32", "--frames", "4", "--repeats", "1",
+            "--threshold", "1", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["streams"] == 2 and out["workers"] == workers and out["threads"] == 1
+    assert out["dense_fps"] > 0 and out["gated_fps"] > 0
+    assert out["speedup"] == pytest.approx(out["gated_fps"] / out["dense_fps"], rel=0.5)  # a median of ratios
+
+
+def test_cli_run_streams(cli, tmp_path):
+    from gatesearch.export import save_artifact, trial_meta
+    from gatesearch.spaces import DataConfig
+
+    trial = TrialConfig(gate="input_norm", threshold=0.5, block_size=2)
+    meta = trial_meta(trial, metrics={}, data=DataConfig(synthetic={"height": 32, "width": 32}), num_classes=12,
+                      frame_shape=(3, 32, 32))
+    save_artifact(tmp_path / "art", build_model(trial, 12), meta)
+    r = cli("run", "art", "--frames", "4", "--streams", "2", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert out["streams"] == 2 and out["frames_per_stream"] == 4 and out["dense_fps"] > 0 and out["gated_fps"] > 0
+    one_line_error(cli("run", "art", "--streams", "0"), "--streams must be at least 1")
+
+
+def test_cli_bench_streams_zero(cli):
+    one_line_error(cli("bench", "--streams", "0"), "streams must be at least 1, got 0")
+
+
+class _Broken(torch.nn.Module):
+    def stream(self, clip, *, reset_every=None):
+        raise ValueError("broken on purpose")
+
+
+@pytest.mark.parametrize("workers", ["process", "thread"])
+def test_a_failing_stream_worker_is_an_error_not_a_hang(workers):
+    from gatesearch.objectives.streams import stream_throughput
+
+    with pytest.raises(RuntimeError, match="failed"):
+        stream_throughput({"broken": _Broken()}, [torch.zeros(1, 2, 3, 8, 8)] * 2, reset_every=None,
+                          workers=workers, repeats=1)

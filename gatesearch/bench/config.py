@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKERS = ("process", "thread")
+from gatesearch.objectives.streams import WORKERS
 
 
 class BenchError(ValueError):

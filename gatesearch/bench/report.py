@@ -13,12 +13,14 @@ COLUMNS = (
     ("err med", "rel_error_median", "{:>8.2e}"),
     ("err max", "rel_error_max", "{:>8.2e}"),
     ("agree", "agreement", "{:>6.3f}"),
+    ("dense f/s", "dense_fps", "{:>9.1f}"),
+    ("gated f/s", "gated_fps", "{:>9.1f}"),
 )
 
 
 def lines(result: dict) -> list[str]:
     """One ``key: value`` line per scalar, then the sweep table if there is one."""
-    out = [f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}"
+    out = [f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}"
            for key, value in result.items() if key != "sweep"]
     if "sweep" in result:
         out += sweep_table(result["sweep"])
@@ -26,12 +28,16 @@ def lines(result: dict) -> list[str]:
 
 
 def sweep_table(rows: list[dict]) -> list[str]:
-    """One row per threshold: MAC reduction, measured speedup, efficiency, distance from dense."""
-    widths = [len(fmt.format(1.0)) for _, _, fmt in COLUMNS]
-    header = "  ".join(f"{name:>{w}}" for (name, _, _), w in zip(COLUMNS, widths))
-    body = ["  ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) for row in rows]
-    kind = rows[0]["agreement_kind"] if rows else "top1"
-    return [header, *body, f"(err: per-frame relative error of the output vs dense; agree: {kind} agreement)"]
+    """One row per threshold: MAC reduction, measured speedup, efficiency, distance from dense (or, with many
+    streams, frames/s)."""
+    columns = [c for c in COLUMNS if rows and c[1] in rows[0]]
+    widths = [len(fmt.format(1.0)) for _, _, fmt in columns]
+    header = "  ".join(f"{name:>{w}}" for (name, _, _), w in zip(columns, widths))
+    body = ["  ".join(fmt.format(row[key]) for _, key, fmt in columns) for row in rows]
+    if rows and "agreement_kind" in rows[0]:
+        body.append(f"(err: per-frame relative error of the output vs dense; agree: {rows[0]['agreement_kind']} "
+                    "agreement)")
+    return [header, *body]
 
 
 def plot_sweep(rows: list[dict], path: Path, *, title: str = "") -> Path:

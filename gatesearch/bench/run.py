@@ -19,13 +19,19 @@ def run_bench(cfg: BenchConfig) -> dict:
     The result is flat for one gated model; a sweep gives one row per threshold under ``"sweep"``.
     """
     from gatesearch.objectives.bench import bench_models
+    from gatesearch.objectives.streams import compare_throughput, offset_streams
 
     with _threads(cfg.threads or len(os.sched_getaffinity(0))):
         twins = build_twins(cfg)
         clip = load_clip(cfg, twins.frame_hw)
         head = {"backbone": twins.backbone, "gate": twins.gate, "task": twins.task, "frames": clip.shape[1],
                 "threads": torch.get_num_threads()}
-        rows = bench_models(twins.dense, twins.gated, clip, reset_every=cfg.reset_every, repeats=cfg.repeats)
+        if cfg.streams:
+            head.update(streams=cfg.streams, workers=cfg.workers, threads=1)
+            rows = compare_throughput(twins.dense, twins.gated, offset_streams(clip, cfg.streams),
+                                      reset_every=cfg.reset_every, workers=cfg.workers, repeats=cfg.repeats)
+        else:
+            rows = bench_models(twins.dense, twins.gated, clip, reset_every=cfg.reset_every, repeats=cfg.repeats)
     if not cfg.sweep:
         return {**head, **rows["gated"]}
     result = {**head, "sweep": [{"threshold": float(label), **row} for label, row in rows.items()]}

@@ -94,6 +94,25 @@ def run_stream(
     return summary
 
 
+def run_streams(artifact: Artifact, frames: Iterable[torch.Tensor], *, streams: int, reset_every: int | None,
+                workers: str = "process", repeats: int = 3) -> dict:
+    """Throughput of ``streams`` independent streams of the frames (offsets of one clip), gated and dense twin side
+    by side (``objectives.streams``); returns the summary ``run --streams --json`` prints."""
+    from gatesearch.objectives.streams import compare_throughput, offset_streams
+
+    from .artifact import dense_twin
+
+    frame_shape = tuple(artifact.meta["frame_shape"])
+    frames = [_fit(f, frame_shape) for f in frames]
+    if len(frames) < 2:
+        raise ValueError(f"the stream had {len(frames)} frames; many streams need at least 2")
+    clip = torch.stack(frames)[None]  # (1, T, 3, H, W)
+    row = compare_throughput(dense_twin(artifact), {"gated": artifact.model}, offset_streams(clip, streams),
+                             reset_every=reset_every, workers=workers, repeats=repeats)["gated"]
+    return {"streams": streams, "workers": workers, "frames_per_stream": clip.shape[1], "reset_every": reset_every,
+            **row}
+
+
 def _fit(frame: torch.Tensor, frame_shape: tuple[int, ...]) -> torch.Tensor:
     """A (3, H, W) frame resized to the model's frame shape."""
     if tuple(frame.shape) == frame_shape:
