@@ -33,14 +33,19 @@ class Artifact:
 
 
 def write_files(folder: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write weights and metadata into an existing folder."""
+    """Write weights and metadata into an existing folder. A model with norm gates also writes each layer's ε
+    (``layer_thresholds``: calibrated per layer, they are not the trial's one threshold)."""
     from safetensors.torch import save_file
 
     from gatesearch import __version__
+    from gatesearch.policies.calibration import layer_thresholds
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
-    (folder / META).write_text(json.dumps({"format": FORMAT, "gatesearch_version": __version__, **meta}, indent=2))
+    meta = {"format": FORMAT, "gatesearch_version": __version__, **meta}
+    if thresholds := layer_thresholds(model):
+        meta["layer_thresholds"] = thresholds
+    (folder / META).write_text(json.dumps(meta, indent=2))
 
 
 def save_artifact(out: Path, model: torch.nn.Module, meta: dict[str, Any], *, overwrite: bool = False) -> Path:
@@ -117,6 +122,15 @@ def load_artifact(folder: Path) -> Artifact:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
         raise ArtifactError(f"{Path(folder) / WEIGHTS}: weights do not match the configured model") from None
+    if "layer_thresholds" in meta:  # optional: artifacts written before per-layer ε load as they were
+        from gatesearch.policies.calibration import set_layer_thresholds
+
+        if not isinstance(meta["layer_thresholds"], dict):
+            raise ArtifactError(f"{Path(folder) / META}: layer_thresholds must map layer names to numbers")
+        try:
+            set_layer_thresholds(model, meta["layer_thresholds"])
+        except ValueError as e:
+            raise ArtifactError(f"{Path(folder) / META}: {e}") from None
     model.eval()
     return Artifact(model=model, trial=trial, meta=meta)
 
