@@ -244,6 +244,12 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
 @click.option("--block-size", type=int, help="Mask block size b.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Any other gate parameter or option (e.g. -p reference=block -p per_value=true).")
+@click.option("--target-density", type=float, metavar="D",
+              help="Norm gates: give each layer its own ε so that it computes a fraction D of its outputs on the "
+                   "clip (reports the ε found).")
+@click.option("--target-error", type=float, metavar="E",
+              help="Norm gates: give each layer its own ε so that the error it adds to its output is at most E "
+                   "(relative) on the clip.")
 @click.option("--sweep", metavar="ε1,ε2,...",
               help="Compare these thresholds in one run against one dense twin: a table, one row per ε.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
@@ -271,10 +277,11 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
 @click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @user_errors
-def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, streams, workers, artifact, video, frames,
-          size, width_mult, reset_every, threads, repeats, layer, channels, layer_size, kernel, density, as_json):
+def bench(backbone, gate, task, threshold, block_size, params, target_density, target_error, sweep, plot, streams,
+          workers, artifact, video, frames, size, width_mult, reset_every, threads, repeats, layer, channels,
+          layer_size, kernel, density, as_json):
     """Time the gated model against the dense one, side by side on the same clip, and say how far its output is."""
-    from gatesearch.bench import BenchConfig, lines, parse_knobs, parse_values, run_bench
+    from gatesearch.bench import BenchConfig, gate_knobs, lines, parse_values, run_bench
 
     if layer:
         import os
@@ -285,8 +292,9 @@ def bench(backbone, gate, task, threshold, block_size, params, sweep, plot, stre
                              density=density, threads=threads or len(os.sched_getaffinity(0)),
                              repeats=max(repeats, 20))
     else:
-        knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
-        cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs={**knobs, **parse_knobs(params)},
+        knobs = gate_knobs(threshold=threshold, block_size=block_size, params=params, target_density=target_density,
+                           target_error=target_error)
+        cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs=knobs,
                           sweep=parse_values(sweep, "--sweep") if sweep is not None else (), plot=plot,
                           artifact=artifact, video=video, frames=frames, size=size, width=width_mult,
                           reset_every=reset_every or None, threads=threads, repeats=repeats, streams=streams,

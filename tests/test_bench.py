@@ -223,3 +223,37 @@ def test_a_failing_stream_worker_is_an_error_not_a_hang(workers):
     with pytest.raises(RuntimeError, match="failed"):
         stream_throughput({"broken": _Broken()}, [torch.zeros(1, 2, 3, 8, 8)] * 2, reset_every=None,
                           workers=workers, repeats=1)
+
+
+# -- calibrated thresholds in the bench ------------------------------------------------------------
+
+
+def test_cli_target_density_reports_the_per_layer_thresholds(cli):
+    r = cli("bench", "--target-density", "0.25", "--block-size", "2", "--size", "32", "--frames", "6", "--repeats",
+            "1", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    layers = out["calibration"]["layers"]
+    assert out["calibration"]["target"] == "density" and len(layers) == 5
+    assert all(abs(layer["measured"] - 0.25) <= 0.05 for layer in layers.values())
+    assert len({layer["threshold"] for layer in layers.values()}) > 1
+    assert out["mean_density"] == pytest.approx((1 + 5 * 0.25) / 6, abs=0.05)  # the reference frame is dense
+
+
+def test_cli_sweep_of_error_targets(cli):
+    r = cli("bench", "-p", "calibrate=error", "--sweep", "0.02,0.2", "--block-size", "2", "--size", "32",
+            "--frames", "4", "--repeats", "1")
+    assert r.exit_code == 0, r.output
+    assert "error 0.02" in r.output and "error 0.2" in r.output and "per-layer ε" in r.output
+    assert r.output.count("backbone.stem.0") == 1  # one row per layer, one column per target
+
+
+@pytest.mark.parametrize("args, text", [
+    (("--target-density", "0.3", "--threshold", "1"), "either a threshold or a calibration target"),
+    (("--target-density", "0.3", "--target-error", "0.1"), "give one target"),
+    (("--target-density", "1.5"), "the threshold is the target density, in (0, 1]"),
+    (("--gate", "gumbel", "--target-error", "0.1"), "does not take 'calibrate'"),
+    (("-p", "calibrate=speed"), "calibrate must be one of off, density, error"),
+])
+def test_cli_bad_targets(cli, args, text):
+    one_line_error(cli("bench", *args), text)

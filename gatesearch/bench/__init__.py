@@ -4,9 +4,9 @@ The measurements live in ``objectives`` (``bench``, ``fidelity``); this package 
 ``BenchConfig`` into the twins, the footage and a result (``run_bench``), and a result into lines and a plot.
 """
 
-from .config import BenchConfig, BenchError, parse_knobs, parse_values
+from .config import BenchConfig, BenchError, gate_knobs, parse_knobs, parse_values
 from .report import lines, plot_sweep, sweep_table
 from .run import load_clip, run_bench
 
-__all__ = ["BenchConfig", "BenchError", "lines", "load_clip", "parse_knobs", "parse_values", "plot_sweep",
+__all__ = ["BenchConfig", "BenchError", "gate_knobs", "lines", "load_clip", "parse_knobs", "parse_values", "plot_sweep",
            "run_bench", "sweep_table"]

@@ -65,6 +65,22 @@ def parse_knobs(items: Iterable[str]) -> dict[str, Any]:
     return knobs
 
 
+def gate_knobs(*, threshold: float | None = None, block_size: int | None = None, params: Iterable[str] = (),
+               target_density: float | None = None, target_error: float | None = None) -> dict[str, Any]:
+    """The gate's knobs from the bench's options: ``KEY=VALUE`` params beside the named ones. A calibration target
+    becomes the norm gates' ``calibrate`` option, its value the threshold (``policies.calibration``)."""
+    knobs = {k: v for k, v in (("threshold", threshold), ("block_size", block_size)) if v is not None}
+    knobs.update(parse_knobs(params))
+    targets = {kind: v for kind, v in (("density", target_density), ("error", target_error)) if v is not None}
+    if len(targets) > 1:
+        raise BenchError("give one target: a density or an error, not both")
+    if targets and "threshold" in knobs:
+        raise BenchError("give either a threshold or a calibration target, not both")
+    for kind, value in targets.items():
+        knobs.update(calibrate=kind, threshold=value)
+    return knobs
+
+
 def parse_values(text: str, what: str) -> tuple[float, ...]:
     """``"0.01,0.02,0.05"`` -> (0.01, 0.02, 0.05); anything else is a one-line BenchError naming ``what``."""
     values = []

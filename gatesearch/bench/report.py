@@ -21,19 +21,36 @@ COLUMNS = (
 def lines(result: dict) -> list[str]:
     """One ``key: value`` line per scalar, then the sweep table if there is one."""
     out = [f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}"
-           for key, value in result.items() if key != "sweep"]
+           for key, value in result.items() if key not in ("sweep", "calibration")]
     if "sweep" in result:
         out += sweep_table(result["sweep"])
+    calibrated = [row for row in result.get("sweep", [result]) if "calibration" in row]
+    if calibrated:
+        out += layer_table([row["calibration"] for row in calibrated])
     return out
+
+
+def layer_table(records: list[dict]) -> list[str]:
+    """Per layer, the ε each calibration found (one column per target) and what it measured there."""
+    kind = records[0]["target"]
+    targets = [f"{kind} {r['value']:g}" for r in records]
+    header = f"{'layer':<32}" + "".join(f"  {t:>20}" for t in targets)
+    body = []
+    for name in records[0]["layers"]:
+        cells = [r["layers"][name] for r in records]
+        body.append(f"{name:<32}" + "".join(f"  ε {c['threshold']:<9.4g}{c['measured']:>9.4f}" for c in cells))
+    return [f"per-layer ε, and the layer's {kind} there:", header, *body]
 
 
 def sweep_table(rows: list[dict]) -> list[str]:
     """One row per threshold: MAC reduction, measured speedup, efficiency, distance from dense (or, with many
     streams, frames/s)."""
     columns = [c for c in COLUMNS if rows and c[1] in rows[0]]
-    widths = [len(fmt.format(1.0)) for _, _, fmt in columns]
+    if rows and "calibration" in rows[0]:  # the swept value is each layer's target, not one ε
+        columns[0] = (rows[0]["calibration"]["target"], *columns[0][1:])
+    widths = [max(len(fmt.format(1.0)), len(name)) for name, _, fmt in columns]
     header = "  ".join(f"{name:>{w}}" for (name, _, _), w in zip(columns, widths))
-    body = ["  ".join(fmt.format(row[key]) for _, key, fmt in columns) for row in rows]
+    body = ["  ".join(f"{fmt.format(row[key]):>{w}}" for (_, key, fmt), w in zip(columns, widths)) for row in rows]
     if rows and "agreement_kind" in rows[0]:
         body.append(f"(err: per-frame relative error of the output vs dense; agree: {rows[0]['agreement_kind']} "
                     "agreement)")

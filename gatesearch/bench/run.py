@@ -10,7 +10,7 @@ import torch
 
 from .config import BenchConfig
 from .report import plot_sweep
-from .twins import build_twins
+from .twins import build_twins, calibrate
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -24,6 +24,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     with _threads(cfg.threads or len(os.sched_getaffinity(0))):
         twins = build_twins(cfg)
         clip = load_clip(cfg, twins.frame_hw)
+        calibrated = calibrate(twins, clip, reset_every=cfg.reset_every)  # on the clip it is timed on
         head = {"backbone": twins.backbone, "gate": twins.gate, "task": twins.task, "frames": clip.shape[1],
                 "threads": torch.get_num_threads()}
         if cfg.streams:
@@ -32,6 +33,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                                       reset_every=cfg.reset_every, workers=cfg.workers, repeats=cfg.repeats)
         else:
             rows = bench_models(twins.dense, twins.gated, clip, reset_every=cfg.reset_every, repeats=cfg.repeats)
+    for label, record in calibrated.items():
+        rows[label]["calibration"] = record
     if not cfg.sweep:
         return {**head, **rows["gated"]}
     result = {**head, "sweep": [{"threshold": float(label), **row} for label, row in rows.items()]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import BenchConfig, BenchError
@@ -16,6 +17,7 @@ NUM_CLASSES = 12  # classes of a registry-built model's head (the synthetic data
 class Twins:
     dense: nn.Module
     gated: dict[str, nn.Module]  # label (the threshold, in a sweep) -> gated model with the dense model's weights
+    knobs: dict[str, dict]  # label -> the gate's knobs, for the models still to calibrate on the footage
     frame_hw: tuple[int, int]
     backbone: str
     gate: str
@@ -30,8 +32,9 @@ def build_twins(cfg: BenchConfig) -> Twins:
     from gatesearch.spaces import TrialConfig
 
     dense = build_model(TrialConfig(backbone=cfg.backbone, width=cfg.width, task=cfg.task), NUM_CLASSES)
-    return Twins(dense=dense, gated=_gated(dense, cfg.gate, _with_examples(cfg.gate, cfg.knobs), cfg.sweep),
-                 frame_hw=(cfg.size, cfg.size), backbone=cfg.backbone, gate=cfg.gate, task=cfg.task)
+    knobs = _variants(cfg.gate, _with_examples(cfg.gate, cfg.knobs), cfg.sweep)
+    return Twins(dense=dense, gated=_gated(dense, cfg.gate, knobs), knobs=knobs, frame_hw=(cfg.size, cfg.size),
+                 backbone=cfg.backbone, gate=cfg.gate, task=cfg.task)
 
 
 def _from_artifact(cfg: BenchConfig) -> Twins:
@@ -40,23 +43,39 @@ def _from_artifact(cfg: BenchConfig) -> Twins:
     art = load_artifact(cfg.artifact)
     dense = dense_twin(art)
     trial = art.trial
-    gated = _gated(dense, trial.gate, {**trial.gate_knobs(), **cfg.knobs}, cfg.sweep) if cfg.sweep or cfg.knobs \
-        else {"gated": art.model}
-    return Twins(dense=dense, gated=gated, frame_hw=tuple(art.meta["frame_shape"][1:]), backbone=trial.backbone,
-                 gate=trial.gate, task=trial.task)
+    if not (cfg.sweep or cfg.knobs):  # the exported model as it is (calibrated already, if its gate is)
+        return Twins(dense=dense, gated={"gated": art.model}, knobs={}, frame_hw=tuple(art.meta["frame_shape"][1:]),
+                     backbone=trial.backbone, gate=trial.gate, task=trial.task)
+    knobs = _variants(trial.gate, {**trial.gate_knobs(), **cfg.knobs}, cfg.sweep)
+    return Twins(dense=dense, gated=_gated(dense, trial.gate, knobs), knobs=knobs,
+                 frame_hw=tuple(art.meta["frame_shape"][1:]), backbone=trial.backbone, gate=trial.gate, task=trial.task)
 
 
-def _gated(dense: nn.Module, gate: str, knobs: dict, sweep: tuple[float, ...]) -> dict[str, nn.Module]:
-    """One gated copy of ``dense`` per swept threshold (or one with ``knobs`` as they are)."""
-    from gatesearch.policies import build_policy
-
+def _variants(gate: str, knobs: dict, sweep: tuple[float, ...]) -> dict[str, dict]:
+    """label -> knobs: one per swept threshold, or ``knobs`` as they are."""
     if sweep and "threshold" not in _takes(gate):
         raise BenchError(f"sweep: gate {gate!r} has no threshold to sweep")
-    variants = {f"{v:g}": {**knobs, "threshold": v} for v in sweep} if sweep else {"gated": knobs}
+    return {f"{v:g}": {**knobs, "threshold": v} for v in sweep} if sweep else {"gated": knobs}
+
+
+def _gated(dense: nn.Module, gate: str, variants: dict[str, dict]) -> dict[str, nn.Module]:
+    """A gated copy of ``dense`` per variant."""
+    from gatesearch.policies import build_policy
+
     try:
         return {label: build_policy(gate, **k).apply(copy.deepcopy(dense)) for label, k in variants.items()}
     except ValueError as e:  # a knob the gate does not take, or a value it cannot take
         raise BenchError(str(e)) from None
+
+
+def calibrate(twins: Twins, clip: torch.Tensor, *, reset_every: int | None) -> dict[str, dict]:
+    """Let each gate set what it takes from data on the footage (``Policy.calibrate``: per-layer thresholds);
+    label -> what was set, for the gates that set something."""
+    from gatesearch.policies import build_policy
+
+    found = {label: build_policy(twins.gate, **knobs).calibrate(twins.gated[label], clip, reset_every=reset_every)
+             for label, knobs in twins.knobs.items()}
+    return {label: record for label, record in found.items() if record is not None}
 
 
 def _takes(gate: str) -> list[str]:

@@ -102,6 +102,11 @@ class Policy:
         pass's model output and training batch, for terms that depend on the prediction (VA-RED²'s μ0)."""
         return None
 
+    def calibrate(self, model: nn.Module, clips: torch.Tensor, *, reset_every: int | None = None) -> dict | None:
+        """After training, without gradients: set what the gate takes from data (per-layer thresholds) by streaming
+        calibration clips (B, T, 3, H, W); returns what was set, for the record (None: nothing to set)."""
+        return None
+
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
         """Called at the start of each training epoch (schedules such as warm-ups)."""
 

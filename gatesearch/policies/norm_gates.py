@@ -28,6 +28,8 @@ from .base import BLOCK_SIZE, Policy, register_policy
 from .skipconv import Gate, SkipConv2d, convert_convs
 from .structure import FRAME_CONVS
 
+CALIBRATE = ("off", "density", "error")  # the threshold is ε itself, or a target each layer's ε is set to meet
+
 
 class NormGate(Gate):
     def __init__(self, threshold: float, *, output_norm: bool, per_value: bool = False) -> None:
@@ -83,6 +85,9 @@ class _NormPolicy(Policy):
               doc="the residual's reference: the previous frame (Eq. 3) or each block's last computed input"),
         Param(name="per_value", kind=bool, default=False, doc="ε per input value (threshold ε·C_in·k²)",
               one_per_search="it changes the scale of ε, so one threshold range cannot serve both"),
+        Param(name="calibrate", kind=str, choices=CALIBRATE, default="off",
+              doc="off: the threshold is ε; density / error: it is a target, and each layer gets its own ε",
+              one_per_search="it changes what the threshold means, so one threshold range cannot serve both"),
     )
     requires = (FRAME_CONVS,)
     output_norm = False
@@ -93,6 +98,7 @@ class _NormPolicy(Policy):
         return {**cls.example_knobs(), "threshold": 0.0}
 
     def apply(self, model: nn.Module) -> nn.Module:
+        _check_target(self.knobs["calibrate"], self.knobs["threshold"])
         k = self.knobs
         convert_convs(
             model,
@@ -100,6 +106,25 @@ class _NormPolicy(Policy):
             block_size=k["block_size"], reference=k["reference"],
         )
         return model
+
+    def calibrate(self, model: nn.Module, clips: torch.Tensor, *, reset_every: int | None = None) -> dict | None:
+        """With ``calibrate: density|error`` the threshold is a target, and each layer gets its own ε meeting it on
+        the clips (``policies.calibration``; Skip-Convolutions Sec. 3.2.1 leaves per-layer ε open)."""
+        if self.knobs["calibrate"] == "off":
+            return None
+        from .calibration import calibrate_thresholds
+
+        found = calibrate_thresholds(model, clips, target=self.knobs["calibrate"], value=self.knobs["threshold"],
+                                     reset_every=reset_every)
+        return {"target": self.knobs["calibrate"], "value": self.knobs["threshold"],
+                "layers": {name: dataclasses.asdict(lt) for name, lt in found.items()}}
+
+
+def _check_target(calibrate: str, threshold: float) -> None:
+    if calibrate == "density" and not 0 < threshold <= 1:
+        raise ValueError(f"with calibrate: density the threshold is the target density, in (0, 1]; got {threshold}")
+    if calibrate == "error" and not threshold > 0:
+        raise ValueError(f"with calibrate: error the threshold is the target error, > 0; got {threshold}")
 
 
 @register_policy("input_norm")
