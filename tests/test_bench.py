@@ -8,10 +8,10 @@ import torch
 from test_cli import one_line_error
 
 from gatesearch.bench import BenchConfig, BenchError, lines, parse_knobs, parse_values, run_bench
+from gatesearch.models import build_model
 from gatesearch.objectives.bench import bench_model
 from gatesearch.objectives.fidelity import fidelity, stream_outputs
 from gatesearch.policies import build_policy
-from gatesearch.search.trial import build_model
 from gatesearch.spaces import TrialConfig
 
 
@@ -72,9 +72,9 @@ def test_classification_outputs_are_the_running_clip_prediction(static_clip):
 
 
 @pytest.mark.parametrize("trial", [
-    TrialConfig(gate="input_norm", threshold=0.0, block_size=2),
-    TrialConfig(backbone="resnet18_tiny", gate="dstep", target_flops_ratio=0.5, block_size=2),
-    TrialConfig(backbone="r2plus1d_tiny", gate="vared2", search_space_size=2, lambda_e=1.0),
+    TrialConfig(gate="input_norm", knobs={"threshold": 0.0, "block_size": 2}),
+    TrialConfig(backbone="resnet18_tiny", gate="dstep", knobs={"target_flops_ratio": 0.5, "block_size": 2}),
+    TrialConfig(backbone="r2plus1d_tiny", gate="vared2", knobs={"search_space_size": 2, "lambda_e": 1.0}),
 ], ids=lambda t: t.gate)
 def test_dense_twin_carries_every_dense_weight(tmp_path, trial):
     from gatesearch.export import dense_twin, load_artifact, save_artifact, trial_meta
@@ -95,7 +95,7 @@ def test_dense_twin_refuses_weights_it_cannot_fill():
     from gatesearch.policies.dense_twin import load_dense_twin
 
     dense = build_model(TrialConfig(), 12)
-    state = {k: v for k, v in build_model(TrialConfig(gate="input_norm", threshold=1.0, block_size=2), 12)
+    state = {k: v for k, v in build_model(TrialConfig(gate="input_norm", knobs={"threshold": 1.0, "block_size": 2}), 12)
              .state_dict().items() if "stem" not in k}
     with pytest.raises(ValueError, match="no value for"):
         load_dense_twin(dense, state, build_policy("input_norm", threshold=1.0, block_size=2))
@@ -158,7 +158,7 @@ def test_run_compare_dense(cli, tmp_path):
     from gatesearch.export import save_artifact, trial_meta
     from gatesearch.spaces import DataConfig
 
-    trial = TrialConfig(gate="input_norm", threshold=0.0, block_size=2)
+    trial = TrialConfig(gate="input_norm", knobs={"threshold": 0.0, "block_size": 2})
     meta = trial_meta(trial, metrics={}, data=DataConfig(synthetic={"height": 32, "width": 32}), num_classes=12,
                       frame_shape=(3, 32, 32))
     save_artifact(tmp_path / "art", build_model(trial, 12), meta)
@@ -196,7 +196,7 @@ def test_cli_run_streams(cli, tmp_path):
     from gatesearch.export import save_artifact, trial_meta
     from gatesearch.spaces import DataConfig
 
-    trial = TrialConfig(gate="input_norm", threshold=0.5, block_size=2)
+    trial = TrialConfig(gate="input_norm", knobs={"threshold": 0.5, "block_size": 2})
     meta = trial_meta(trial, metrics={}, data=DataConfig(synthetic={"height": 32, "width": 32}), num_classes=12,
                       frame_shape=(3, 32, 32))
     save_artifact(tmp_path / "art", build_model(trial, 12), meta)
@@ -253,7 +253,7 @@ def test_cli_sweep_of_error_targets(cli):
     (("--target-density", "0.3", "--target-error", "0.1"), "give one target"),
     (("--target-density", "1.5"), "the threshold is the target density, in (0, 1]"),
     (("--gate", "gumbel", "--target-error", "0.1"), "does not take 'calibrate'"),
-    (("-p", "calibrate=speed"), "calibrate must be one of off, density, error"),
+    (("-p", "calibrate=speed"), "calibrate: 'speed' is not one of off, density, error"),
 ])
 def test_cli_bad_targets(cli, args, text):
     one_line_error(cli("bench", *args), text)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from gatesearch.models import build_model
 from gatesearch.objectives import MacCounter
 from gatesearch.policies.calibration import calibrate_thresholds, layer_thresholds, set_layer_thresholds
-from gatesearch.search.trial import build_model
 from gatesearch.spaces import TrialConfig
 
 STEPS = 9  # coarser than the default where the resolution does not matter, for speed: 48 octaves to 0.09
@@ -21,9 +21,9 @@ def clips():
     return torch.stack([make_clip(cfg, i, "train")["clip"] for i in range(2)])  # (2, 6, 3, 32, 32)
 
 
-def gated(reference="frame", **knobs):
-    return build_model(TrialConfig(gate="input_norm", threshold=1.0, block_size=2, reference=reference, **knobs),
-                       12).eval()
+def gated(reference="frame", task="classification"):
+    knobs = {"threshold": 1.0, "block_size": 2, "reference": reference}
+    return build_model(TrialConfig(gate="input_norm", task=task, knobs=knobs), 12).eval()
 
 
 @pytest.mark.parametrize("reference", ["frame", "block"])
@@ -78,7 +78,7 @@ def test_exported_per_layer_thresholds_round_trip(tmp_path, clips, static_clip):
     from gatesearch.export import ArtifactError, load_artifact, save_artifact, trial_meta
     from gatesearch.spaces import DataConfig
 
-    trial = TrialConfig(gate="input_norm", threshold=1.0, block_size=2)
+    trial = TrialConfig(gate="input_norm", knobs={"threshold": 1.0, "block_size": 2})
     model = build_model(trial, 12).eval()
     calibrate_thresholds(model, clips, target="density", value=0.3, steps=4)
     meta = trial_meta(trial, metrics={}, data=DataConfig(), num_classes=12, frame_shape=(3, 32, 32))
@@ -99,3 +99,31 @@ def test_exported_per_layer_thresholds_round_trip(tmp_path, clips, static_clip):
     (out / "gatesearch.json").write_text(json.dumps(old))
     with pytest.raises(ArtifactError, match="no norm-gated layer"):
         load_artifact(out)
+
+
+def test_a_trial_calibrates_its_gate_and_the_search_samples_the_target():
+    """The search's knob is the target: ``calibrate: density`` in the YAML makes the sampled threshold a density,
+    and each trial's layers get their own ε on its training clips before evaluation."""
+    import optuna
+
+    from gatesearch.search.trial import run_trial
+    from gatesearch.spaces import DataConfig, EvalConfig, parse_search_config
+
+    cfg = parse_search_config({"space": {"gate": "input_norm", "epochs": 1, "clip_length": 4, "block_size": 2,
+                                         "gates": {"input_norm": {"calibrate": "density",
+                                                                  "threshold": {"low": 0.2, "high": 0.4}}}}})
+    trial = cfg.space.suggest(optuna.create_study().ask())
+    assert trial.knobs["calibrate"] == "density" and 0.2 <= trial.knobs["threshold"] <= 0.4
+    data = DataConfig(train_clips=8, val_clips=2, synthetic={"height": 32, "width": 32})
+    out = run_trial(trial, data, EvalConfig(frames=4, latency_warmup=0, latency_repeats=1))
+    thresholds = layer_thresholds(out.model)
+    assert len(set(thresholds.values())) > 1 and trial.knobs["threshold"] not in thresholds.values()
+    residual = [(4 * d - 1) / 3 for d in out.layer_density.values()]  # 4-frame clips, the first one dense
+    assert all(abs(r - trial.knobs["threshold"]) < 0.2 for r in residual)  # held-out clips: near the target
+
+
+def test_calibrate_is_one_per_search():
+    from gatesearch.spaces import SpaceError, parse_search_config
+
+    with pytest.raises(SpaceError, match="calibrate: one value, not several"):
+        parse_search_config({"space": {"gate": "input_norm", "gates": {"input_norm": {"calibrate": ["off", "error"]}}}})

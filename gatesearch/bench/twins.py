@@ -28,7 +28,7 @@ def build_twins(cfg: BenchConfig) -> Twins:
     """The dense model and its gated versions: from the registry with fresh weights, or from an artifact."""
     if cfg.artifact is not None:
         return _from_artifact(cfg)
-    from gatesearch.search.trial import build_model
+    from gatesearch.models import build_model
     from gatesearch.spaces import TrialConfig
 
     dense = build_model(TrialConfig(backbone=cfg.backbone, width=cfg.width, task=cfg.task), NUM_CLASSES)
@@ -46,7 +46,7 @@ def _from_artifact(cfg: BenchConfig) -> Twins:
     if not (cfg.sweep or cfg.knobs):  # the exported model as it is (calibrated already, if its gate is)
         return Twins(dense=dense, gated={"gated": art.model}, knobs={}, frame_hw=tuple(art.meta["frame_shape"][1:]),
                      backbone=trial.backbone, gate=trial.gate, task=trial.task)
-    knobs = _variants(trial.gate, {**trial.gate_knobs(), **cfg.knobs}, cfg.sweep)
+    knobs = _variants(trial.gate, {**trial.knobs, **cfg.knobs}, cfg.sweep)
     return Twins(dense=dense, gated=_gated(dense, trial.gate, knobs), knobs=knobs,
                  frame_hw=tuple(art.meta["frame_shape"][1:]), backbone=trial.backbone, gate=trial.gate, task=trial.task)
 
@@ -78,23 +78,14 @@ def calibrate(twins: Twins, clip: torch.Tensor, *, reset_every: int | None) -> d
     return {label: record for label, record in found.items() if record is not None}
 
 
-def _takes(gate: str) -> list[str]:
+def _takes(gate: str) -> dict:
     from gatesearch.policies import POLICIES
 
-    policy = POLICIES.get(gate)
-    return [*policy.params, *policy.options]
+    return POLICIES.get(gate).takes()
 
 
 def _with_examples(gate: str, knobs: dict) -> dict:
-    """``knobs`` checked by name, the unset ones at the low end of the gate's default range."""
+    """``knobs``, the unset params at an example value (the low end of the gate's default range)."""
     from gatesearch.policies import POLICIES
 
-    takes = _takes(gate)
-    for key in knobs:
-        if key not in takes:
-            raise BenchError(f"gate {gate!r} does not take {key!r} (it takes {', '.join(takes) or 'nothing'})")
-    out = dict(knobs)
-    for key, default in POLICIES.get(gate).params.items():
-        out.setdefault(key, default["low"] if isinstance(default, dict)
-                       else default[0] if isinstance(default, list) else default)
-    return out
+    return {**POLICIES.get(gate).example_knobs(), **knobs}

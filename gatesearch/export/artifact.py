@@ -145,7 +145,7 @@ def dense_twin(artifact: Artifact) -> torch.nn.Module:
     trial = artifact.trial
     dense = build(trial.backbone, task=trial.task, num_classes=int(artifact.meta["num_classes"]), width=trial.width)
     try:
-        load_dense_twin(dense, artifact.model.state_dict(), build_policy(trial.gate, **trial.gate_knobs()))
+        load_dense_twin(dense, artifact.model.state_dict(), build_policy(trial.gate, **trial.knobs))
     except (ValueError, RuntimeError) as e:
         raise ArtifactError(f"no dense twin for this artifact: {e}") from None
     return dense.eval()

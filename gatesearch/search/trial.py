@@ -1,7 +1,8 @@
 """One trial, without Ray: build, train, evaluate. The unit Ray Tune runs.
 
 Flow: TrialConfig -> backbones.build + policy.apply -> synthetic clips ->
-train (task loss + the policy's loss) -> stream held-out clips through the
+train (task loss + the policy's loss) -> calibrate (a gate that sets itself
+from data, e.g. per-layer thresholds) -> stream held-out clips through the
 gated model (quality, per-layer density, effective MACs) -> measured latency.
 """
 
@@ -17,7 +18,10 @@ import torch
 from gatesearch.data.source import load_clips, num_classes
 from gatesearch.models import build_model
 from gatesearch.objectives.device import NoLock
+from gatesearch.policies import build_policy
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
+
+CALIBRATION_CLIPS = 8  # training clips a gate calibrates on after training (Policy.calibrate)
 
 
 @dataclass
@@ -35,7 +39,6 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     trial on this machine can claim the device between steps.
     """
     from gatesearch.objectives import task_loss
-    from gatesearch.policies import build_policy
 
     lock = lock or NoLock()
     policy = build_policy(cfg.gate, **cfg.knobs)
@@ -130,6 +133,8 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
     model = build_model(cfg, num_classes(data))
     t1 = time.perf_counter()
     loss = train(model, cfg, train_clips, lock=lock, on_epoch=on_epoch)
+    with (lock or NoLock()).shared():  # a gate that sets itself from data (per-layer ε)
+        build_policy(cfg.gate, **cfg.knobs).calibrate(model, train_clips["clip"][:CALIBRATION_CLIPS])
     t2 = time.perf_counter()
     outcome = evaluate(model, cfg, val_clips, evaluation, lock=lock, latency_threads=latency_threads)
     t3 = time.perf_counter()
