@@ -137,7 +137,7 @@ def test_cli_heatmap_reports_pck_agreement(cli):
     (("--sweep", "abc"), "--sweep: 'abc' is not a number"),
     (("--sweep", "0.1,,0.2"), "--sweep: '' is not a number"),
     (("--sweep", "0.1,0.1"), "repeated values"),
-    (("--sweep", "0.1", "--threshold", "1"), "either a threshold or a sweep"),
+    (("--sweep", "0.1", "--threshold", "1"), "either a threshold (or a target) or a sweep"),
     (("--plot", "x.png"), "a plot draws a sweep"),
     (("--gate", "gumbel", "--sweep", "0.1"), "gate 'gumbel' has no threshold"),
     (("-p", "nokey"), "'nokey' is not KEY=VALUE"),

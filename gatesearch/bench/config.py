@@ -47,7 +47,7 @@ class BenchConfig:
         if self.workers not in WORKERS:
             raise BenchError(f"workers must be one of {', '.join(WORKERS)}, got {self.workers!r}")
         if self.sweep and "threshold" in self.knobs:
-            raise BenchError("give either a threshold or a sweep of thresholds, not both")
+            raise BenchError("give either a threshold (or a target) or a sweep of them, not both")
         if self.plot is not None and not self.sweep:
             raise BenchError("a plot draws a sweep: give a sweep of thresholds too")
         if self.video is not None and not Path(self.video).is_file():

@@ -26,34 +26,35 @@ class Twins:
 
 def build_twins(cfg: BenchConfig) -> Twins:
     """The dense model and its gated versions: from the registry with fresh weights, or from an artifact."""
+    from gatesearch.policies import POLICIES
+
     if cfg.artifact is not None:
         return _from_artifact(cfg)
     from gatesearch.models import build_model
     from gatesearch.spaces import TrialConfig
 
     dense = build_model(TrialConfig(backbone=cfg.backbone, width=cfg.width, task=cfg.task), NUM_CLASSES)
-    knobs = _variants(cfg.gate, _with_examples(cfg.gate, cfg.knobs), cfg.sweep)
+    knobs = _variants(cfg.gate, {**POLICIES.get(cfg.gate).example_knobs(), **cfg.knobs}, cfg.sweep)
     return Twins(dense=dense, gated=_gated(dense, cfg.gate, knobs), knobs=knobs, frame_hw=(cfg.size, cfg.size),
                  backbone=cfg.backbone, gate=cfg.gate, task=cfg.task)
 
 
 def _from_artifact(cfg: BenchConfig) -> Twins:
+    """An exported model as it is (calibrated already, if its gate is), or rebuilt with other knobs or a sweep."""
     from gatesearch.export import dense_twin, load_artifact
 
     art = load_artifact(cfg.artifact)
-    dense = dense_twin(art)
-    trial = art.trial
-    if not (cfg.sweep or cfg.knobs):  # the exported model as it is (calibrated already, if its gate is)
-        return Twins(dense=dense, gated={"gated": art.model}, knobs={}, frame_hw=tuple(art.meta["frame_shape"][1:]),
-                     backbone=trial.backbone, gate=trial.gate, task=trial.task)
-    knobs = _variants(trial.gate, {**trial.knobs, **cfg.knobs}, cfg.sweep)
-    return Twins(dense=dense, gated=_gated(dense, trial.gate, knobs), knobs=knobs,
+    dense, trial = dense_twin(art), art.trial
+    knobs = _variants(trial.gate, {**trial.knobs, **cfg.knobs}, cfg.sweep) if cfg.sweep or cfg.knobs else {}
+    return Twins(dense=dense, gated=_gated(dense, trial.gate, knobs) if knobs else {"gated": art.model}, knobs=knobs,
                  frame_hw=tuple(art.meta["frame_shape"][1:]), backbone=trial.backbone, gate=trial.gate, task=trial.task)
 
 
 def _variants(gate: str, knobs: dict, sweep: tuple[float, ...]) -> dict[str, dict]:
     """label -> knobs: one per swept threshold, or ``knobs`` as they are."""
-    if sweep and "threshold" not in _takes(gate):
+    from gatesearch.policies import POLICIES
+
+    if sweep and "threshold" not in POLICIES.get(gate).takes():
         raise BenchError(f"sweep: gate {gate!r} has no threshold to sweep")
     return {f"{v:g}": {**knobs, "threshold": v} for v in sweep} if sweep else {"gated": knobs}
 
@@ -76,16 +77,3 @@ def calibrate(twins: Twins, clip: torch.Tensor, *, reset_every: int | None) -> d
     found = {label: build_policy(twins.gate, **knobs).calibrate(twins.gated[label], clip, reset_every=reset_every)
              for label, knobs in twins.knobs.items()}
     return {label: record for label, record in found.items() if record is not None}
-
-
-def _takes(gate: str) -> dict:
-    from gatesearch.policies import POLICIES
-
-    return POLICIES.get(gate).takes()
-
-
-def _with_examples(gate: str, knobs: dict) -> dict:
-    """``knobs``, the unset params at an example value (the low end of the gate's default range)."""
-    from gatesearch.policies import POLICIES
-
-    return {**POLICIES.get(gate).example_knobs(), **knobs}
