@@ -10,7 +10,8 @@ declarations from the registry, so no other file names the gate or its knobs:
   is refused before any trial starts;
 - ``keep_all()``: knobs under which the converted model, forced open (``force_open``), computes the dense network;
 - ``example_knobs()``: legal knobs to build the gate with (the low end of each default domain unless overridden);
-- ``apply(model)`` converts a model in place; ``loss``, ``on_epoch`` and ``streams`` are the trainer's hooks.
+- ``apply(model)`` converts a model in place; ``loss``, ``on_epoch`` and ``streams`` are the trainer's hooks, and
+  ``calibrate`` sets what a gate takes from data after training (the norm gates' per-layer ε).
 
 ``register_policy`` checks the declarations when the module is imported, so a gate that breaks the contract fails
 at once with a message naming it.
