@@ -47,6 +47,42 @@ def test_gate_options_travel_with_the_artifact(tmp_path, static_clip):
         assert torch.equal(art.model.stream(static_clip), model.stream(static_clip))
 
 
+#: the ``trial`` of a gatesearch.json as written before a trial's knobs were one mapping: every gate's knobs, null
+#: where the trial's gate does not take them
+OLD_FORM_TRIAL = {
+    "backbone": "tiny", "width": 1.0, "task": "classification", "gate": "input_norm", "threshold": 0.3, "beta": None,
+    "target_flops_ratio": None, "block_size": 2, "reference": None, "per_value": None, "search_space_size": None,
+    "lambda_e": None, "clip_length": 4, "lr": 0.003, "epochs": 3, "batch_size": 8, "seed": 0,
+}
+
+
+def test_artifacts_written_in_the_old_form_still_load(tmp_path, static_clip):
+    model, out = make(tmp_path)
+    meta = json.loads((out / "gatesearch.json").read_text())
+    meta["trial"] = OLD_FORM_TRIAL
+    (out / "gatesearch.json").write_text(json.dumps(meta))
+    art = load_artifact(out)
+    assert art.trial == TRIAL and art.trial.knobs == {"threshold": 0.3, "block_size": 2}
+    with torch.inference_mode():
+        assert torch.equal(art.model.stream(static_clip), model.stream(static_clip))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"beta": 1.0}, "gate 'input_norm' does not take 'beta'"),
+    ({"threshold": -1.0}, "gate 'input_norm': threshold: must be >= 0.0"),
+    ({"threshold": None}, "gate 'input_norm' needs 'threshold'"),
+    ({"gate": "gumbal"}, "unknown gate 'gumbal'"),
+])
+def test_bad_knobs_in_an_artifact_are_one_line_errors(tmp_path, change, message):
+    _, out = make(tmp_path)
+    meta = json.loads((out / "gatesearch.json").read_text())
+    meta["trial"].update(change)
+    (out / "gatesearch.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=f"bad configuration \\({message}") as e:
+        load_artifact(out)
+    assert "\n" not in str(e.value)
+
+
 def test_refuses_to_overwrite(tmp_path):
     make(tmp_path)
     with pytest.raises(ArtifactError, match="already exists"):
