@@ -27,7 +27,7 @@ from gatesearch.affine import bn_affine, versions
 from gatesearch.ops import _native
 from gatesearch.ops.block_sparse import accumulate_block_sparse_
 from gatesearch.ops.gate import block_density, upsample_block_mask
-from gatesearch.ops.geometry import Pair, resolve_geometry
+from gatesearch.ops.geometry import Pair, conv_out_size, resolve_geometry
 from gatesearch.ops.packing import Kind
 
 #: cost of laying out a fresh conv weight, in output positions of that conv (measured with one thread on
@@ -136,10 +136,8 @@ class FoldedConv:
 
     def out_hw(self, in_hw) -> tuple[int, int]:
         kh, kw = self.weight.shape[-2:]
-        return tuple(
-            (n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip(in_hw, self.padding, self.dilation, (kh, kw), self.stride)
-        )
+        return tuple(conv_out_size(n, k, s, p, d)
+                     for n, k, s, p, d in zip(in_hw, (kh, kw), self.stride, self.padding, self.dilation))
 
 
 def tile_conv(x: torch.Tensor, conv: FoldedConv, tile_mask: torch.Tensor, *, tile: int,

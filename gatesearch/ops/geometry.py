@@ -40,6 +40,13 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_out_shape(conv, in_size) -> tuple[int, ...]:
+    """Output size of a conv module with numeric padding (``Conv2d``: (Ho, Wo), ``Conv3d``: (To, Ho, Wo)) for an
+    input of ``in_size`` (its sizes after the channels)."""
+    return tuple(conv_out_size(n, k, s, p, d)
+                 for n, k, s, p, d in zip(in_size, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Every size a block-sparse conv step needs; hashable, so it keys caches."""

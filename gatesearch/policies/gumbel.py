@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatesearch.ops.geometry import conv_out_shape
 from gatesearch.spaces.params import Param
 
 from .base import BLOCK_SIZE, Policy, register_policy
@@ -34,7 +35,6 @@ from .skipconv import (
     Gate,
     SkipConv2d,
     ceil_div,
-    conv_out_hw,
     convert_convs,
     pool_blocks,
     skip_layers,
@@ -99,7 +99,7 @@ class GumbelGate(Gate):
 
     def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
         if self.force_open:
-            ho, wo = conv_out_hw(layer.conv, r.shape[-2:])
+            ho, wo = conv_out_shape(layer.conv, r.shape[-2:])
             b = layer.block_size
             return torch.ones(r.shape[0], ceil_div(ho, b), ceil_div(wo, b), dtype=torch.bool, device=r.device)
         hard, _ = self.sample(self.block_logits(r, layer))

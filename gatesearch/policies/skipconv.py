@@ -319,18 +319,11 @@ def skip_layers(model: nn.Module) -> list[SkipConv2d]:
     return [m for m in model.modules() if isinstance(m, SkipConv2d)]
 
 
-def conv_out_hw(conv: nn.Conv2d, in_hw) -> tuple[int, int]:
-    return tuple(
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, p, d, k, s in zip(in_hw, conv.padding, conv.dilation, conv.kernel_size, conv.stride)
-    )
-
-
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
 __all__ = [
     "FoldedBatchNorm2d", "Gate", "SkipConv2d", "convert_convs", "fold_batch_norms", "skip_layers", "upsample_blocks",
-    "pool_blocks", "conv_out_hw", "ceil_div",
+    "pool_blocks", "ceil_div",
 ]

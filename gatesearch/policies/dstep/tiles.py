@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatesearch.ops.geometry import conv_out_size
+from gatesearch.ops.geometry import conv_out_shape
 
 from .flops import dense_conv_macs
 
@@ -51,14 +51,14 @@ class TileGeometry:
 def tile_geometry(convs: list[nn.Conv2d], tile: int, in_hw: tuple[int, int], policy: DStepPolicy) -> TileGeometry:
     """The tile grid of S (on conv1's output) and its map onto every conv of the branch for ``in_hw`` inputs."""
     p = tile
-    h_hw = conv_out_hw(convs[0], in_hw)
+    h_hw = conv_out_shape(convs[0], in_hw)
     grid = (-(-h_hw[0] // p), -(-h_hw[1] // p))
     in_tile = p * convs[0].stride[0]
     hp, wp = min(in_hw[0], grid[0] * in_tile), min(in_hw[1], grid[1] * in_tile)
     in_area = (edge_sizes(hp, in_tile)[:, None] * edge_sizes(wp, in_tile)[None, :]).reshape(grid)
     levels, hw, stride = [], in_hw, 1
     for i, conv in enumerate(convs):
-        out_hw = conv_out_hw(conv, hw)
+        out_hw = conv_out_shape(conv, hw)
         if i > 0:
             stride *= conv.stride[0]
         q = max(p // stride, 1)
@@ -71,11 +71,6 @@ def tile_geometry(convs: list[nn.Conv2d], tile: int, in_hw: tuple[int, int], pol
         hw = out_hw
     return TileGeometry(in_hw=in_hw, grid=grid, in_tile=in_tile, in_area=in_area, levels=tuple(levels),
                         policy_macs=policy.macs(convs[0].in_channels, in_hw, grid))
-
-
-def conv_out_hw(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[int, int]:
-    return tuple(conv_out_size(n, k, s, p, d)
-                 for n, k, s, p, d in zip(hw, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 def edge_sizes(length: int, tile: int) -> torch.Tensor:

@@ -16,8 +16,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from gatesearch.ops.geometry import conv_out_size
-
 
 def channel_counts(conv: nn.Module, space_size: int, block: int = 1) -> tuple[int, ...]:
     """k_i = C_out·(1/2)^i, in whole groups of a grouped conv, and to the nearest whole ``block`` once that is
@@ -30,12 +28,6 @@ def channel_counts(conv: nn.Module, space_size: int, block: int = 1) -> tuple[in
         whole = round(k / block) * block if g == 1 and block > 1 and k >= block else math.ceil(k / unit) * unit
         counts.append(min(co, max(unit, whole)))
     return tuple(counts)
-
-
-def conv_output_size(conv: nn.Conv2d | nn.Conv3d, in_size: Sequence[int]) -> tuple[int, ...]:
-    """The dense conv's output size per sample without channels: (To, Ho, Wo) or (Ho, Wo)."""
-    return tuple(conv_out_size(n, k, s, p, d)
-                 for n, k, s, p, d in zip(in_size, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 def macs_per_output(conv: nn.Conv2d | nn.Conv3d) -> int:
@@ -96,5 +88,5 @@ def st_cost(v: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())
 
 
-__all__ = ["CostRecord", "LayerGeometry", "LayerStats", "channel_counts", "conv_output_size", "macs_per_output",
+__all__ = ["CostRecord", "LayerGeometry", "LayerStats", "channel_counts", "macs_per_output",
            "rebuild_macs", "st_cost"]

@@ -35,13 +35,13 @@ from torch import nn
 
 from gatesearch.affine import FoldCache, versions
 from gatesearch.backbones.clip3d import conv3d, window_frames
+from gatesearch.ops.geometry import conv_out_shape
 
 from .cost import (
     CostRecord,
     LayerGeometry,
     LayerStats,
     channel_counts,
-    conv_output_size,
     macs_per_output,
     rebuild_macs,
     st_cost,
@@ -113,7 +113,7 @@ class DynamicConv(nn.Module):
         """The dense output size, dense MACs and gate MACs per sample for this input size."""
         key = tuple(x.shape[1:])
         if key not in self._geometry:
-            out = conv_output_size(self.conv, x.shape[2:])
+            out = conv_out_shape(self.conv, x.shape[2:])
             self._geometry[key] = LayerGeometry(out, self.conv_macs(out, self.conv.out_channels), self.gate.macs(key))
         return self._geometry[key]
 
