@@ -51,3 +51,56 @@ def cli(tmp_path, monkeypatch):
         return runner.invoke(main, list(args))
 
     return invoke
+
+
+# -- helpers shared by test modules (``from conftest import randomize_bn``) ------------------------------------
+
+def randomize_bn(model: torch.nn.Module, clip: torch.Tensor | None = None, *, scale: float = 0.1,
+                 seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN affine parameters and statistics, so that eval mode is not the identity transform.
+
+    Weights in [0.5, 1.5), biases and means ~ N(0, scale²), variances in [0.5, 1.5). With a clip (B, T, 3, H, W),
+    the running statistics are those of one batched pass over it (then shifted a little): random statistics make
+    a deep net's activations grow layer after layer (to 1e8 in HRNet-W32), and float32 rounding at that scale
+    would hide the equivalence being tested.
+    """
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        m.bias.data.copy_(torch.randn(m.num_features, generator=g) * scale)
+        m.running_mean.copy_(torch.randn(m.num_features, generator=g) * scale)
+        m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    if clip is not None:
+        from gatesearch.backbones import clip_length
+
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 1.0  # running stats := this batch's stats
+        model.train()
+        with torch.no_grad(), clip_length(model, clip.shape[1]):
+            model(clip)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+            m.running_mean.add_(torch.randn(m.num_features, generator=g) * scale / 2)
+    return model
+
+
+@pytest.fixture
+def quick_crossover(monkeypatch):
+    """No timed calibration of the skip and tile kernels' sparse/dense crossover (seconds per layer shape), and no
+    disk cache: a fixed crossover of 0.5 sends sparse frames to the sparse kernels and busy ones to the dense path.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("quick_crossover")``."""
+    from gatesearch.ops import channel_gather, crossover
+
+    monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
+    fixed = lambda *a, **k: {"crossover": 0.5, "stable": False}
+    monkeypatch.setattr(crossover, "calibrate", fixed)
+    monkeypatch.setattr(channel_gather, "calibrate", fixed)
+    crossover.clear_cache()
+    channel_gather._memo.clear()
+    yield
+    crossover.clear_cache()
+    channel_gather._memo.clear()

@@ -1,201 +1,44 @@
-"""Backbone contract: every registered backbone × every registered gate, on a tiny clip.
+"""Backbones: which gates they take, full-size layouts, the temporal shift, and loading weights.
 
-One suite parametrized over ``BACKBONES.list()`` × ``POLICIES.list()`` (as timm
-does for its models), so a new backbone or gate is covered by registering it.
-Each backbone runs at ``WIDTH`` (fewer channels, same depth). Search-size
-backbones (a name with "tiny" or "small") run in every test session; the
-full-size layouts are deep enough to take seconds per case on 2 cores, so their
-contract cases are marked slow and run on one 2-frame clip; at full width
-they are checked for feature shapes and torchvision compatibility only.
+What every gate must do on every backbone it takes is ``test_contract.py``; here each registered backbone is
+checked against the gates' declared needs, and at full width for feature shapes and torchvision compatibility.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_bn
+from gate_contract import WIDTH, accepted_gates, batched, gated_model, make_batch, tasks_of
 from torch import nn
 
 from gatesearch.backbones import BACKBONES, ClipBackbone, WeightsError, build, clip_length, load_weights
 from gatesearch.backbones.temporal_shift import TemporalShift
-from gatesearch.objectives import task_loss
-from gatesearch.policies import POLICIES, build_policy, force_open
+from gatesearch.policies import POLICIES, build_policy
 from gatesearch.stateful import streaming
 
-B, T, SIZE, K = 2, 4, 64, 12
-WIDTH = 0.25  # every contract case: full-size layouts keep their depth, lose 3/4 of their channels
-
-
-def search_size(name: str) -> bool:
-    return "tiny" in name or "small" in name
-
-
-BACKBONE_CASES = [n if search_size(n) else pytest.param(n, marks=pytest.mark.slow) for n in BACKBONES.list()]
-
-
-def example_knobs(gate: str) -> dict:
-    return POLICIES.get(gate).example_knobs()
-
-
-def randomize_bn(model: nn.Module, clip: torch.Tensor | None = None) -> nn.Module:
-    """Non-trivial BN affine parameters and statistics, so eval mode is not the identity transform.
-
-    With a clip, the running statistics are those of one batched pass over it
-    (then shifted a little): random statistics make a deep net's activations grow
-    layer after layer (to 1e8 in HRNet-W32), and float32 rounding at that scale
-    would hide the equivalence being tested.
-    """
-    g = torch.Generator().manual_seed(0)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-        m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-        m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    if clip is not None:
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.momentum = 1.0  # running stats := this batch's stats
-        model.train()
-        with torch.no_grad():
-            batched(model, clip)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-            m.running_mean.add_(torch.randn(m.num_features, generator=g) * 0.05)
-    return model
-
-
-def refused(backbone: str, gate: str) -> str | None:
-    """Why ``gate`` cannot convert ``backbone``, from the structure the gate declares (``Policy.requires``)."""
-    from gatesearch.spaces.compat import incompatibility
-
-    return incompatibility(backbone, gate, tasks_of(backbone)[0])
-
-
-def skip_refused(backbone: str, gate: str) -> None:
-    if why := refused(backbone, gate):
-        pytest.skip(f"{why} (test_gates_refuse_exactly_what_they_declare)")
-
-
-def make_model(backbone: str, gate: str, task: str, knobs: dict | None = None, *, seed: int = 0,
-               width: float = WIDTH) -> nn.Module:
-    skip_refused(backbone, gate)
-    torch.manual_seed(seed)
-    model = build(backbone, task=task, num_classes=K, width=width)
-    return build_policy(gate, **(example_knobs(gate) if knobs is None else knobs)).apply(model)
-
-
-def batched(model: nn.Module, clip: torch.Tensor) -> torch.Tensor:
-    """``model(clip)``, telling clip-aware layers T even before ``VideoModel.forward`` does it itself."""
-    with clip_length(model, clip.shape[1]):
-        return model(clip)
-
-
-def tasks_of(backbone: str) -> tuple[str, ...]:
-    return BACKBONES.get(backbone)(width=WIDTH).tasks
+B, T, K = 2, 4, 12
 
 
 @pytest.fixture(scope="module")
 def batch():
-    """Two 4-frame 64×64 clips with a still background (so gates have something to skip)."""
-    from gatesearch.data import SyntheticConfig, make_clip
-
-    cfg = SyntheticConfig(height=SIZE, width=SIZE, frames=T, noise=0.0, camera_motion=0.0, seed=3)
-    items = [make_clip(cfg, i, "test") for i in range(B)]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-@pytest.fixture(autouse=True)
-def quick_crossover(monkeypatch):
-    """No timed calibration of the skip kernels' sparse/dense crossover (seconds per layer shape):
-    a fixed crossover of 0.5 sends sparse frames to the sparse kernel and busy ones to the dense path."""
-    from gatesearch.ops import crossover
-
-    monkeypatch.setattr(crossover, "calibrate", lambda *a, **k: {"crossover": 0.5, "stable": False})
-    crossover.clear_cache()
-    yield
-    crossover.clear_cache()
-
-
-def contract_batch(backbone: str, batch: dict) -> dict:
-    """The whole batch for search-size backbones; one 2-frame clip for the deep full-size ones."""
-    return batch if search_size(backbone) else {k: v[:1, :2] if v.dim() > 1 else v[:1] for k, v in batch.items()}
-
-
-def expected_shape(task: str, clip: torch.Tensor) -> tuple[int, ...]:
-    b, t, _, h, w = clip.shape
-    return (b, K) if task == "classification" else (b, t, 1, h // 4, w // 4)
-
-
-# -- the contract ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("gate", POLICIES.list())
-@pytest.mark.parametrize("backbone", BACKBONE_CASES)
-def test_forward_shapes_finite_and_deterministic(batch, backbone, gate):
-    """Each supported task: the head's shape, finite values, and the same seed gives the same output."""
-    batch = contract_batch(backbone, batch)
-    for task in tasks_of(backbone):
-        outs = []
-        for _ in range(2):
-            model = make_model(backbone, gate, task).eval()
-            with torch.no_grad():
-                outs.append(batched(model, batch["clip"]))
-        assert outs[0].shape == expected_shape(task, batch["clip"]), task
-        assert torch.isfinite(outs[0]).all(), task
-        assert torch.equal(outs[0], outs[1]), f"{task}: same seed, different output"
-
-
-@pytest.mark.parametrize("gate", POLICIES.list())
-@pytest.mark.parametrize("backbone", BACKBONE_CASES)
-def test_every_parameter_gets_a_gradient(batch, backbone, gate):
-    """One training step's loss (task + the gate's own term) reaches every parameter, finitely."""
-    batch = contract_batch(backbone, batch)
-    task = "classification" if "classification" in tasks_of(backbone) else "heatmap"
-    model = make_model(backbone, gate, task).train()
-    policy = build_policy(gate, **example_knobs(gate))
-    policy.on_epoch(model, 1, 2)  # the last epoch of two, as the trial's trainer runs it: gates train by then
-    clip = batch["clip"]
-    out = model.stream(clip, reset_every=clip.shape[1]) if policy.streams(1, 2) else batched(model, clip)
-    loss = task_loss(task, out, batch)
-    extra = policy.loss(model, output=out, batch=batch)  # as the trainer calls it
-    if extra is not None:
-        loss = loss + extra
-    loss.backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not no_grad, f"no gradient for {no_grad[:5]}"
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    assert not bad, f"non-finite gradient for {bad[:5]}"
-
-
-@pytest.mark.parametrize("gate", POLICIES.list())
-@pytest.mark.parametrize("backbone", BACKBONE_CASES)
-def test_streaming_with_keep_all_gate_reproduces_batched(batch, backbone, gate):
-    """A gate that keeps everything, streamed frame by frame, equals the dense batched network.
-
-    Covers the temporal shift too: its streaming state must give what the
-    batched shift over a clip gives. Eval mode with non-trivial BN statistics.
-    """
-    knobs = POLICIES.get(gate).keep_all()
-    for task in tasks_of(backbone):
-        model = force_open(randomize_bn(make_model(backbone, gate, task, knobs), batch["clip"]).eval())
-        with torch.inference_mode():
-            dense = batched(model, batch["clip"])
-            streamed = model.stream(batch["clip"])
-        assert streamed.shape == dense.shape == expected_shape(task, batch["clip"])
-        err = (streamed - dense).abs().max().item()
-        scale = max(1.0, dense.abs().max().item())
-        assert err <= 1e-4 * scale, f"{task}: streamed differs from batched by {err:.2e} (scale {scale:.1f})"
+    return make_batch(clips=B, frames=T)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES.list())
 def test_gates_refuse_exactly_what_they_declare(backbone):
     """``apply`` refuses a backbone, with one line naming the gate, exactly when the backbone lacks the structure
-    the gate declares it needs (``requires``): the search space refuses such pairs from the declaration alone."""
+    the gate declares it needs (``requires``): the search space refuses such pairs from the declaration alone
+    (``spaces.compat``), and the contract suite runs exactly the pairs the declarations accept."""
+    from gatesearch.spaces.compat import incompatibility
+
     task = tasks_of(backbone)[0]
     for gate in POLICIES.list():
-        why = refused(backbone, gate)
+        why = incompatibility(backbone, gate, task)
+        assert (why is None) == (gate in accepted_gates(backbone)), (gate, why)
         model = build(backbone, task=task, num_classes=K, width=WIDTH)
         try:
-            build_policy(gate, **example_knobs(gate)).apply(model)
+            build_policy(gate, **POLICIES.get(gate).example_knobs()).apply(model)
         except ValueError as err:
             assert why is not None, f"{gate} declares it can convert {backbone}, but apply refused: {err}"
             assert "\n" not in str(err) and ("gate" in str(err) or "Skip-Conv" in str(err)), str(err)
@@ -279,7 +122,7 @@ def test_temporal_shift_reset_one_frame_and_unknown_clip_length():
 
 def test_tsm_stream_resets_like_clips(batch):
     """Streaming with a reset every 2 frames equals the batched net over 2-frame clips."""
-    model = randomize_bn(make_model("tsm_resnet18_tiny", "dense", "heatmap"), batch["clip"]).eval()
+    model = randomize_bn(gated_model("tsm_resnet18_tiny", "dense", "heatmap"), batch["clip"]).eval()
     clip = batch["clip"]
     with torch.inference_mode():
         streamed = model.stream(clip, reset_every=2)
@@ -291,7 +134,7 @@ def test_tsm_stream_resets_like_clips(batch):
 
 def test_video_model_tells_the_shift_the_clip_length(batch):
     """``VideoModel.forward`` opens ``clip_length`` around its batched pass (no help from the caller)."""
-    model = make_model("tsm_resnet18_tiny", "dense", "heatmap").eval()
+    model = gated_model("tsm_resnet18_tiny", "dense", "heatmap").eval()
     seen = []
     shift = next(m for m in model.modules() if isinstance(m, TemporalShift))
     shift.register_forward_pre_hook(lambda m, args: seen.append(m.frames_per_clip))
@@ -369,6 +212,7 @@ def test_load_weights_missing_unreadable_or_unsafe_file(tmp_path):
         load_weights(BACKBONES.get("tiny")(), tmp_path / "pickled.pt")
 
 
+@pytest.mark.usefixtures("quick_crossover")
 def test_load_weights_into_a_gated_model_and_no_partial_load(tmp_path, batch):
     """Dense weights load into a gated model (its layers accept dense names); a refused file changes nothing."""
     dense = randomize_bn(build("resnet18_tiny", task="heatmap", num_classes=K), batch["clip"]).eval()

@@ -40,3 +40,52 @@ def test_list_pattern_and_explicit_names():
 def test_builtin_entries():
     assert {"dense", "input_norm", "output_norm"} <= set(POLICIES)
     assert "tiny" in BACKBONES
+
+
+def test_unregister_and_describe():
+    reg = Registry("thing")
+
+    @reg.register("a")
+    class A:
+        """First line.
+
+        More."""
+
+    assert reg.describe("a") == "First line."
+    assert reg.unregister("a") is A and "a" not in reg
+    with pytest.raises(UnknownNameError, match="unknown thing 'a'"):
+        reg.unregister("a")
+
+
+def test_a_gate_that_breaks_the_contract_cannot_register():
+    """The declarations are checked when the gate registers: each refusal is one line naming the gate."""
+    from gatesearch.policies import Policy, register_policy
+    from gatesearch.spaces import Param
+
+    knob = Param(name="gain", kind=float, low=0.0, default={"low": 0.5, "high": 1.5}, doc="")
+
+    class NoKeepAll(Policy):
+        params = (knob,)
+
+    class TakesLr(Policy):
+        params = (Param(name="lr", kind=float, default=0.1, doc=""),)
+
+        @classmethod
+        def keep_all(cls):
+            return {"lr": 0.1}
+
+    class BadKeepAll(Policy):
+        params = (knob,)
+
+        @classmethod
+        def keep_all(cls):
+            return {"gain": -1.0}
+
+    for cls, message in [
+        (NoKeepAll, "gate 'broken': defines no keep_all()"),
+        (TakesLr, "gate 'broken': knob 'lr' is a parameter every trial has"),
+        (BadKeepAll, "gate 'broken': gain: must be >= 0.0"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=f"^{message}"):
+            register_policy("broken")(cls)
+        assert "broken" not in POLICIES

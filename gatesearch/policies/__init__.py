@@ -6,7 +6,7 @@ is one new file with a ``@register_policy`` class; ``base`` states what that cla
 
 from gatesearch.registry import import_submodules
 
-from .base import POLICIES, Policy, force_open, register_policy
+from .base import POLICIES, Policy, adopt, force_open, register_policy
 from .structure import Structure
 
 import_submodules(__name__, __path__)
@@ -17,4 +17,4 @@ def build_policy(name: str, **knobs) -> Policy:
     return POLICIES.get(name)(**knobs)
 
 
-__all__ = ["POLICIES", "Policy", "Structure", "build_policy", "force_open", "register_policy"]
+__all__ = ["POLICIES", "Policy", "Structure", "adopt", "build_policy", "force_open", "register_policy"]

@@ -157,6 +157,20 @@ def register_policy(name: str):
     return deco
 
 
+def adopt(gates: Mapping[str, type[Policy]]) -> None:
+    """Register the gates a process was handed but does not know, under their names.
+
+    A search ships its gates' classes to the Ray workers that run its trials: a built-in gate arrives as a
+    reference (unpickling imports its module, which registers it), a gate defined in the driver's own script
+    arrives by value and is registered here. A different gate of the same name is an error.
+    """
+    for name, cls in gates.items():
+        if name not in POLICIES:
+            register_policy(name)(cls)
+        elif POLICIES.get(name) is not cls:
+            raise ValueError(f"gate {name!r}: this process registers a different class under that name")
+
+
 def _name(cls: type) -> str:
     return getattr(cls, "registered_name", cls.__name__)
 

@@ -37,13 +37,15 @@ class NormGate(Gate):
         self.threshold = float(threshold)
         self.output_norm = output_norm
         self.per_value = per_value
+        self.force_open = False  # open: a negative threshold, which every norm exceeds
 
     def _args(self, layer: SkipConv2d) -> dict:
         c = layer.conv
         scale = float(c.weight.detach().abs().sum()) if self.output_norm else 1.0
         support = c.in_channels * c.kernel_size[0] * c.kernel_size[1] if self.per_value else 1
         return dict(kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
-                    block_size=layer.block_size, threshold=self.threshold * support, scale=scale)
+                    block_size=layer.block_size, threshold=-1.0 if self.force_open else self.threshold * support,
+                    scale=scale)
 
     def block_mask(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:
         from gatesearch import ops

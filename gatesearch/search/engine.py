@@ -46,16 +46,20 @@ class RunOptions:
     cpus: int | None = None  # CPUs of the local Ray (default: all of this machine's)
 
 
-def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int) -> None:
-    """Runs inside a Ray worker: one trial, one final report holding every objective."""
+def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int,
+                   gates: dict[str, type] | None = None) -> None:
+    """Runs inside a Ray worker: one trial, one final report holding every objective. ``gates`` are the searched
+    gates' classes, registered here when the worker does not know them (a gate defined in the driver's script)."""
     import torch
     from ray import tune
 
     from gatesearch.data.source import frame_shape, num_classes
     from gatesearch.export import trial_meta, write_files
     from gatesearch.objectives.device import DeviceLock
+    from gatesearch.policies import adopt
     from gatesearch.search.trial import run_trial
 
+    adopt(gates or {})
     torch.set_num_threads(threads)
     trial = TrialConfig.from_dict(config["trial"])
     lock = DeviceLock()
@@ -88,6 +92,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
 
     from gatesearch.data.source import check_data
     from gatesearch.ops import native_available
+    from gatesearch.policies import POLICIES
     from gatesearch.spaces import Choice
 
     native_available()  # builds the skip-conv kernels once (cached), before trials would each wait for it
@@ -114,7 +119,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     status = "FAILED"
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(tune_trainable, data=cfg.data, evaluation=cfg.evaluation, threads=threads),
+            tune.with_parameters(tune_trainable, data=cfg.data, evaluation=cfg.evaluation, threads=threads,
+                                 gates={g: POLICIES.get(g) for g in cfg.space.gate.values}),
             {"cpu": threads},
         )
         tuner = tune.Tuner(
