@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 
 from gatesearch.backbones import build
@@ -31,16 +32,7 @@ from gatesearch.policies.dstep.nets import COMPUTE, REUSE, SKIP
 from gatesearch.policies.dstep.tiles import tile_sums, upsample_tiles
 from gatesearch.stateful import streaming
 
-
-@pytest.fixture(autouse=True)
-def quick_crossover(monkeypatch):
-    """No timed calibration of the tile kernels' crossover: a fixed 0.5 sends both kernels some frames."""
-    from gatesearch.ops import channel_gather
-
-    monkeypatch.setattr(channel_gather, "calibrate", lambda *a, **k: {"crossover": 0.5, "stable": False})
-    channel_gather._memo.clear()
-    yield
-    channel_gather._memo.clear()
+pytestmark = pytest.mark.usefixtures("quick_crossover")
 
 
 @pytest.fixture(autouse=True)
@@ -50,17 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return module
 
 
 def mixed_decisions(model: nn.Module) -> nn.Module:

@@ -65,16 +65,7 @@ DENSITIES = [0.0, 0.1, 0.5, 1.0]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-@pytest.fixture(autouse=True)
-def _quick_crossover(monkeypatch):
-    """No disk writes, and no timing runs for every tiny test layer: path="auto" sees a
-    crossover of 0.5, so it goes sparse at low and dense at high density. The real
-    calibration has its own test."""
-    monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
-    monkeypatch.setattr(crossover, "calibrate", lambda *a, **k: {"crossover": 0.5, "stable": False})
-    crossover.clear_cache()
-    yield
-    crossover.clear_cache()
+pytestmark = pytest.mark.usefixtures("quick_crossover")
 
 
 @pytest.fixture(params=["native", "torch"])

@@ -2,23 +2,13 @@
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
 from gatesearch.backbones import BACKBONES, ClipBackbone, build
 from gatesearch.policies import build_policy
 from gatesearch.policies.skipconv import skip_layers
 from gatesearch.stateful import streaming
-
-
-def randomize_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def gated(backbone, gate, task="heatmap", **knobs):

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 
 from gatesearch.policies.gumbel import GumbelGate
@@ -160,17 +161,6 @@ def test_skipping_gate_equals_masked_dense_formulation(variant, gate, block_size
     assert (got[1:] - full[1:]).abs().max().item() > 1e-3, "skipping must change the output"
 
 
-def randomize_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-    return model
-
-
 @pytest.mark.parametrize("gate", ["norm", "gumbel"])
 def test_conv_bn_relu_stack_streams_exactly(gate):
     """BN (eval: affine per channel) and ReLU act on the accumulated output; each conv forms its own residual."""
@@ -179,7 +169,7 @@ def test_conv_bn_relu_stack_streams_exactly(gate):
         nn.Conv2d(CI, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
         nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
-    )).eval()
+    ), scale=0.3).eval()
     dense = copy.deepcopy(stack)
     convert_convs(stack, make_gate(gate), block_size=2)
     assert len(skip_layers(stack)) == 3

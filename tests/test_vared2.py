@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gatesearch.backbones import build
-from gatesearch.objectives import MacCounter
+from gatesearch.objectives import MacCounter, dense_macs
 from gatesearch.policies import POLICIES, build_policy, force_open
 from gatesearch.policies.vared2 import DynamicConv, correct_clips, dynamic_layers, efficiency_loss
 from gatesearch.policies.vared2 import layer as vared2_layer
@@ -396,5 +396,8 @@ def test_trial_end_to_end():
     out = run_trial(cfg, data, EvalConfig(frames=8, latency_warmup=0, latency_repeats=1))
     m = out.metrics
     assert 0 <= m["quality"] <= 1 and m["latency_ms"] > 0
-    assert m["macs"] > 0 and m["mac_reduction"] == pytest.approx(m["dense_macs"] / m["macs"])
+    dense = build("r2plus1d_tiny", task="classification", num_classes=out.model.fc.out_features, width=0.25)
+    dense.window = out.model.window  # a clip net's MACs per frame are counted over the window it streamed
+    assert m["dense_macs"] == dense_macs(dense, (3, 32, 32))[0]  # fvcore on the dense network itself
+    assert m["macs"] > 0 and m["mean_density"] > 0  # density counts the rebuilds too, so it may pass 1
     assert set(out.layer_density) == {layer.name for layer in dynamic_layers(out.model)}
