@@ -86,6 +86,7 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     takes = {g: POLICIES.get(g).takes() for g in gates}  # gate -> knob -> Param
     searched = {g: {p.name for p in POLICIES.get(g).params} for g in gates}  # options stay out unless named
     takers = {k for knobs in takes.values() for k in knobs}
+    every_knob = dict.fromkeys(k for g in POLICIES for k in POLICIES.get(g).takes())  # of any registered gate
     shared: dict[str, Domain] = {}
     common: dict[str, Any] = {}  # a knob named at the top level applies to every searched gate that takes it
     for key, value in raw.items():
@@ -93,11 +94,10 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
             shared[key] = SHARED[key].domain(value, f"space.{key}")
         elif key in takers:
             common[key] = value
-        elif any(key in POLICIES.get(g).takes() for g in POLICIES):
+        elif key in every_knob:
             raise SpaceError(f"space.{key}: not taken by any searched gate ({', '.join(gates)})")
         else:
-            known = [*SHARED, "gate", *dict.fromkeys(k for g in POLICIES for k in POLICIES.get(g).takes())]
-            raise SpaceError(f"space.{key}: unknown parameter; known: {', '.join(known)}")
+            raise SpaceError(f"space.{key}: unknown parameter; known: {', '.join([*SHARED, 'gate', *every_knob])}")
     for key, p in SHARED.items():
         shared.setdefault(key, p.domain(p.default, f"space.{key}"))
     _check_registered(shared["backbone"], BACKBONES, "space.backbone")
