@@ -88,7 +88,7 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
     cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed,
                              objective=objective)
     opts = RunOptions(workdir=workdir, tracking_uri=tracking_uri, ray_address=ray_address)
-    summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True))
+    summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True), progress=_progress(as_json))
     if as_json:
         _emit_json(summary)
         return
@@ -98,6 +98,16 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
     if summary["pareto_plot"]:
         click.echo(f"plot: {summary['pareto_plot']}")
     click.echo(f"MLflow: {summary['tracking_uri']}")
+    click.echo(f"browse: mlflow ui --backend-store-uri {summary['tracking_uri']}, then open {summary['mlflow_ui']}")
+
+
+def _progress(as_json: bool):
+    """A live display on a terminal; plain lines (the default) for pipes, logs and ``--json``."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    from gatesearch.search.progress import LiveProgress
+
+    return LiveProgress()
 
 
 def _print_front(rows, format_params) -> None:
@@ -138,28 +148,37 @@ def pareto(search_id, max_latency_ms, min_quality, workdir, tracking_uri, as_jso
 
 @main.command()
 @click.argument("trial_id")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the artifact into.")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Folder to write the artifact into.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--register", metavar="NAME",
+              help="Register the trial's MLflow logged model in the Model Registry as NAME "
+                   "(a new version if NAME exists).")
 @tracking_options
 @user_errors
-def export(trial_id, out, force, workdir, tracking_uri):
-    """Write TRIAL_ID's gated model as a self-contained artifact (safetensors + JSON)."""
+def export(trial_id, out, force, register, workdir, tracking_uri):
+    """Write TRIAL_ID's gated model as a self-contained artifact (safetensors + JSON), and/or register it."""
     import tempfile
 
     from gatesearch.export import load_artifact, save_artifact
+    from gatesearch.search.tracking import SEARCH_TAG
 
+    if out is None and register is None:
+        raise click.ClickException("nothing to do: give --out FOLDER, --register NAME or both")
     tracker = _tracker(workdir, tracking_uri)
     run = tracker.trial_run(trial_id)
     if run.info.status != "FINISHED":
         raise click.ClickException(f"trial {trial_id!r} did not finish ({run.info.status}); nothing to export")
-    with tempfile.TemporaryDirectory() as tmp:
-        files = tracker.download_model(run, Path(tmp))
-        artifact = load_artifact(files)  # checks the files before anything is written
-        meta = {**artifact.meta, "trial_id": trial_id, "search_id": run.data.tags.get("gatesearch.search_id")}
-        meta.pop("format", None)
-        meta.pop("gatesearch_version", None)
-        save_artifact(out, artifact.model, meta, overwrite=force)
-    click.echo(f"exported {trial_id} ({artifact.trial.gate}) to {out}")
+    if out is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = load_artifact(tracker.download_model(run, Path(tmp)))  # checked before anything is written
+            meta = {**artifact.meta, "trial_id": trial_id, "search_id": run.data.tags.get(SEARCH_TAG)}
+            meta.pop("format", None)
+            meta.pop("gatesearch_version", None)
+            save_artifact(out, artifact.model, meta, overwrite=force)
+        click.echo(f"exported {trial_id} ({artifact.trial.gate}) to {out}")
+    if register is not None:
+        version = tracker.register(run, register)
+        click.echo(f"registered {trial_id} as {version.name} version {version.version}")
 
 
 @main.command()
@@ -178,33 +197,39 @@ def export(trial_id, out, force, workdir, tracking_uri):
                    "each, beside the dense twin: frames/s of both.")
 @click.option("--workers", type=click.Choice(["process", "thread"]), default="process", show_default=True,
               help="With --streams: what runs each stream.")
+@click.option("--masks", "masks_out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the gate masks over the frames to this new folder: masks.mp4, masks.png (contact sheet), "
+                   "density.png (density per layer over time), masks.json.")
+@click.option("--layer", "layers", multiple=True, metavar="NAME",
+              help="--masks: a layer to draw (repeatable; default: four spread over the depth).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def run(artifact_dir, video, frames, reset_every, compare_dense, streams, workers, as_json):
+def run(artifact_dir, video, frames, reset_every, compare_dense, streams, workers, masks_out, layers, as_json):
     """Run an exported model over a video stream, frame by frame, with real skipped computation."""
     import itertools
 
+    import gatesearch
     from gatesearch.data import iter_frames
     from gatesearch.data.source import load_clips
-    from gatesearch.export import dense_twin, load_artifact
+    from gatesearch.export import dense_twin
     from gatesearch.export.runner import run_stream, run_streams
     from gatesearch.spaces import DataConfig
 
-    artifact = load_artifact(artifact_dir)
+    stream = gatesearch.load(artifact_dir, reset_every=reset_every)
+    artifact = stream.artifact
     _, h, w = artifact.meta["frame_shape"]
     if video is not None:
-        stream = iter_frames(video, size=(h, w))
+        source = iter_frames(video, size=(h, w))
         if frames:
-            stream = itertools.islice(stream, frames)
+            source = itertools.islice(source, frames)
     else:
         data = DataConfig(**artifact.meta["data"])  # a held-out clip of the data the model was searched on
-        stream = iter(load_clips(data, split="val", frames=frames or 32, count=1)["clip"][0])
-    if reset_every is None:
-        reset_every = artifact.trial.clip_length
+        source = iter(load_clips(data, split="val", frames=frames or 32, count=1)["clip"][0])
     if streams is not None:
         if streams < 1:
             raise click.ClickException(f"--streams must be at least 1, got {streams}")
-        summary = run_streams(artifact, stream, streams=streams, reset_every=reset_every or None, workers=workers)
+        summary = run_streams(artifact, source, streams=streams, reset_every=stream.reset_every or None,
+                              workers=workers)
         if as_json:
             _emit_json(summary)
         else:
@@ -212,6 +237,7 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
                        f"dense {summary['dense_fps']:.1f} frames/s, gated {summary['gated_fps']:.1f} frames/s, "
                        f"speedup {summary['speedup']:.2f}x")
         return
+    recorder = _mask_recorder(stream, layers, masks_out)
 
     def show(s):
         if not as_json:
@@ -220,7 +246,16 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
                        f"{s.latency_ms:7.2f} ms{dense_ms}")
 
     dense = dense_twin(artifact) if compare_dense else None
-    summary = run_stream(artifact, stream, reset_every=reset_every or None, on_frame=show, dense=dense)
+    with stream:
+        summary = run_stream(stream, source, on_frame=show, after_step=recorder.add if recorder else None,
+                             dense=dense)
+    if recorder is not None:
+        from gatesearch.viz.masks import save_masks
+
+        fps = round(video_fps(video)) if video is not None else 8
+        paths = save_masks(recorder.result(), masks_out, fps=max(1, fps),
+                           title=f"{artifact.trial.gate} {artifact.meta.get('trial_id') or ''}".strip())
+        summary["masks"] = {kind: str(path) for kind, path in paths.items()}
     if as_json:
         _emit_json(summary)
         return
@@ -233,6 +268,33 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
                    f"{summary['speedup']:.2f}x; output vs dense: relative error median "
                    f"{summary['rel_error_median']:.2e}, max {summary['rel_error_max']:.2e}, "
                    f"{summary['agreement_kind']} agreement {summary['agreement']:.3f}")
+    if recorder is not None:
+        click.echo(f"masks: {masks_out}")
+
+
+def _mask_recorder(stream, layers, masks_out):
+    """A MaskRecorder for ``run --masks`` (None without it); refuses, before any frame, what it cannot draw."""
+    if masks_out is None:
+        if layers:
+            raise click.ClickException("--layer needs --masks")
+        return None
+    if masks_out.exists() and any(masks_out.iterdir()):
+        raise click.ClickException(f"{masks_out}: already exists")
+    if not stream.masks_available():
+        raise click.ClickException(f"gate {stream.artifact.trial.gate!r} has no spatial masks to draw "
+                                   "(Skip-Conv gates have)")
+    from gatesearch.viz.masks import MaskRecorder
+
+    try:
+        return MaskRecorder(stream, list(layers))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def video_fps(path: Path) -> float:
+    from gatesearch.data import video_info
+
+    return video_info(path)["fps"] or 8
 
 
 @main.command()

@@ -189,6 +189,7 @@ def test_skip_conv_gates_refuse_clip_backbones():
 def test_run_stream_in_windows(tmp_path, batch):
     from gatesearch.export import load_artifact, save_artifact, trial_meta
     from gatesearch.export.runner import run_stream
+    from gatesearch.export.stream import Stream
     from gatesearch.models import build_model
     from gatesearch.spaces import DataConfig, TrialConfig
 
@@ -199,7 +200,7 @@ def test_run_stream_in_windows(tmp_path, batch):
     art = load_artifact(save_artifact(tmp_path / "art", model, meta))
     clip = torch.cat([batch["clip"][0], batch["clip"][1][:1]])  # 5 frames: windows of 2, 2 and 1
     seen = []
-    summary = run_stream(art, iter(clip), reset_every=None, on_frame=seen.append)
+    summary = run_stream(Stream(art), iter(clip), on_frame=seen.append)  # windows of the clip length
     assert summary["frames"] == 5 == len(seen) and summary["reset_every"] == 2
     assert [s.index for s in seen] == list(range(5))
     assert seen[0].latency_ms == seen[1].latency_ms  # one window, its time shared by its frames

@@ -42,6 +42,10 @@ def test_pareto_and_export_without_store(cli):
     one_line_error(cli("export", "abc123", "--out", "x"), "no search has been recorded yet")
 
 
+def test_export_needs_a_destination(cli):
+    one_line_error(cli("export", "abc123"), "nothing to do: give --out FOLDER, --register NAME or both")
+
+
 def test_run_missing_and_foreign_artifact(cli, tmp_path):
     one_line_error(cli("run", "missing"), "no such artifact folder")
     foreign = tmp_path / "foreign"

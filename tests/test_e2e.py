@@ -55,10 +55,29 @@ def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_se
     assert all("quality" in c.data.metrics and "latency_ms" in c.data.metrics
                for c in children if c.info.status == "FINISHED")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto.json", "pareto.csv", "search_config.json"} <= artifacts
-    assert any(a.endswith("pareto.png") for a in artifacts)
-    tagged = {c.data.tags["gatesearch.trial_id"] for c in children if c.data.tags.get("gatesearch.pareto") == "true"}
+    assert {"pareto.json", "pareto.csv", "search_config.json", "pareto.png"} <= artifacts
+    assert {c.data.tags["gatesearch.pareto"] for c in children} <= {"true", "false"}  # on every trial
+    tagged = {c.data.tags["gatesearch.trial_id"] for c in children if c.data.tags["gatesearch.pareto"] == "true"}
     assert tagged == {row["trial_id"] for row in front}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for c in children:
+        if c.info.status != "FINISHED":
+            continue
+        m = c.data.metrics
+        # the run spans the trial: opened when it started, closed when it ended
+        assert c.info.end_time - c.info.start_time >= 1000 * (m["data_s"] + m["train_s"] + m["eval_s"])
+        assert not {"pid", "timestamp", "time_this_iter_s", "training_iteration", "epoch"} & set(m)
+        assert [h.step for h in client.get_metric_history(c.info.run_id, "train_loss")] == [1]
+        gate_knobs = {"dense": set(), "input_norm": {"threshold", "block_size"},
+                      "output_norm": {"threshold", "block_size"}}[c.data.params["gate"]]
+        assert set(c.data.params) == {"backbone", "width", "task", "gate", "clip_length", "lr", "epochs",
+                                      "batch_size", "seed"} | gate_knobs
+    for row in front:  # a mask preview on every Pareto-optimal trial (a density plot alone for dense)
+        logged = {a.path for a in client.list_artifacts(row["run_id"], "masks")}
+        assert "masks/density.png" in logged
+        assert ("masks/masks.png" in logged) == (row["gate"] != "dense")
+    models = client.search_logged_models([exp.experiment_id])
+    assert {lm.source_run_id for lm in models} == {c.info.run_id for c in children if c.info.status == "FINISHED"}
 
     r = runner.invoke(main, ["pareto", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["pareto"] == json.loads(json.dumps(front))
@@ -71,6 +90,9 @@ def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_se
     meta = json.loads((tmp_path / "model" / "gatesearch.json").read_text())
     assert meta["trial_id"] == best["trial_id"] and meta["metrics"]["quality"] == best["quality"]
     assert meta["trial"]["gate"] == best["gate"] and meta["gatesearch_version"]
+    assert meta["search_id"] == summary["search_id"]
+    r = runner.invoke(main, ["export", best["trial_id"], "--register", "e2e-best"])
+    assert r.exit_code == 0 and "e2e-best version 1" in r.output, r.output
     r = runner.invoke(main, ["run", "model", "--frames", "8", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])

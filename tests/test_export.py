@@ -7,6 +7,7 @@ import torch
 
 from gatesearch.export import ArtifactError, load_artifact, save_artifact, trial_meta
 from gatesearch.export.runner import run_stream
+from gatesearch.export.stream import Stream
 from gatesearch.models import build_model
 from gatesearch.spaces import DataConfig, TrialConfig
 
@@ -121,7 +122,7 @@ def test_missing_folder(tmp_path):
 def test_run_stream_summary(tmp_path, static_clip):
     _, out = make(tmp_path)
     seen = []
-    summary = run_stream(load_artifact(out), iter(static_clip[0]), reset_every=8, on_frame=seen.append)
+    summary = run_stream(Stream(load_artifact(out), reset_every=8), iter(static_clip[0]), on_frame=seen.append)
     assert summary["frames"] == 16 == len(seen)
     assert seen[0].density == 1.0 and seen[8].density == 1.0  # reference frames
     assert 0 <= summary["mean_density"] <= 1

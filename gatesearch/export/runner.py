@@ -1,96 +1,59 @@
-"""Run an exported gated model over a video stream, frame by frame.
+"""What ``gatesearch run`` does with a ``Stream`` (``export.stream``): the frames through it, optionally with its
+dense twin stepped beside it on every frame, or many streams at once for throughput.
 
-This is the deployed inference path: one frame at a time, batch 1, gated
-layers skipping for real; the reference frame is recomputed densely every
-``reset_every`` frames (Skip-Convolutions, Table 4: T_test).
-
-A clip-level model (3D convs, ``ClipModel``) cannot run one frame alone: frames
-are buffered into non-overlapping windows of ``reset_every`` frames (default:
-the trial's clip length), each window runs when it is full, and every frame of
-it reports the window's density, MACs and latency per frame.
+Beside the dense twin (``export.dense_twin``: the same weights without the gate), each frame runs through the
+gated model, then through the twin; the summary adds the twin's latency, the speedup over the stream and the
+gated output's distance from the dense one (``objectives.fidelity``) on what each emits after every frame.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import statistics
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 
 from .artifact import Artifact
+from .stream import FrameStats, Stream, to_frame
 
 
-@dataclass(frozen=True)
-class FrameStats:
-    index: int
-    density: float  # MAC-weighted fraction of gated work computed on this frame
-    macs: float  # effective MACs of this frame
-    latency_ms: float
-    dense_latency_ms: float | None = None  # the dense twin's latency on the same frame, when it runs beside
+def run_stream(stream: Stream, frames: Iterable[torch.Tensor], *, on_frame: Callable[[FrameStats], None] | None = None,
+               after_step: Callable[[Stream], None] | None = None, dense: torch.nn.Module | None = None) -> dict:
+    """Step ``frames`` through ``stream`` (``Stream.run``); with ``dense``, its twin beside it. Returns the summary
+    ``run --json`` prints; ``on_frame`` gets each frame's statistics (with the twin's latency when it runs)."""
+    if dense is None:
+        return stream.run(frames, on_frame=on_frame, after_step=after_step)
+    twin = Stream(dataclasses.replace(stream.artifact, model=dense.eval()), reset_every=stream.reset_every)
+    outputs: tuple[list, list] = ([], [])  # what the gated model and the twin emit, per frame (per window)
+    shown = 0
 
-
-def run_stream(
-    artifact: Artifact,
-    frames: Iterable[torch.Tensor],
-    *,
-    reset_every: int | None,
-    on_frame: Callable[[FrameStats], None] | None = None,
-    dense: torch.nn.Module | None = None,
-) -> dict:
-    """Stream (3, H, W) frames through the model; returns the summary ``run --json`` prints.
-
-    With ``dense`` (the artifact's dense twin, ``export.dense_twin``), each frame also runs through it right after
-    the gated model, and the summary adds its latency, the speedup over the stream and the gated output's distance
-    from the dense one (``objectives.fidelity``).
-    """
-    from gatesearch.backbones import ClipModel
-    from gatesearch.objectives import MacCounter
-    from gatesearch.stateful import reset_state, streaming
-
-    model = artifact.model.eval()
-    frame_shape = tuple(artifact.meta["frame_shape"])
-    if isinstance(model, ClipModel):
-        return _run_windows(model, frames, frame_shape, window=reset_every or artifact.trial.clip_length,
-                            on_frame=on_frame, dense=dense)
-    twins = [model] if dense is None else [model, dense.eval()]
-    counter = MacCounter(model, frame_shape)
-    stats: list[FrameStats] = []
-    outputs: list[list[torch.Tensor]] = [[] for _ in twins]  # per model, per frame
-    with torch.inference_mode(), contextlib.ExitStack() as stack:
-        for m in twins:
-            stack.enter_context(streaming(m))
-        for i, frame in enumerate(frames):
-            frame = _fit(frame, frame_shape)
-            if reset_every and i and i % reset_every == 0:
-                for m in twins:
-                    reset_state(m)
-            counter.reset()
-            latency = []
-            for m, out in zip(twins, outputs):
-                start = time.perf_counter()
-                y = m.frame(frame[None])
-                latency.append(1000 * (time.perf_counter() - start))
-                out.append(y.clone())  # a gated layer's state changes at the next frame
-            report = counter.report()
-            s = FrameStats(index=i, density=report.mean_density, macs=report.effective, latency_ms=latency[0],
-                           dense_latency_ms=latency[1] if dense is not None else None)
-            stats.append(s)
+    def show() -> int:
+        for s, d in zip(stream.stats[shown:], twin.stats[shown:]):
             if on_frame:
-                on_frame(s)
-    summary = _summary(stats, counter, reset_every)
-    per_frame = [torch.stack(out, 1) for out in outputs]  # (1, T, ...)
-    if model.task == "classification":
-        with torch.inference_mode():
-            summary["predicted_class"] = int(model.clip_head(per_frame[0]).argmax(1))
-    if dense is not None:
-        from gatesearch.objectives.fidelity import task_outputs
+                on_frame(dataclasses.replace(s, dense_latency_ms=d.latency_ms))
+        return len(stream.stats)
 
-        with torch.inference_mode():
-            gated_out, dense_out = (task_outputs(m, out) for m, out in zip(twins, per_frame))
-        summary.update(_compared(stats, dense_out, gated_out, model.task, frame_shape[1:]))
+    with twin:
+        for frame in frames:
+            for s, out in zip((stream, twin), outputs):
+                out.append(s.step(frame))
+            if after_step:
+                after_step(stream)
+            shown = show()
+        for s, out in zip((stream, twin), outputs):
+            out.append(s.flush())
+        show()
+        gated_out, dense_out = (torch.stack([y for y in out if y is not None])[None] for out in outputs)
+        summary = stream.summary()
+        dense_ms = [d.latency_ms for d in twin.stats]
+    from gatesearch.objectives.fidelity import fidelity
+
+    summary.update({
+        "dense_latency_ms_per_frame": statistics.median(dense_ms),
+        "speedup": sum(dense_ms) / sum(s.latency_ms for s in stream.stats),
+        **fidelity(dense_out, gated_out, task=stream.task, frame_hw=stream.frame_shape[1:]).to_dict(),
+    })
     return summary
 
 
@@ -103,7 +66,7 @@ def run_streams(artifact: Artifact, frames: Iterable[torch.Tensor], *, streams: 
     from .artifact import dense_twin
 
     frame_shape = tuple(artifact.meta["frame_shape"])
-    frames = [_fit(f, frame_shape) for f in frames]
+    frames = [to_frame(f, frame_shape) for f in frames]
     if len(frames) < 2:
         raise ValueError(f"the stream had {len(frames)} frames; many streams need at least 2")
     clip = torch.stack(frames)[None]  # (1, T, 3, H, W)
@@ -113,84 +76,4 @@ def run_streams(artifact: Artifact, frames: Iterable[torch.Tensor], *, streams: 
             **row}
 
 
-def _fit(frame: torch.Tensor, frame_shape: tuple[int, ...]) -> torch.Tensor:
-    """A (3, H, W) frame resized to the model's frame shape."""
-    if tuple(frame.shape) == frame_shape:
-        return frame
-    return torch.nn.functional.interpolate(frame[None], size=frame_shape[1:], mode="bilinear",
-                                           antialias=True, align_corners=False)[0]
-
-
-def _run_windows(model, frames: Iterable[torch.Tensor], frame_shape: tuple[int, ...], *, window: int,
-                 on_frame: Callable[[FrameStats], None] | None, dense: torch.nn.Module | None) -> dict:
-    """Clip-window mode: windows of ``window`` frames, run as they fill; logits averaged over frames. Beside a
-    dense twin, each window's logits are one output of the comparison."""
-    from gatesearch.objectives import MacCounter
-
-    model.window = window  # MAC counts are per frame of a window of this length
-    twins = [model] if dense is None else [model, dense.eval()]
-    counter = MacCounter(model, frame_shape)
-    stats: list[FrameStats] = []
-    logits: list[list[torch.Tensor]] = [[] for _ in twins]  # per model, per window
-    sizes: list[int] = []  # frames per window
-    buffer: list[torch.Tensor] = []
-
-    def flush() -> None:
-        clip = torch.stack(buffer)[None]  # (1, w, 3, H, W)
-        counter.reset()
-        per_frame_ms = []
-        for m, out in zip(twins, logits):
-            start = time.perf_counter()
-            out.append(m(clip)[0])  # (K,)
-            per_frame_ms.append(1000 * (time.perf_counter() - start) / len(buffer))
-        report = counter.report()
-        sizes.append(len(buffer))
-        for _ in buffer:
-            s = FrameStats(index=len(stats), density=report.mean_density, macs=report.effective,
-                           latency_ms=per_frame_ms[0], dense_latency_ms=per_frame_ms[1] if dense else None)
-            stats.append(s)
-            if on_frame:
-                on_frame(s)
-        buffer.clear()
-
-    with torch.inference_mode():
-        for frame in frames:
-            buffer.append(_fit(frame, frame_shape))
-            if len(buffer) == window:
-                flush()
-        if buffer:  # a last, shorter window
-            flush()
-    summary = _summary(stats, counter, window)
-    summary["predicted_class"] = int((sum(n * out for n, out in zip(sizes, logits[0])) / len(stats)).argmax())
-    if dense is not None:
-        gated_out, dense_out = (torch.stack(out)[None] for out in logits)  # (1, windows, K)
-        summary.update(_compared(stats, dense_out, gated_out, model.task, frame_shape[1:]))
-    return summary
-
-
-def _compared(stats: list[FrameStats], dense_out: torch.Tensor, gated_out: torch.Tensor, task: str,
-              frame_hw) -> dict:
-    """The dense twin's side of the summary: its latency, the speedup over the stream, the output's distance."""
-    from gatesearch.objectives.fidelity import fidelity
-
-    dense_ms = [s.dense_latency_ms for s in stats]
-    return {
-        "dense_latency_ms_per_frame": statistics.median(dense_ms),
-        "speedup": sum(dense_ms) / sum(s.latency_ms for s in stats),
-        **fidelity(dense_out, gated_out, task=task, frame_hw=tuple(frame_hw)).to_dict(),
-    }
-
-
-def _summary(stats: list, counter, reset_every) -> dict:
-    """What a stream's frames add up to (the ``--json`` summary of ``gatesearch run``)."""
-    if not stats:
-        raise ValueError("the stream had no frames")
-    return {
-        "frames": len(stats),
-        "mean_density": statistics.fmean(s.density for s in stats),
-        "macs_per_frame": statistics.fmean(s.macs for s in stats),
-        "dense_macs_per_frame": counter.total,
-        "latency_ms_per_frame": statistics.median(s.latency_ms for s in stats),
-        "latency_ms_mean": statistics.fmean(s.latency_ms for s in stats),
-        "reset_every": reset_every,
-    }
+__all__ = ["FrameStats", "run_stream", "run_streams"]

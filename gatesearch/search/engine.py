@@ -17,7 +17,7 @@ from typing import Any
 
 from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig
 
-from .pareto import plot_front
+from .progress import Progress
 from .recorder import Recorder, tune_callback
 from .searcher import COST, make_searcher, pareto_from_study
 from .tracking import Tracker, default_tracking_uri
@@ -29,6 +29,8 @@ ENV_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # trials report per epoch (train loss) before their final report holds the objectives the searcher reads
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
 }
 
 
@@ -47,9 +49,10 @@ class RunOptions:
 
 
 def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int,
-                   gates: dict[str, type] | None = None) -> None:
-    """Runs inside a Ray worker: one trial, one final report holding every objective. ``gates`` are the searched
-    gates' classes, registered here when the worker does not know them (a gate defined in the driver's script)."""
+                   gates: dict[str, type] | None = None, search_id: str | None = None) -> None:
+    """Runs inside a Ray worker: one trial; a report per epoch (``epoch``, ``train_loss``), then a final report
+    holding every objective with the model files as its checkpoint. ``gates`` are the searched gates' classes,
+    registered here when the worker does not know them (a gate defined in the driver's script)."""
     import torch
     from ray import tune
 
@@ -64,19 +67,22 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     trial = TrialConfig.from_dict(config["trial"])
     lock = DeviceLock()
     try:
-        outcome = run_trial(trial, data, evaluation, lock=lock, latency_threads=len(os.sched_getaffinity(0)))
+        outcome = run_trial(trial, data, evaluation, lock=lock, latency_threads=len(os.sched_getaffinity(0)),
+                            on_epoch=lambda epoch, loss: tune.report({"epoch": epoch + 1, "train_loss": loss}))
     finally:
         lock.close()
     with tempfile.TemporaryDirectory() as tmp:
         meta = trial_meta(trial, metrics=outcome.metrics, data=data, num_classes=num_classes(data),
-                          frame_shape=frame_shape(data), trial_id=tune.get_context().get_trial_id())
+                          frame_shape=frame_shape(data), trial_id=tune.get_context().get_trial_id(),
+                          search_id=search_id)
         write_files(Path(tmp), outcome.model, meta)
         tune.report(outcome.metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
-               echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a whole search and return its summary (what ``--json`` prints)."""
+               echo: Callable[[str], None] = print, progress: Progress | None = None) -> dict[str, Any]:
+    """Run a whole search and return its summary (what ``--json`` prints). ``echo`` prints the header lines;
+    ``progress`` shows the trials as they run (default: one line per event through ``echo``)."""
     set_env_defaults()
     import optuna
     import ray
@@ -103,7 +109,8 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     parent = tracker.start_search(cfg.name, search_id, cfg.to_dict(), workdir / "mlartifacts")
     cost_key, cost_label = COST[cfg.objective]
 
-    recorder = Recorder(tracker, parent, search_id, trials=cfg.trials, cost_key=cost_key, echo=echo)
+    recorder = Recorder(tracker, parent, search_id, trials=cfg.trials, cost_key=cost_key, progress=progress,
+                        echo=echo)
 
     cpus = opts.cpus or os.cpu_count() or 1
     started_ray = not ray.is_initialized()  # a caller (or a test session) may have connected already
@@ -120,7 +127,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     try:
         trainable = tune.with_resources(
             tune.with_parameters(tune_trainable, data=cfg.data, evaluation=cfg.evaluation, threads=threads,
-                                 gates={g: POLICIES.get(g) for g in cfg.space.gate.values}),
+                                 gates={g: POLICIES.get(g) for g in cfg.space.gate.values}, search_id=search_id),
             {"cpu": threads},
         )
         tuner = tune.Tuner(
@@ -139,16 +146,25 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
-        tuner.fit()
+        with recorder.showing():
+            tuner.fit()
         status = "FINISHED"
     finally:
         if started_ray:
             ray.shutdown()
+        recorder.close_open_runs()
         rows = recorder.rows
         pareto = pareto_from_study(storage_url, search_id, rows, cost_key)
+        tracker.mark_pareto(recorder.runs, {r["trial_id"] for r in pareto})
+        if status == "FINISHED":
+            from .previews import log_previews
+
+            log_previews(tracker, pareto, data=cfg.data, evaluation=cfg.evaluation, out=workdir / "plots" / search_id)
         plot = None
         if rows:
-            plot = workdir / "plots" / f"{search_id}-pareto.png"
+            from gatesearch.viz.plots import plot_front
+
+            plot = workdir / "plots" / search_id / "pareto.png"
             plot.parent.mkdir(parents=True, exist_ok=True)
             plot_front(rows, {r["trial_id"] for r in pareto}, plot, cost_key=cost_key, cost_label=cost_label,
                        title=f"{search_id}: {len(rows)} trials, {len(pareto)} Pareto-optimal")
@@ -163,6 +179,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
             "pareto_size": len(pareto),
             "pareto_plot": str(plot) if plot else None,
             "pareto": pareto,
+            "mlflow_ui": tracker.ui_url(parent),
         }
         tracker.finish_search(parent, summary, pareto, plot, status)
     return summary

@@ -1,18 +1,21 @@
-"""The driver side of a running search: one MLflow child run per finished trial, and a progress line.
+"""The driver side of a running search: each trial's MLflow child run, live from start to end, and the progress.
 
 Runs are written from the driver (a Ray Tune callback), so trials on remote Ray nodes need no access to the
-tracking store. ``Recorder`` holds the table of finished trials the Pareto front is built from; ``tune_callback``
-wraps it in the ``tune.Callback`` Tune calls.
+tracking store. ``Recorder`` opens a trial's run when the trial starts, logs each per-epoch report at its
+epoch, and at the end logs the final metrics with the model and closes the run; it keeps the table of finished
+trials the Pareto front is built from. ``tune_callback`` wraps it in the ``tune.Callback`` Tune calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .pareto import pareto_indices
-from .tracking import Tracker
+from .progress import PlainProgress, Progress, Running, SearchState
+from .tracking import Tracker, now_ms
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -22,16 +25,22 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
+def trial_params(trial_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a trial's run records as params: the shared fields and its own gate's knobs, nothing unset."""
+    from gatesearch.spaces import TrialConfig
+
+    return {k: v for k, v in TrialConfig.from_dict(trial_cfg).to_dict().items() if v is not None}
+
+
 def trial_row(trial_cfg: dict[str, Any], metrics: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """One finished trial as a row of the results table (what ``pareto.json`` holds)."""
-    from gatesearch.policies import POLICIES
+    from gatesearch.spaces import TrialConfig
 
-    knobs = {p.name: trial_cfg.get(p.name) for p in POLICIES.get(trial_cfg["gate"]).params}
+    trial = TrialConfig.from_dict(trial_cfg)
     return {
         "trial_id": trial_id,
-        "gate": trial_cfg["gate"],
-        "params": {**knobs, "clip_length": trial_cfg["clip_length"], "lr": trial_cfg["lr"],
-                   "backbone": trial_cfg["backbone"]},
+        "gate": trial.gate,
+        "params": {**trial.knobs, "clip_length": trial.clip_length, "lr": trial.lr, "backbone": trial.backbone},
         "quality": metrics.get("quality"),
         "latency_ms": metrics.get("latency_ms"),
         "macs": metrics.get("macs"),
@@ -41,47 +50,145 @@ def trial_row(trial_cfg: dict[str, Any], metrics: dict[str, Any], trial_id: str)
 
 
 class Recorder:
-    """Logs each finished or failed trial under the search's parent run and echoes a progress line."""
+    """Records each trial under the search's parent run and keeps the progress display up to date."""
 
     def __init__(self, tracker: Tracker, parent: str, search_id: str, *, trials: int, cost_key: str,
-                 echo: Callable[[str], None]) -> None:
+                 progress: Progress | None = None, echo: Callable[[str], None] = print) -> None:
         self.tracker, self.parent, self.search_id = tracker, parent, search_id
-        self.trials, self.cost_key, self.echo = trials, cost_key, echo
+        self.cost_key = cost_key
+        self.progress = progress or PlainProgress(echo)
+        self.state = SearchState(search_id=search_id, trials=trials)
         self.rows: list[dict[str, Any]] = []  # finished trials
         self.failed: list[str] = []  # ids of failed trials
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id, every trial started
+        self.models: dict[str, str] = {}  # trial id -> MLflow logged model id
+        self._open: set[str] = set()  # trials whose run is still RUNNING
+        self._epoch: dict[str, int] = {}  # trial id -> last epoch reported
+        self._epoch_keys: dict[str, set[str]] = {}  # trial id -> metrics reported per epoch (not logged again)
 
-    def finished(self, trial_id: str, trial_cfg: dict, metrics: dict, files: Path | None) -> None:
+    @contextlib.contextmanager
+    def showing(self) -> Iterator[None]:
+        """The progress display runs within this block (the trials' events come in inside it)."""
+        self.progress.start(self.state)
+        try:
+            yield
+        finally:
+            self.progress.stop()
+
+    # -- Tune's events ------------------------------------------------------------------------------------------
+    def started(self, trial_id: str, trial_cfg: dict, *, start_ms: int | None = None) -> None:
+        params = trial_params(trial_cfg)
+        self.runs[trial_id] = self.tracker.start_trial(self.parent, self.search_id, trial_id, params,
+                                                       start_ms=start_ms)
+        self._open.add(trial_id)
+        self.state.running[trial_id] = Running(trial_id=trial_id, gate=params["gate"],
+                                               epochs=int(params.get("epochs") or 0))
+        knobs = {k: v for k, v in params.items() if k not in ("backbone", "width", "task", "gate", "epochs",
+                                                               "batch_size", "seed")}
+        self.progress.line(f"{trial_id} started: {params['gate']} {format_params(knobs)}")
+        self.progress.refresh()
+
+    def epoch(self, trial_id: str, epoch: int, metrics: dict[str, Any], *, timestamp_ms: int | None = None) -> None:
+        """A per-epoch report: its metrics at step ``epoch`` (1-based)."""
+        self.tracker.log_metrics(self.runs[trial_id], metrics, step=epoch, timestamp_ms=timestamp_ms)
+        self._epoch[trial_id] = epoch
+        self._epoch_keys.setdefault(trial_id, set()).update(metrics)
+        if trial_id in self.state.running:
+            self.state.running[trial_id].epoch = epoch
+        self.progress.refresh()
+
+    def finished(self, trial_id: str, trial_cfg: dict, metrics: dict, files: Path | None, *,
+                 end_ms: int | None = None) -> None:
         row = trial_row(trial_cfg, metrics, trial_id)
-        row["run_id"] = self.tracker.log_trial(self.parent, self.search_id, trial_id, trial_cfg, metrics,
-                                               status="FINISHED", files=files)
+        rid = self.runs.get(trial_id) or self._late_start(trial_id, trial_cfg)
+        step = self._epoch.get(trial_id, 0)
+        model_id = self.tracker.log_model(rid, trial_id, files, step=step) if files is not None else None
+        if model_id:
+            self.models[trial_id] = model_id
+        seen = self._epoch_keys.get(trial_id, set())
+        self.tracker.log_metrics(rid, {k: v for k, v in metrics.items() if k not in seen}, step=step,
+                                 model_id=model_id)
+        self.tracker.end_trial(rid, status="FINISHED", end_ms=end_ms)
+        self._open.discard(trial_id)
+        row["run_id"] = rid
         self.rows.append(row)
-        self._progress(f"{trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
-                       f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs")
+        self.state.running.pop(trial_id, None)
+        self.state.done += 1
+        self.state.front = self.front_summary()
+        self.progress.line(f"{trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
+                           f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs")
+        self.progress.refresh()
 
-    def failed_trial(self, trial_id: str, trial_cfg: dict, error: str) -> None:
-        self.tracker.log_trial(self.parent, self.search_id, trial_id, trial_cfg, None, status="FAILED", error=error)
+    def failed_trial(self, trial_id: str, trial_cfg: dict, error: str, *, end_ms: int | None = None) -> None:
+        rid = self.runs.get(trial_id) or self._late_start(trial_id, trial_cfg)
+        self.tracker.end_trial(rid, status="FAILED", end_ms=end_ms, error=error)
+        self._open.discard(trial_id)
         self.failed.append(trial_id)
+        self.state.running.pop(trial_id, None)
+        self.state.failed += 1
         reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
-        self._progress(f"{trial_id} FAILED: {reason}")
+        self.progress.line(f"{trial_id} FAILED: {reason}")
+        self.progress.refresh()
 
-    def _progress(self, line: str) -> None:
-        done = len(self.rows) + len(self.failed)
-        best = max((r["quality"] for r in self.rows), default=float("nan"))
-        front = len(pareto_indices([(r["quality"], r[self.cost_key]) for r in self.rows]))
-        self.echo(f"[{done}/{self.trials}] {line} | best quality {best:.3f} | Pareto front {front}")
+    def close_open_runs(self, status: str = "KILLED") -> list[str]:
+        """End the runs of trials that never finished (the search stopped under them); returns their ids."""
+        left = sorted(self._open)
+        for trial_id in left:
+            self.tracker.end_trial(self.runs[trial_id], status=status)
+            self.state.running.pop(trial_id, None)
+        self._open.clear()
+        return left
+
+    def _late_start(self, trial_id: str, trial_cfg: dict) -> str:
+        """A trial whose start was not seen (its run is opened now)."""
+        self.started(trial_id, trial_cfg)
+        return self.runs[trial_id]
+
+    # -- the front ------------------------------------------------------------------------------------------------
+    def front_summary(self) -> dict[str, Any]:
+        """What the status line says of the front. The hook for more figures of the front (a hypervolume): add
+        them to this mapping and every display shows them."""
+        front = pareto_indices([(r["quality"], r[self.cost_key]) for r in self.rows])
+        return {"front": len(front), "best quality": max((r["quality"] for r in self.rows), default=float("nan"))}
+
+
+def _ray_keys() -> frozenset[str]:
+    """What Ray Tune adds to every report (never logged as metrics)."""
+    from ray.tune import result as r
+
+    return frozenset(r.AUTO_RESULT_KEYS) | {r.DONE, r.TRIAL_ID, r.EXPERIMENT_TAG, r.SHOULD_CHECKPOINT,
+                                            r.TIMESTEPS_THIS_ITER, r.EPISODES_THIS_ITER, r.RESULT_DUPLICATE}
+
+
+def trial_metrics(result: dict[str, Any], ray_keys: frozenset[str]) -> dict[str, Any]:
+    """A Tune report without Ray's bookkeeping (pid, timestamp, training_iteration, ...) and without ``epoch``."""
+    return {k: v for k, v in result.items() if k not in ray_keys and k != "epoch"}
 
 
 def tune_callback(recorder: Recorder):
-    """The ``tune.Callback`` that hands Tune's trial events to ``recorder``."""
+    """The ``tune.Callback`` that hands Tune's trial events to ``recorder``. A report that carries ``epoch`` is a
+    per-epoch one; the trial's last report (with its model as the checkpoint) has none."""
     from ray import tune
 
+    ray_keys = _ray_keys()
+
     class RecorderCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            recorder.started(trial.trial_id, trial.config["trial"], start_ms=now_ms())
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" in result:
+                stamp = result.get("timestamp")
+                recorder.epoch(trial.trial_id, int(result["epoch"]), trial_metrics(result, ray_keys),
+                               timestamp_ms=int(stamp * 1000) if stamp else None)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             files = Path(trial.checkpoint.path) if trial.checkpoint else None
-            recorder.finished(trial.trial_id, trial.config["trial"], dict(trial.last_result or {}), files)
+            recorder.finished(trial.trial_id, trial.config["trial"],
+                              trial_metrics(dict(trial.last_result or {}), ray_keys), files, end_ms=now_ms())
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            recorder.failed_trial(trial.trial_id, trial.config.get("trial", {}), _trial_error(trial))
+            recorder.failed_trial(trial.trial_id, trial.config.get("trial", {}), _trial_error(trial), end_ms=now_ms())
 
     return RecorderCallback()
 

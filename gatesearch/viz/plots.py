@@ -1,0 +1,68 @@
+"""The plots a person looks at: a search's Pareto front, and a stream's density per layer over time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .colours import gate_colour
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str,
+               title: str = "") -> None:
+    """Scatter every trial in its gate's colour, circle the Pareto front, draw its staircase."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for gate in sorted({r["gate"] for r in rows}):
+        pts = [r for r in rows if r["gate"] == gate]
+        ax.scatter([r[cost_key] for r in pts], [r["quality"] for r in pts], label=gate, alpha=0.8, s=28,
+                   color=gate_colour(gate))
+    front = sorted((r for r in rows if r["trial_id"] in front_ids), key=lambda r: r[cost_key])
+    if front:
+        ax.step([r[cost_key] for r in front], [r["quality"] for r in front], where="post", color="black", lw=1)
+        ax.scatter([r[cost_key] for r in front], [r["quality"] for r in front], facecolors="none",
+                   edgecolors="black", s=90, label="Pareto front")
+    ax.set_xlabel(cost_label)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_ylabel("quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_density(density: dict[str, Sequence[float]], path: Path, *, reference_frames: Sequence[int] = (),
+                 title: str = "") -> None:
+    """Density (fraction of each gated layer's work computed) per frame, one line per layer, reference frames
+    (dense by construction) marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=120)
+    cmap = plt.get_cmap("viridis")
+    names = list(density)
+    for i, name in enumerate(names):
+        values = list(density[name])
+        ax.plot(range(len(values)), values, lw=1.2, color=cmap(i / max(1, len(names) - 1)), label=name)
+    for t in reference_frames:
+        ax.axvline(t, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("density (fraction computed)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if len(names) <= 12:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
