@@ -134,3 +134,18 @@ def test_run_masks_refusals(tmp_path, monkeypatch, trial, args, text):
     r = CliRunner().invoke(main, ["run", "model", "--frames", "4", *args])
     assert r.exit_code != 0 and text in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "m").exists()
+
+
+def test_readme_example(tmp_path, clip_file, monkeypatch, capsys):
+    """The README's ten-line library example runs as printed, on an exported model and a real mp4."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("<!-- example: tested by tests/test_stream.py::test_readme_example -->")[1]
+    code = code.split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 12
+    monkeypatch.chdir(tmp_path)
+    export(tmp_path, INPUT_NORM, name="exported")
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 12 and lines[0].startswith("frame 0: class ") and "density 1.00" in lines[0]

@@ -57,18 +57,18 @@ def sweep_table(rows: list[dict]) -> list[str]:
     return [header, *body]
 
 
-def plot_sweep(rows: list[dict], path: Path, *, title: str = "") -> Path:
-    """Speedup and MAC reduction against the median per-frame error, one point per threshold."""
-    import matplotlib
+def plot_sweep(rows: list[dict], path: Path, *, title: str = "", gate: str = "input_norm") -> Path:
+    """Speedup (in the gate's colour, as in every plot) and MAC reduction against the median per-frame error, one
+    point per threshold."""
+    from gatesearch.viz.colours import gate_colour
+    from gatesearch.viz.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = sorted(rows, key=lambda r: r["threshold"])
     err = [r["rel_error_median"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.plot(err, [r["mac_reduction"] for r in rows], "o--", color="grey", label="MAC reduction")
-    ax.plot(err, [r["speedup"] for r in rows], "o-", color="C0", label="measured speedup")
+    ax.plot(err, [r["speedup"] for r in rows], "o-", color=gate_colour(gate), label="measured speedup")
     for r, x in zip(rows, err):
         ax.annotate(f"ε {r['threshold']:g}", (x, r["speedup"]), textcoords="offset points", xytext=(4, -10),
                     fontsize=7)

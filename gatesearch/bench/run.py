@@ -39,7 +39,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         return {**head, **rows["gated"]}
     result = {**head, "sweep": [{"threshold": float(label), **row} for label, row in rows.items()]}
     if cfg.plot is not None:
-        result["plot"] = str(plot_sweep(result["sweep"], cfg.plot, title=f"{twins.backbone} · {twins.gate}"))
+        result["plot"] = str(plot_sweep(result["sweep"], cfg.plot, title=f"{twins.backbone} · {twins.gate}",
+                                        gate=twins.gate))
     return result
 
 

@@ -77,6 +77,8 @@ class Recorder:
 
     # -- Tune's events ------------------------------------------------------------------------------------------
     def started(self, trial_id: str, trial_cfg: dict, *, start_ms: int | None = None) -> None:
+        if trial_id in self._open:  # Tune restarting a trial it had started: the same run goes on
+            return
         params = trial_params(trial_cfg)
         self.runs[trial_id] = self.tracker.start_trial(self.parent, self.search_id, trial_id, params,
                                                        start_ms=start_ms)

@@ -98,9 +98,12 @@ class Tracker:
                 "orderByKey": "metrics.`quality`", "orderByAsc": False}
         self.client.set_experiment_tag(exp_id, VIEW_TAG, json.dumps(view, separators=(",", ":")))
 
-    def ui_url(self, run_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    def ui_url(self, run_id: str, host: str | None = None) -> str:
         """The MLflow UI link that opens this run's experiment on the runs table with gatesearch's view (the UI
-        picks its view from ``workflowType``; the experiment tag alone does not switch it)."""
+        picks its view from ``workflowType``; the experiment tag alone does not switch it). ``host``: the UI's
+        address (default: the tracking server, or ``mlflow ui``'s default for a local store)."""
+        if host is None:
+            host = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
         exp_id = self.client.get_run(run_id).info.experiment_id
         return f"{host}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 

@@ -159,9 +159,9 @@ def write_masks(rec: MaskRecording, out: Path, *, fps: int = 8, title: str = "",
 def contact_sheet(rec: MaskRecording, path: Path, *, rows: int = 6, title: str = "") -> None:
     """A grid of a few frames (rows) by the input and each chosen layer (columns), each panel titled with the
     layer's density on that frame."""
-    from .plots import _pyplot
+    from .plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     t_all = len(rec.frames)
     picks = sorted({round(i * (t_all - 1) / max(1, rows - 1)) for i in range(min(rows, t_all))})
     names = list(rec.masks)

@@ -8,7 +8,8 @@ from pathlib import Path
 from .colours import gate_colour
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def _pyplot():
 def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str,
                title: str = "") -> None:
     """Scatter every trial in its gate's colour, circle the Pareto front, draw its staircase."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for gate in sorted({r["gate"] for r in rows}):
         pts = [r for r in rows if r["gate"] == gate]
@@ -46,7 +47,7 @@ def plot_density(density: dict[str, Sequence[float]], path: Path, *, reference_f
                  title: str = "") -> None:
     """Density (fraction of each gated layer's work computed) per frame, one line per layer, reference frames
     (dense by construction) marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=120)
     cmap = plt.get_cmap("viridis")
     names = list(density)
