@@ -121,13 +121,17 @@ class _Processes:
         ctx = multiprocessing.get_context("fork")  # the children inherit the models and the loaded kernels
         barrier = ctx.Barrier(len(streams))
         self.pipes, self.procs = [], []
-        for clip in streams:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, barrier, models, clip, reset_every), daemon=True)
-            proc.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(proc)
+        try:
+            for clip in streams:
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(child, barrier, models, clip, reset_every), daemon=True)
+                proc.start()
+                child.close()
+                self.pipes.append(parent)
+                self.procs.append(proc)
+        except BaseException:
+            self.close()  # the workers started so far
+            raise
 
     def run(self, label: str) -> list[tuple[float, float]]:
         for pipe in self.pipes:
