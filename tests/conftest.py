@@ -14,6 +14,13 @@ for key, value in {
 torch.set_num_threads(2)
 
 
+def pytest_sessionstart(session):
+    """Build the C++ kernels once, here, before any test starts worker processes that would each wait for it."""
+    from gatesearch.ops import _native
+
+    _native.available()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session; unit tests never start Ray."""

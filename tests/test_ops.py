@@ -466,6 +466,34 @@ def test_unbuildable_extension_falls_back_to_pytorch(tmp_path):
     assert "PyTorch fallback" in done.stderr
 
 
+def test_a_stale_build_lock_does_not_hang_the_next_process(tmp_path):
+    """A process killed mid-build leaves torch's ``lock`` file behind; the next one removes it and loads."""
+    if not _native.available():
+        pytest.skip("C++ kernels unavailable")
+    import shutil
+
+    _, built = _native._build_dir()
+    copy = tmp_path / "ext" / built.name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "build.flock"))
+    (copy / "lock").touch()  # as a killed builder leaves it
+    script = "from gatesearch import ops; print(ops.native_available())"
+    env = {**os.environ, "GATESEARCH_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+    assert not (copy / "lock").exists()
+
+
+def test_the_build_lock_is_held_by_one_process_at_a_time(tmp_path):
+    import fcntl
+
+    with _native._build_lock(tmp_path), open(tmp_path / "build.flock") as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "build.flock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
+
+
 def test_native_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(_native, "_loaded", None)
     monkeypatch.setenv("GATESEARCH_NATIVE", "0")

@@ -11,6 +11,7 @@ plain-PyTorch kernels, which compute the same result.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -73,6 +74,23 @@ def _build_dir() -> tuple[str, Path]:
     raise OSError("no writable cache directory for the C++ kernels")
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One process builds or loads at a time, under a lock the kernel drops when its holder dies.
+
+    torch's own build lock is a file that only its creator removes: a process killed mid-build (a stopped
+    Ray worker, a Ctrl-C) leaves it behind, and every later process waits on it forever. Holding this
+    ``flock`` means no live process is building, so a leftover ``lock`` file is stale and goes.
+    """
+    with open(build_dir / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load() -> bool:
     if os.environ.get("GATESEARCH_NATIVE", "1") == "0":
         return False
@@ -82,15 +100,16 @@ def _load() -> bool:
         from torch.utils import cpp_extension
 
         name, build_dir = _build_dir()
-        cpp_extension.load(
-            name=name,
-            sources=[str(src) for src in _SOURCES],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            cpp_extension.load(
+                name=name,
+                sources=[str(src) for src in _SOURCES],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
         return True
     except Exception as exc:  # any build or load failure: use the PyTorch kernels
         warnings.warn(f"gatesearch.ops: C++ kernels unavailable, using PyTorch fallback ({exc})", stacklevel=3)
