@@ -168,6 +168,10 @@ class Stream:
     def macs(self) -> float | None:
         return self.last.macs if self.stats else None
 
+    def gated_layers(self) -> list[str]:
+        """The layers whose work a gate decides (their density is in each frame's ``layer_density``)."""
+        return list(self._counter.layers)
+
     def masks_available(self) -> list[str]:
         """The gated layers that can say where they computed (Skip-Conv layers), in model order."""
         return [name for name, m in self._counter.layers.items() if hasattr(m, "computed_positions")]

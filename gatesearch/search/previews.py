@@ -2,7 +2,8 @@
 
 A user choosing between two models of the front gets, beside their numbers, the picture Skip-Convolutions opens
 with (Fig. 2-3): where each computes and where it skips on a held-out clip (``viz.masks``), and its density per
-layer over the clip. Gates without spatial masks (dense, D-STEP, VA-RED²) get the density plot only.
+layer over the clip. Gates without spatial masks (D-STEP, VA-RED²) get the density plot only; a dense trial,
+with no gate, gets nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def log_previews(tracker: Tracker, front: list[dict], *, data: DataConfig, evalu
         with tempfile.TemporaryDirectory() as tmp:
             artifact = load_artifact(tracker.download_model(run, Path(tmp)))
         stream = Stream(artifact, reset_every=evaluation.reset_every(artifact.trial.clip_length) or 0)
+        if not stream.gated_layers():  # the dense network: no gate to draw
+            stream.close()
+            continue
         recorder = MaskRecorder(stream)
         with stream:
             stream.run(clip, after_step=recorder.add)

@@ -62,7 +62,7 @@ def plot_density(density: dict[str, Sequence[float]], path: Path, *, reference_f
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=10)
-    if len(names) <= 12:
+    if 0 < len(names) <= 12:
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path)
