@@ -192,3 +192,16 @@ def test_gate_colours_are_fixed():
 
     assert gate_colour("input_norm") == gate_colour("input_norm") != gate_colour("output_norm")
     assert gate_colour("my_plugin_gate") == gate_colour("my_plugin_gate")
+
+
+def test_previews_of_the_front_go_to_the_trial_runs(recorded, tmp_path):
+    """A gated trial of the front gets its mask sheet and density plot logged; the dense one, with no gate, none."""
+    from gatesearch.search.previews import log_previews
+    from gatesearch.spaces import EvalConfig
+
+    tracker, recorder, _, _ = recorded
+    front = [{"trial_id": t, "run_id": rid, "quality": METRICS[t]["quality"]} for t, rid in recorder.runs.items()]
+    done = log_previews(tracker, front, data=DATA, evaluation=EvalConfig(frames=4), out=tmp_path)
+    assert done == ["t_input"]
+    logged = {t: {a.path for a in tracker.client.list_artifacts(rid, "masks")} for t, rid in recorder.runs.items()}
+    assert logged == {"t_dense": set(), "t_input": {"masks/masks.png", "masks/density.png"}}

@@ -35,12 +35,10 @@ def log_previews(tracker: Tracker, front: list[dict], *, data: DataConfig, evalu
         run = tracker.client.get_run(row["run_id"])
         with tempfile.TemporaryDirectory() as tmp:
             artifact = load_artifact(tracker.download_model(run, Path(tmp)))
-        stream = Stream(artifact, reset_every=evaluation.reset_every(artifact.trial.clip_length) or 0)
-        if not stream.gated_layers():  # the dense network: no gate to draw
-            stream.close()
-            continue
-        recorder = MaskRecorder(stream)
-        with stream:
+        with Stream(artifact, reset_every=evaluation.reset_every(artifact.trial.clip_length) or 0) as stream:
+            if not stream.gated_layers():  # the dense network: no gate to draw
+                continue
+            recorder = MaskRecorder(stream)
             stream.run(clip, after_step=recorder.add)
         folder = out / row["trial_id"]
         folder.mkdir(parents=True, exist_ok=True)
