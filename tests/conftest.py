@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 torch.set_num_threads(2)
+sys.stdout.reconfigure(line_buffering=True)  # CI's log shows progress up to the last line even if killed
 
 
 def pytest_sessionstart(session):
