@@ -7,11 +7,22 @@ from collections.abc import Sequence
 
 def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the non-dominated points of (quality to maximise, cost to minimise)."""
-    front = []
-    for i, (q, c) in enumerate(points):
-        dominated = any(
-            (q2 >= q and c2 <= c) and (q2 > q or c2 < c) for j, (q2, c2) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
+    fronts = nondominated_fronts([(-q, c) for q, c in points])
+    return fronts[0] if fronts else []
+
+
+def nondominated_fronts(losses: Sequence[Sequence[float]]) -> list[list[int]]:
+    """Non-dominated sorting of loss vectors (every objective minimised): the indices of the first front, then of
+    the front that is non-dominated once the first is removed, and so on (Deb et al., NSGA-II)."""
+
+    def dominates(a, b) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    left = list(range(len(losses)))
+    fronts = []
+    while left:
+        front = [i for i in left if not any(dominates(losses[j], losses[i]) for j in left if j != i)]
+        fronts.append(front)
+        left = [i for i in left if i not in front]
+    return fronts
+
