@@ -148,3 +148,32 @@ def test_reference_every():
     assert parse_search_config({}).evaluation.reset_every(4) == 4
     assert parse_search_config({"evaluation": {"reference_every": 8}}).evaluation.reset_every(4) == 8
     assert parse_search_config({"evaluation": {"reference_every": 0}}).evaluation.reset_every(4) is None
+
+
+def test_warm_start_points_become_the_optuna_params_of_their_configuration():
+    cfg = parse_search_config({"space": {"gate": ["dense", "input_norm"], "block_size": [2, 4]},
+                               "warm_start": [{"gate": "dense"},
+                                              {"gate": "input_norm", "threshold": 1.0, "block_size": 4, "lr": 0.005}]})
+    assert cfg.warm_start[1] == {"gate": "input_norm", "threshold": 1.0, "block_size": 4, "lr": 0.005}
+    params = cfg.space.enqueue_params(cfg.warm_start[1], "warm_start[1]")
+    assert params == {"gate": "input_norm", "input_norm.threshold": 1.0, "input_norm.block_size": 4, "lr": 0.005}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for point in cfg.warm_start:
+        study.enqueue_trial(cfg.space.enqueue_params(point, "w"))
+    first, second = (cfg.space.suggest(study.ask()) for _ in range(2))
+    assert first.gate == "dense"
+    assert (second.gate, second.knobs["threshold"], second.knobs["block_size"], second.lr) == \
+        ("input_norm", 1.0, 4, 0.005)
+
+
+@pytest.mark.parametrize("point, message", [
+    ({"gate": "gumbel"}, "warm_start[0].gate: expected one of the searched gates (dense, input_norm), got 'gumbel'"),
+    ({"threshold": 1.0}, "warm_start[0].gate: expected one of the searched gates"),
+    ({"gate": "input_norm", "threshold": 1e9}, "warm_start[0].threshold: 1000000000.0 is outside the searched domain"),
+    ({"gate": "dense", "threshold": 1.0}, "warm_start[0].threshold: not a parameter of gate 'dense' in this search"),
+    ({"gate": "input_norm", "block_size": "4"}, "warm_start[0].block_size: expected int"),
+])
+def test_bad_warm_start_is_one_line_naming_the_point(point, message):
+    with pytest.raises(SpaceError) as e:
+        parse_search_config({"space": {"gate": ["dense", "input_norm"]}, "warm_start": [point]})
+    assert str(e.value).startswith(message)

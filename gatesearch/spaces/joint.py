@@ -55,6 +55,35 @@ class Space:
         """The function given to Ray Tune's OptunaSearch: the resolved config under ``trial``."""
         return {"trial": self.suggest(trial).to_dict()}
 
+    def enqueue_params(self, point: Any, where: str) -> dict[str, Any]:
+        """A known configuration (``warm_start:`` entry: the gate and any shared parameters or knobs) as the Optuna
+        parameters that make ``suggest`` return it (``Study.enqueue_trial``); what it leaves out is sampled."""
+        from gatesearch.policies import POLICIES
+
+        if not isinstance(point, dict):
+            raise SpaceError(f"{where}: expected a mapping such as {{gate: dense}}, got {point!r}")
+        gate = point.get("gate")
+        if gate not in self.gate.values:
+            raise SpaceError(f"{where}.gate: expected one of the searched gates ({', '.join(self.gate.values)}), "
+                             f"got {gate!r}")
+        params = {"gate": gate} if self.gate.sampled else {}
+        for key, value in point.items():
+            if key == "gate":
+                continue
+            if key in self.shared:
+                param, dom, name = SHARED[key], self.shared[key], key
+            elif key in self.gate_params[gate]:
+                param, dom, name = POLICIES.get(gate).takes()[key], self.gate_params[gate][key], f"{gate}.{key}"
+            else:
+                known = ", ".join([*self.shared, *self.gate_params[gate]])
+                raise SpaceError(f"{where}.{key}: not a parameter of gate {gate!r} in this search (known: {known})")
+            value = param.check(value, f"{where}.{key}")
+            if not dom.holds(value):
+                raise SpaceError(f"{where}.{key}: {value!r} is outside the searched domain {dom.to_yaml()!r}")
+            if dom.sampled:
+                params[name] = value
+        return params
+
     def to_yaml(self) -> dict[str, Any]:
         out: dict[str, Any] = {"gate": self.gate.to_yaml()}
         out.update({k: d.to_yaml() for k, d in self.shared.items()})

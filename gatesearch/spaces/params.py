@@ -29,6 +29,15 @@ class Fixed:
         """One legal value (what a check or a test builds the gate with)."""
         return self.value
 
+    def holds(self, value: Any) -> bool:
+        """Whether a search over this domain can produce ``value``."""
+        return value == self.value
+
+    @property
+    def sampled(self) -> bool:
+        """Whether ``suggest`` asks the Optuna trial (a fixed value is not recorded as a parameter)."""
+        return False
+
     def to_yaml(self) -> Any:
         return self.value
 
@@ -44,6 +53,13 @@ class Choice:
 
     def example(self) -> Any:
         return self.values[0]
+
+    def holds(self, value: Any) -> bool:
+        return value in self.values
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.values) > 1
 
     def to_yaml(self) -> Any:
         return list(self.values)
@@ -63,6 +79,13 @@ class Range:
 
     def example(self) -> Any:
         return int(self.low) if self.integer else self.low
+
+    def holds(self, value: Any) -> bool:
+        return self.low <= value <= self.high and (not self.integer or value == int(value))
+
+    @property
+    def sampled(self) -> bool:
+        return True
 
     def to_yaml(self) -> Any:
         return {"low": self.low, "high": self.high, "log": self.log}

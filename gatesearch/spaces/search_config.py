@@ -12,9 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from .joint import Space, parse_space
+from .objectives import (
+    Constraints,
+    EarlyStopping,
+    HypervolumeReference,
+    LatencyTarget,
+    parse_constraints,
+    parse_early_stopping,
+    parse_hypervolume_reference,
+    parse_latency,
+)
 from .params import SpaceError
 
-OBJECTIVES = ("latency", "macs")  # second objective; the first is always quality
+#: second objective (the first is always quality) -> the trial metric it is
+OBJECTIVES = {"latency": "latency_ms", "macs": "macs"}
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
@@ -66,13 +77,28 @@ class SearchConfig:
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     space: Space = None  # type: ignore[assignment]  # filled by load/parse
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)  # stop dominated trials at rungs
+    constraints: Constraints = field(default_factory=Constraints)  # budgets; the front holds feasible trials
+    latency: LatencyTarget = field(default_factory=LatencyTarget)  # where latency is measured
+    hypervolume_reference: HypervolumeReference = field(default_factory=HypervolumeReference)
+    warm_start: tuple[dict[str, Any], ...] = ()  # known configurations tried first ({gate: ..., knob: ...})
+
+    @property
+    def cost_key(self) -> str:
+        """The trial metric of the second objective."""
+        return OBJECTIVES[self.objective]
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["data"] = dataclasses.asdict(self.data)
-        out["evaluation"] = dataclasses.asdict(self.evaluation)
+        for key in SECTIONS:
+            out[key] = dataclasses.asdict(getattr(self, key))
         out["space"] = self.space.to_yaml()
+        out["warm_start"] = list(self.warm_start)
         return out
+
+
+#: the sections of a search YAML that are dataclasses of their own, and how each is parsed
+SECTIONS = ("data", "evaluation", "early_stopping", "constraints", "latency", "hypervolume_reference")
 
 
 def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
@@ -97,8 +123,9 @@ def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
 
 def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
     raw = dict(raw)
-    simple = {f.name: f for f in dataclasses.fields(SearchConfig) if f.name not in ("data", "evaluation", "space")}
-    known = set(simple) | {"data", "evaluation", "space"}
+    nested = {*SECTIONS, "space", "warm_start"}
+    simple = {f.name: f for f in dataclasses.fields(SearchConfig) if f.name not in nested}
+    known = set(simple) | nested
     for key in raw:
         if key not in known:
             raise SpaceError(f"{key}: unknown key; known: {', '.join(sorted(known))}")
@@ -135,7 +162,19 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         if getattr(evaluation, f.name) < minimum:
             raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
     space = parse_space(raw.get("space"), seed=cfg.seed)
-    return dataclasses.replace(cfg, data=data, evaluation=evaluation, space=space)
+    warm = raw.get("warm_start") or []
+    if not isinstance(warm, list):
+        raise SpaceError(f"warm_start: expected a list of configurations, got {type(warm).__name__}")
+    for i, point in enumerate(warm):
+        space.enqueue_params(point, f"warm_start[{i}]")  # checked here, enqueued by the searcher
+    warm_start = tuple(dict(point) for point in warm)
+    return dataclasses.replace(
+        cfg, data=data, evaluation=evaluation, space=space, warm_start=warm_start,
+        early_stopping=parse_early_stopping(raw.get("early_stopping")),
+        constraints=parse_constraints(raw.get("constraints")),
+        latency=parse_latency(raw.get("latency")),
+        hypervolume_reference=parse_hypervolume_reference(raw.get("hypervolume_reference"), cfg.cost_key),
+    )
 
 
 def _check_data_source(data: DataConfig) -> DataConfig:
