@@ -74,9 +74,13 @@ def main() -> None:
 @click.option("--objective", type=click.Choice(["latency", "macs"]), help="Second objective beside quality.")
 @tracking_options
 @click.option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster instead of starting one.")
+@click.option("--latency-on", metavar="RESOURCE",
+              help="Measure latency on the Ray node carrying this custom resource (the target device, started with "
+                   "ray start --resources '{\"RESOURCE\": 1}'); overrides latency.resource.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def search(config, trials, max_concurrent, name, seed, objective, workdir, tracking_uri, ray_address, as_json):
+def search(config, trials, max_concurrent, name, seed, objective, workdir, tracking_uri, ray_address, latency_on,
+           as_json):
     """Run a multi-objective search described by CONFIG (a YAML file, or `quick` for the built-in one)."""
     from gatesearch.search.engine import RunOptions, run_search
     from gatesearch.search.recorder import format_params
@@ -87,13 +91,20 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
         path = BUILTIN_CONFIGS / f"{config}.yaml"
     cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed,
                              objective=objective)
+    if latency_on:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, latency=dataclasses.replace(cfg.latency, resource=latency_on))
     opts = RunOptions(workdir=workdir, tracking_uri=tracking_uri, ray_address=ray_address)
     summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True), progress=_progress(as_json))
     if as_json:
         _emit_json(summary)
         return
     click.echo(f"\nsearch {summary['search_id']}: {summary['trials_completed']} trials completed, "
-               f"{summary['trials_failed']} failed in {summary['wall_s']:.0f} s")
+               f"{summary['trials_pruned']} stopped early, {summary['trials_failed']} failed in "
+               f"{summary['wall_s']:.0f} s")
+    if summary["hypervolume"] is not None:
+        click.echo(f"hypervolume {summary['hypervolume']:.4g} (reference {summary['hypervolume_reference']})")
     _print_front(summary["pareto"], format_params)
     if summary["pareto_plot"]:
         click.echo(f"plot: {summary['pareto_plot']}")
@@ -123,21 +134,26 @@ def _print_front(rows, format_params) -> None:
 @main.command()
 @click.argument("search_id", required=False)
 @click.option("--max-latency-ms", type=float, help="Only trials at most this slow (ms per frame).")
+@click.option("--max-quality-drop", type=float, help="Only trials at most this far below the dense network.")
+@click.option("--max-macs", type=float, help="Only trials spending at most this many MACs per frame.")
 @click.option("--min-quality", type=float, help="Only trials at least this good.")
 @tracking_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
-def pareto(search_id, max_latency_ms, min_quality, workdir, tracking_uri, as_json):
-    """Print the Pareto-optimal trials of the latest search (or of SEARCH_ID)."""
+def pareto(search_id, max_latency_ms, max_quality_drop, max_macs, min_quality, workdir, tracking_uri, as_json):
+    """Print the Pareto-optimal trials of the latest search (or of SEARCH_ID); with budgets, the front of the trials
+    within them (as the search's own constraints would have made it)."""
+    from gatesearch.search.pareto import front_within
     from gatesearch.search.recorder import format_params
+    from gatesearch.spaces.objectives import parse_constraints
 
+    budget = {"max_latency_ms": max_latency_ms, "max_quality_drop": max_quality_drop, "max_macs": max_macs}
+    constraints = parse_constraints({k: v for k, v in budget.items() if v is not None})
     tracker = _tracker(workdir, tracking_uri)
     run = tracker.search_run(search_id)
     rows = tracker.pareto_rows(run)
-    if max_latency_ms is not None:
-        rows = [r for r in rows if r["latency_ms"] <= max_latency_ms]
-    if min_quality is not None:
-        rows = [r for r in rows if r["quality"] >= min_quality]
+    if constraints.named() or min_quality is not None:
+        rows = front_within(tracker.trial_rows(run) or rows, constraints, min_quality=min_quality)
     sid = run.data.tags.get("gatesearch.search_id")
     if as_json:
         _emit_json({"search_id": sid, "pareto": rows})

@@ -27,13 +27,21 @@ def test_hypervolume_equals_the_hand_computed_area():
 
 
 def test_history_never_shrinks_and_leaves_infeasible_trials_out():
-    h = HypervolumeHistory(reference=REF)
-    assert h.add(0.7, 1.0) == pytest.approx(0.6)
-    assert h.add(0.99, 0.1, feasible=False) == pytest.approx(0.6)
-    assert h.add(0.6, 2.0) == pytest.approx(0.6)
-    assert h.add(0.9, 3.0) == pytest.approx(0.8)
+    h = HypervolumeHistory(reference=REF, cost_key="macs")
+    trial = lambda q, c: {"quality": q, "macs": c}
+    assert h.add(trial(0.7, 1.0)) == pytest.approx(0.6)
+    assert h.add(trial(0.99, 0.1), feasible=False) == pytest.approx(0.6)
+    assert h.add(trial(0.6, 2.0)) == pytest.approx(0.6)
+    assert h.add(trial(0.9, 3.0)) == pytest.approx(0.8)
     assert h.values == pytest.approx([0.6, 0.6, 0.6, 0.8]) and h.current == pytest.approx(0.8)
-    assert HypervolumeHistory().add(0.7, 1.0) is None  # no reference yet
+    assert HypervolumeHistory(cost_key="macs").add(trial(0.7, 1.0)) is None  # no reference, no dense figures
+
+
+def test_history_takes_its_reference_from_the_first_trials_dense_figures():
+    h = HypervolumeHistory(HypervolumeReference(quality=0.5), cost_key="macs")
+    assert h.add({"quality": 0.7, "macs": 1.0, "dense_macs": 4.0}) == pytest.approx(0.6)
+    assert h.reference == REF
+    assert h.add({"quality": 0.9, "macs": 3.0, "dense_macs": 100.0}) == pytest.approx(0.8)  # fixed once set
 
 
 def test_reference_point_from_yaml_dense_and_budget():

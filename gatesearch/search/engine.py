@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig
+from gatesearch.spaces.objectives import LatencyTarget
 
+from .dominance import EPOCH, EPOCHS, Rungs, dominance_scheduler
+from .hypervolume import HypervolumeHistory
 from .progress import Progress
 from .recorder import Recorder, tune_callback
 from .searcher import COST, make_searcher, pareto_from_study
+from .target import check_resource
 from .tracking import Tracker, default_tracking_uri
 
 ENV_DEFAULTS = {
@@ -29,7 +33,8 @@ ENV_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    # trials report per epoch (train loss) before their final report holds the objectives the searcher reads
+    # trials report per epoch (train loss, what early stopping ranks) before their final report holds the
+    # objectives the searcher reads
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
 }
 
@@ -49,10 +54,12 @@ class RunOptions:
 
 
 def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int,
-                   gates: dict[str, type] | None = None, search_id: str | None = None) -> None:
-    """Runs inside a Ray worker: one trial; a report per epoch (``epoch``, ``train_loss``), then a final report
-    holding every objective with the model files as its checkpoint. ``gates`` are the searched gates' classes,
-    registered here when the worker does not know them (a gate defined in the driver's script)."""
+                   gates: dict[str, type] | None = None, search_id: str | None = None,
+                   latency: LatencyTarget = LatencyTarget(), probe_clips: int = 0) -> None:
+    """Runs inside a Ray worker: one trial; a report per epoch (``epoch``, ``epochs``, ``train_loss`` and, with
+    ``probe_clips``, what early stopping ranks), then a final report holding every objective with the model files as
+    its checkpoint. ``gates`` are the searched gates' classes, registered here when the worker does not know them (a
+    gate defined in the driver's script); ``latency.resource`` names the Ray node the latency is measured on."""
     import torch
     from ray import tune
 
@@ -60,22 +67,31 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     from gatesearch.export import trial_meta, write_files
     from gatesearch.objectives.device import DeviceLock
     from gatesearch.policies import adopt
+    from gatesearch.search.target import TargetMeter, artifact_files
     from gatesearch.search.trial import run_trial
 
     adopt(gates or {})
     torch.set_num_threads(threads)
     trial = TrialConfig.from_dict(config["trial"])
+    trial_id = tune.get_context().get_trial_id()
+
+    def meta(metrics: dict) -> dict:
+        return trial_meta(trial, metrics=metrics, data=data, num_classes=num_classes(data),
+                          frame_shape=frame_shape(data), trial_id=trial_id, search_id=search_id)
+
+    meter = None
+    if latency.resource:
+        meter = TargetMeter(latency.resource, lambda model: artifact_files(model, meta({})), threads=latency.threads,
+                            gates=gates)
     lock = DeviceLock()
     try:
         outcome = run_trial(trial, data, evaluation, lock=lock, latency_threads=len(os.sched_getaffinity(0)),
-                            on_epoch=lambda epoch, loss: tune.report({"epoch": epoch + 1, "train_loss": loss}))
+                            meter=meter, probe_clips=probe_clips,
+                            on_epoch=lambda epoch, m: tune.report({EPOCH: epoch + 1, EPOCHS: trial.epochs, **m}))
     finally:
         lock.close()
     with tempfile.TemporaryDirectory() as tmp:
-        meta = trial_meta(trial, metrics=outcome.metrics, data=data, num_classes=num_classes(data),
-                          frame_shape=frame_shape(data), trial_id=tune.get_context().get_trial_id(),
-                          search_id=search_id)
-        write_files(Path(tmp), outcome.model, meta)
+        write_files(Path(tmp), outcome.model, meta(outcome.metrics))
         tune.report(outcome.metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -109,8 +125,10 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
     parent = tracker.start_search(cfg.name, search_id, cfg.to_dict(), workdir / "mlartifacts")
     cost_key, cost_label = COST[cfg.objective]
 
+    rungs = Rungs(cfg.early_stopping.milestones(max_epochs(cfg)), reduction_factor=cfg.early_stopping.reduction_factor)
     recorder = Recorder(tracker, parent, search_id, trials=cfg.trials, cost_key=cost_key, progress=progress,
-                        echo=echo)
+                        echo=echo, constraints=cfg.constraints, stopped=rungs.stopped,
+                        hypervolume=HypervolumeHistory(cfg.hypervolume_reference, cfg.constraints, cost_key))
 
     cpus = opts.cpus or os.cpu_count() or 1
     started_ray = not ray.is_initialized()  # a caller (or a test session) may have connected already
@@ -125,15 +143,20 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
          f"MLflow {tracking_uri}")
     status = "FAILED"
     try:
+        if cfg.latency.resource:
+            check_resource(cfg.latency.resource)
         trainable = tune.with_resources(
             tune.with_parameters(tune_trainable, data=cfg.data, evaluation=cfg.evaluation, threads=threads,
-                                 gates={g: POLICIES.get(g) for g in cfg.space.gate.values}, search_id=search_id),
+                                 gates={g: POLICIES.get(g) for g in cfg.space.gate.values}, search_id=search_id,
+                                 latency=cfg.latency,
+                                 probe_clips=cfg.early_stopping.probe_clips if cfg.early_stopping.enabled else 0),
             {"cpu": threads},
         )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(cfg, storage_url, search_id),
+                search_alg=make_searcher(cfg, storage_url, search_id, stopped=rungs.stopped, run_ids=recorder.runs),
+                scheduler=dominance_scheduler(rungs) if cfg.early_stopping.enabled else None,
                 num_samples=cfg.trials,
                 max_concurrent_trials=cfg.max_concurrent,
                 reuse_actors=True,
@@ -172,17 +195,31 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *,
             "search_id": search_id,
             "trials_completed": len(rows),
             "trials_failed": len(recorder.failed),
+            "trials_pruned": len(recorder.pruned),
+            "trials_infeasible": sum(not r["feasible"] for r in rows),
             "tracking_uri": tracking_uri,
             "optuna_storage": storage_url,
             "objectives": ["quality", cost_key],
             "wall_s": round(time.time() - start, 2),
             "pareto_size": len(pareto),
+            "hypervolume": recorder.hypervolume.current,
+            "hypervolume_reference": vars(recorder.hypervolume.reference) if recorder.hypervolume.reference else None,
             "pareto_plot": str(plot) if plot else None,
             "pareto": pareto,
             "mlflow_ui": tracker.ui_url(parent),
         }
-        tracker.finish_search(parent, summary, pareto, plot, status)
+        tracker.finish_search(parent, summary, pareto, plot, status, rows=rows)
     return summary
+
+
+def max_epochs(cfg: SearchConfig) -> int:
+    """The most epochs any trial of the search trains (where the rungs of early stopping must end)."""
+    from gatesearch.spaces import Choice, Fixed
+
+    dom = cfg.space.shared["epochs"]
+    if isinstance(dom, Fixed):
+        return int(dom.value)
+    return int(max(dom.values) if isinstance(dom, Choice) else dom.high)
 
 
 __all__ = ["RunOptions", "run_search", "set_env_defaults", "tune_trainable"]

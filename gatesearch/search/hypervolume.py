@@ -32,35 +32,45 @@ def hypervolume(points: Sequence[tuple[float, float]], reference: Reference) -> 
     return float(compute_hypervolume(np.asarray(losses, dtype=float), np.asarray([-reference.quality, reference.cost])))
 
 
-def reference_point(given: HypervolumeReference, *, dense: Sequence[tuple[float, float]],
+def reference_point(given: HypervolumeReference, *, dense: Sequence[tuple[float | None, float | None]],
                     constraints: Constraints | None = None) -> Reference | None:
     """The fixed reference: what the YAML gives, the rest from the dense networks ``dense`` (quality, cost) of the
     search — the largest dense cost (a gated model slower than dense is no gain), and a quality floor of 0, or of
     the worst dense quality less ``max_quality_drop`` when that budget is set. None while something is missing."""
+    qualities = [q for q, _ in dense if q is not None]
+    costs = [c for _, c in dense if c is not None]
     quality, cost = given.quality, given.cost
     drop = constraints.max_quality_drop if constraints else None
-    if cost is None and dense:
-        cost = max(c for _, c in dense)
+    if cost is None and costs:
+        cost = max(costs)
     if quality is None:
         if drop is None:
             quality = 0.0
-        elif dense:
-            quality = min(q for q, _ in dense) - drop
+        elif qualities:
+            quality = min(qualities) - drop
     return None if quality is None or cost is None else Reference(quality, cost)
 
 
 @dataclass
 class HypervolumeHistory:
-    """The hypervolume after each finished trial, for the progress line and the MLflow parent's step metric."""
+    """The hypervolume after each finished trial, for the progress line and the MLflow parent's step metric. The
+    reference is fixed before the first value: from the YAML, the search's dense networks, or else the dense
+    figures the first finished trial reports beside its own (``dense_quality``, ``dense_<cost>``)."""
 
-    reference: Reference | None = None  # set once, before the first value is taken
+    given: HypervolumeReference = field(default_factory=HypervolumeReference)
+    constraints: Constraints | None = None
+    cost_key: str = "latency_ms"
+    reference: Reference | None = None
     points: list[tuple[float, float]] = field(default_factory=list)  # feasible finished trials
     values: list[float] = field(default_factory=list)  # after each finished trial, feasible or not
 
-    def add(self, quality: float, cost: float, *, feasible: bool = True) -> float | None:
+    def add(self, metrics: dict, *, feasible: bool = True) -> float | None:
         """Count one finished trial; the hypervolume now (None while the reference is unknown)."""
+        if self.reference is None:
+            dense = [(metrics.get("dense_quality"), metrics.get(f"dense_{self.cost_key}"))]
+            self.reference = reference_point(self.given, dense=dense, constraints=self.constraints)
         if feasible:
-            self.points.append((quality, cost))
+            self.points.append((metrics["quality"], metrics[self.cost_key]))
         if self.reference is None:
             return None
         self.values.append(hypervolume(self.points, self.reference))

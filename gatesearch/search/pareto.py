@@ -11,6 +11,16 @@ def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
     return fronts[0] if fronts else []
 
 
+def front_within(rows: list[dict], constraints, *, min_quality: float | None = None,
+                 cost_key: str = "latency_ms") -> list[dict]:
+    """The Pareto front (quality ↑, ``cost_key`` ↓) of the trials ``rows`` that meet ``constraints``
+    (``spaces.objectives.Constraints``) and ``min_quality``, sorted by cost."""
+    kept = [r for r in rows if r.get("feasible", True) and constraints.feasible(r)
+            and (min_quality is None or r["quality"] >= min_quality)]
+    front = [kept[i] for i in pareto_indices([(r["quality"], r[cost_key]) for r in kept])]
+    return sorted(front, key=lambda r: (r[cost_key], -r["quality"]))
+
+
 def nondominated_fronts(losses: Sequence[Sequence[float]]) -> list[list[int]]:
     """Non-dominated sorting of loss vectors (every objective minimised): the indices of the first front, then of
     the front that is non-dominated once the first is removed, and so on (Deb et al., NSGA-II)."""

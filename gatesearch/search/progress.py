@@ -31,6 +31,7 @@ class SearchState:
     running: dict[str, Running] = field(default_factory=dict)
     done: int = 0
     failed: int = 0
+    stopped: int = 0  # trials early stopping stopped
     front: dict[str, Any] = field(default_factory=dict)  # what the status line says of the front, in order
 
     def elapsed(self) -> float:
@@ -39,7 +40,7 @@ class SearchState:
     def eta(self) -> float | None:
         """Seconds left at the pace so far: trials finished plus the running ones' share of their epochs."""
         partial = sum(r.epoch / r.epochs for r in self.running.values() if r.epochs)
-        progress = self.done + self.failed + partial
+        progress = self.done + self.failed + self.stopped + partial
         if progress <= 0:
             return None
         return max(0.0, self.elapsed() * (self.trials - progress) / progress)
@@ -47,6 +48,8 @@ class SearchState:
     def status(self) -> str:
         parts = [f"done {self.done}/{self.trials}", f"failed {self.failed}", f"running {len(self.running)}",
                  f"elapsed {clock(self.elapsed())}", f"ETA {clock(self.eta())}"]
+        if self.stopped:
+            parts.insert(2, f"stopped early {self.stopped}")
         parts += [f"{key} {fmt(value)}" for key, value in self.front.items()]
         return " | ".join(parts)
 

@@ -3,19 +3,24 @@
 Runs are written from the driver (a Ray Tune callback), so trials on remote Ray nodes need no access to the
 tracking store. ``Recorder`` opens a trial's run when the trial starts, logs each per-epoch report at its
 epoch, and at the end logs the final metrics with the model and closes the run; it keeps the table of finished
-trials the Pareto front is built from. ``tune_callback`` wraps it in the ``tune.Callback`` Tune calls.
+trials the Pareto front is built from. A finished trial is checked against the search's constraints and counted in
+the hypervolume (a step metric of the parent); one that early stopping stopped is closed KILLED with its rung.
+``tune_callback`` wraps it in the ``tune.Callback`` Tune calls.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gatesearch.spaces.objectives import Constraints
+
+from .hypervolume import HypervolumeHistory
 from .pareto import pareto_indices
 from .progress import PlainProgress, Progress, Running, SearchState
-from .tracking import Tracker, now_ms
+from .tracking import FEASIBLE_TAG, LATENCY_NODE_TAG, PRUNED_TAG, Tracker, now_ms
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -44,22 +49,30 @@ def trial_row(trial_cfg: dict[str, Any], metrics: dict[str, Any], trial_id: str)
         "quality": metrics.get("quality"),
         "latency_ms": metrics.get("latency_ms"),
         "macs": metrics.get("macs"),
+        "quality_drop": metrics.get("quality_drop"),
         "dense_macs": metrics.get("dense_macs"),
         "mean_density": metrics.get("mean_density"),
+        "latency_node": metrics.get("latency_node"),
     }
 
 
 class Recorder:
-    """Records each trial under the search's parent run and keeps the progress display up to date."""
+    """Records each trial under the search's parent run and keeps the progress display up to date. ``stopped``
+    (trial id -> epoch of the rung) holds the trials early stopping stopped."""
 
     def __init__(self, tracker: Tracker, parent: str, search_id: str, *, trials: int, cost_key: str,
-                 progress: Progress | None = None, echo: Callable[[str], None] = print) -> None:
+                 progress: Progress | None = None, echo: Callable[[str], None] = print,
+                 constraints: Constraints = Constraints(), stopped: Mapping[str, int] | None = None,
+                 hypervolume: HypervolumeHistory | None = None) -> None:
         self.tracker, self.parent, self.search_id = tracker, parent, search_id
         self.cost_key = cost_key
+        self.constraints, self.stopped = constraints, {} if stopped is None else stopped
+        self.hypervolume = hypervolume or HypervolumeHistory()
         self.progress = progress or PlainProgress(echo)
         self.state = SearchState(search_id=search_id, trials=trials)
         self.rows: list[dict[str, Any]] = []  # finished trials
         self.failed: list[str] = []  # ids of failed trials
+        self.pruned: list[str] = []  # ids of trials early stopping stopped
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id, every trial started
         self.models: dict[str, str] = {}  # trial id -> MLflow logged model id
         self._open: set[str] = set()  # trials whose run is still RUNNING
@@ -101,8 +114,17 @@ class Recorder:
 
     def finished(self, trial_id: str, trial_cfg: dict, metrics: dict, files: Path | None, *,
                  end_ms: int | None = None) -> None:
-        row = trial_row(trial_cfg, metrics, trial_id)
         rid = self.runs.get(trial_id) or self._late_start(trial_id, trial_cfg)
+        if trial_id in self.stopped:
+            return self._pruned(trial_id, rid, self.stopped[trial_id], end_ms=end_ms)
+        row = trial_row(trial_cfg, metrics, trial_id)
+        violations = self.constraints.violations(metrics)
+        row["feasible"] = all(v <= 0 for v in violations.values())
+        tags = {LATENCY_NODE_TAG: row["latency_node"]} if row["latency_node"] else {}
+        if violations:
+            tags[FEASIBLE_TAG] = str(row["feasible"]).lower()
+        self.tracker.set_tags(rid, tags)
+        metrics = {**metrics, **{f"constraint.{k}": v for k, v in violations.items()}}
         step = self._epoch.get(trial_id, 0)
         model_id = self.tracker.log_model(rid, trial_id, files, step=step) if files is not None else None
         if model_id:
@@ -114,11 +136,27 @@ class Recorder:
         self._open.discard(trial_id)
         row["run_id"] = rid
         self.rows.append(row)
+        hv = self.hypervolume.add(metrics, feasible=row["feasible"])
+        if hv is not None:
+            self.tracker.log_metrics(self.parent, {"hypervolume": hv}, step=len(self.hypervolume.values))
         self.state.running.pop(trial_id, None)
         self.state.done += 1
         self.state.front = self.front_summary()
+        budget = "" if row["feasible"] else " (over budget: " + ", ".join(
+            k for k, v in violations.items() if v > 0) + ")"
         self.progress.line(f"{trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
-                           f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs")
+                           f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs{budget}")
+        self.progress.refresh()
+
+    def _pruned(self, trial_id: str, rid: str, rung: int, *, end_ms: int | None) -> None:
+        """Early stopping stopped the trial at ``rung``: its per-epoch metrics are all it logged."""
+        self.tracker.set_tags(rid, {PRUNED_TAG: str(rung)})
+        self.tracker.end_trial(rid, status="KILLED", end_ms=end_ms)
+        self._open.discard(trial_id)
+        self.pruned.append(trial_id)
+        self.state.running.pop(trial_id, None)
+        self.state.stopped += 1
+        self.progress.line(f"{trial_id} stopped at epoch {rung}: dominated at its rung")
         self.progress.refresh()
 
     def failed_trial(self, trial_id: str, trial_cfg: dict, error: str, *, end_ms: int | None = None) -> None:
@@ -148,10 +186,14 @@ class Recorder:
 
     # -- the front ------------------------------------------------------------------------------------------------
     def front_summary(self) -> dict[str, Any]:
-        """What the status line says of the front. The hook for more figures of the front (a hypervolume): add
-        them to this mapping and every display shows them."""
-        front = pareto_indices([(r["quality"], r[self.cost_key]) for r in self.rows])
-        return {"front": len(front), "best quality": max((r["quality"] for r in self.rows), default=float("nan"))}
+        """What the status line says of the front (of the trials within the constraints): its size, the best
+        quality, and the hypervolume once there is one."""
+        feasible = [r for r in self.rows if r["feasible"]]
+        front = pareto_indices([(r["quality"], r[self.cost_key]) for r in feasible])
+        out = {"front": len(front), "best quality": max((r["quality"] for r in feasible), default=float("nan"))}
+        if self.hypervolume.current is not None:
+            out["hypervolume"] = f"{self.hypervolume.current:.4g}"
+        return out
 
 
 def _ray_keys() -> frozenset[str]:

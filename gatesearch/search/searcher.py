@@ -7,9 +7,14 @@ trials the recorder logged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from gatesearch.spaces import SearchConfig
+
+TUNE_ID = "tune_trial_id"  # user attribute: the Tune trial id
+RUN_ID = "mlflow_run_id"  # user attribute: the trial's MLflow run
+STOPPED_AT = "stopped_at_epoch"  # user attribute of a trial early stopping pruned: the rung's epoch
 
 #: second objective -> (metric key, axis label)
 COST = {"latency": ("latency_ms", "latency per frame (ms)"), "macs": ("macs", "MACs per frame")}
@@ -26,27 +31,59 @@ def make_sampler(cfg: SearchConfig):
     return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, min(10, cfg.trials // 3)))
 
 
-def make_searcher(cfg: SearchConfig, storage_url: str, study_name: str):
-    """Ray Tune's OptunaSearch over the joint space (define-by-run), objectives quality ↑ and cost ↓."""
+def make_searcher(cfg: SearchConfig, storage_url: str, study_name: str, *, stopped: Mapping[str, int] | None = None,
+                  run_ids: Mapping[str, str] | None = None):
+    """Ray Tune's OptunaSearch over the joint space (define-by-run), objectives quality ↑ and cost ↓, named in the
+    study (optuna-dashboard shows them). ``cfg.warm_start`` is enqueued first; each trial carries its Tune id and,
+    from ``run_ids``, its MLflow run id; one that ``stopped`` holds (early stopping: Tune id -> rung) is PRUNED;
+    a finished one carries ``cfg.constraints`` as Optuna's named constraints, so the sampler and the front know
+    which trials are infeasible."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    stopped = {} if stopped is None else stopped
+    run_ids = {} if run_ids is None else run_ids
+
     class TaggedOptunaSearch(OptunaSearch):
-        """OptunaSearch that records the Tune trial id on each Optuna trial."""
+        def _setup_study(self, mode):
+            super()._setup_study(mode)
+            self._ot_study.set_metric_names(["quality", cfg.cost_key])
+            if not self._ot_study.trials:  # a fresh study (a resumed one enqueued them before)
+                for i, point in enumerate(cfg.warm_start):
+                    self._ot_study.enqueue_trial(cfg.space.enqueue_params(point, f"warm_start[{i}]"))
 
         def suggest(self, trial_id: str):
             params = super().suggest(trial_id)
-            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID, trial_id)
             return params
 
-    return TaggedOptunaSearch(
-        space=cfg.space.define_by_run,
-        metric=["quality", COST[cfg.objective][0]],
-        mode=["max", "min"],
-        sampler=make_sampler(cfg),
-        storage=optuna.storages.RDBStorage(storage_url),
-        study_name=study_name,
-    )
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and trial_id not in self._completed_trials:
+                if trial_id in run_ids:
+                    ot_trial.set_user_attr(RUN_ID, run_ids[trial_id])
+                if trial_id in stopped:
+                    ot_trial.set_user_attr(STOPPED_AT, stopped[trial_id])
+                    self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                    return
+                if result and not error:
+                    for name, value in cfg.constraints.violations(result).items():
+                        ot_trial.set_constraint(name, value)
+            super().on_trial_complete(trial_id, result, error)
+
+    import warnings
+
+    with warnings.catch_warnings():  # set_metric_names is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return TaggedOptunaSearch(
+            space=cfg.space.define_by_run,
+            metric=["quality", cfg.cost_key],
+            mode=["max", "min"],
+            sampler=make_sampler(cfg),
+            storage=optuna.storages.RDBStorage(storage_url),
+            study_name=study_name,
+        )
 
 
 def pareto_from_study(storage_url: str, study_name: str, rows: list[dict[str, Any]], cost_key: str) -> list[dict]:
@@ -59,5 +96,5 @@ def pareto_from_study(storage_url: str, study_name: str, rows: list[dict[str, An
         best = study.best_trials
     except (KeyError, ValueError):  # no study or no completed trial
         return []
-    front = [by_id[t.user_attrs["tune_trial_id"]] for t in best if t.user_attrs.get("tune_trial_id") in by_id]
+    front = [by_id[t.user_attrs[TUNE_ID]] for t in best if t.user_attrs.get(TUNE_ID) in by_id]
     return sorted(front, key=lambda r: (r[cost_key], -r["quality"]))

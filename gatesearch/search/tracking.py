@@ -45,6 +45,10 @@ RUNS_TABLE_COLUMNS = (
     f"tags.`{PARETO_TAG}`",
     "attributes.`Duration`",
 )
+TRIALS_FILE = "trials.json"  # every finished trial's row, on the parent run
+PRUNED_TAG = "gatesearch.stopped_at_epoch"  # a trial early stopping stopped: the epoch of its rung
+FEASIBLE_TAG = "gatesearch.feasible"  # "true" / "false" when the search has constraints
+LATENCY_NODE_TAG = "gatesearch.latency_node"  # Ray node id of the node that measured the latency
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -108,14 +112,17 @@ class Tracker:
         return f"{host}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
     def finish_search(self, parent: str, summary: dict, pareto_rows: list[dict], plot: Path | None,
-                      status: str) -> None:
+                      status: str, rows: list[dict] | None = None) -> None:
         self.client.log_dict(parent, pareto_rows, "pareto.json")
+        if rows is not None:
+            self.client.log_dict(parent, rows, TRIALS_FILE)
         if pareto_rows:
             self.client.log_text(parent, pareto_csv(pareto_rows), "pareto.csv")
         if plot is not None and plot.exists():
             self.client.log_artifact(parent, str(plot))
-        for key in ("trials_completed", "trials_failed", "wall_s", "pareto_size"):
-            if key in summary:
+        for key in ("trials_completed", "trials_failed", "trials_pruned", "trials_infeasible", "wall_s",
+                    "pareto_size"):
+            if summary.get(key) is not None:
                 self.client.log_metric(parent, key, float(summary[key]))
         self.client.set_terminated(parent, status=status)
 
@@ -158,6 +165,10 @@ class Tracker:
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
         self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         return model.model_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
 
     def end_trial(self, run_id: str, *, status: str, end_ms: int | None = None, error: str | None = None) -> None:
         if error:
@@ -206,6 +217,13 @@ class Tracker:
         if not runs:
             raise NotFoundError(f"no trial {trial_id!r} in {self.uri}")
         return runs[0]
+
+    def trial_rows(self, parent_run) -> list[dict]:
+        """Every finished trial of a search (pruned and failed ones left out); [] for a search recorded without."""
+        names = {a.path for a in self.client.list_artifacts(parent_run.info.run_id)}
+        if TRIALS_FILE not in names:
+            return []
+        return json.loads(Path(self.client.download_artifacts(parent_run.info.run_id, TRIALS_FILE)).read_text())
 
     def pareto_rows(self, parent_run) -> list[dict]:
         path = self.client.download_artifacts(parent_run.info.run_id, "pareto.json")

@@ -75,45 +75,54 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     return mean
 
 
-@torch.inference_mode()
-def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8,
-             lock=None, latency_threads: int | None = None) -> TrialOutcome:
-    """Stream held-out clips through the gated model: quality, MACs, densities, latency.
-
-    Latency is measured holding the device alone (``lock.exclusive``) with
-    ``latency_threads`` torch threads: the deployed model gets the whole device.
-    """
-    from gatesearch.objectives import mac_report, measure_latency, pck_correct, pck_radius, reset_stats, top1_correct
+def stream_quality(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8,
+                   lock=None) -> torch.Tensor:
+    """Stream held-out clips through the model frame by frame; (N,) quality of each clip (top-1 as 0/1, or the
+    clip's mean PCK). The caller chooses the grad mode and resets the gates' statistics."""
+    from gatesearch.objectives import pck_correct, pck_radius, top1_correct
 
     lock = lock or NoLock()
     reset_every = evaluation.reset_every(cfg.clip_length)
     model.eval()
-    reset_stats(model)
     hits = []
     for start in range(0, len(clips["label"]), batch):
         part = {k: v[start : start + batch] for k, v in clips.items()}
         with lock.shared():
             out = model.stream(part["clip"], reset_every=reset_every)
         if cfg.task == "classification":
-            hits.append(top1_correct(out, part["label"]).flatten())
+            hits.append(top1_correct(out, part["label"]).float())  # (B,)
         else:
             h, w = part["clip"].shape[-2:]
             stride = h // out.shape[-2]
-            hits.append(pck_correct(out, part["centers"], stride=stride, radius_px=pck_radius((h, w))).flatten())
-    quality = float(torch.cat(hits).float().mean())
+            hits.append(pck_correct(out, part["centers"], stride=stride, radius_px=pck_radius((h, w))).float().mean(1))
+    return torch.cat(hits)
+
+
+@torch.inference_mode()
+def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8,
+             lock=None, latency_threads: int | None = None, meter=None) -> TrialOutcome:
+    """Stream held-out clips through the gated model: quality, MACs, densities, latency.
+
+    Latency is measured by ``meter`` (``search.target``): by default here, holding the device alone
+    (``lock.exclusive``) with ``latency_threads`` torch threads, so the deployed model gets the whole device.
+    """
+    from gatesearch.objectives import mac_report, reset_stats
+
+    from .target import LocalMeter
+
+    lock = lock or NoLock()
+    reset_every = evaluation.reset_every(cfg.clip_length)
+    reset_stats(model)
+    quality = float(stream_quality(model, cfg, clips, evaluation, batch=batch, lock=lock).mean())
     frame_shape = tuple(clips["clip"].shape[2:])
     macs = mac_report(model, frame_shape)
-    with lock.exclusive(latency_threads):
-        lat = measure_latency(
-            model, clips["clip"][:1],
-            reset_every=reset_every, warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats,
-        )
+    meter = meter or LocalMeter(lock, latency_threads)
+    measured = meter.measure(model, clips["clip"][:1], reset_every=reset_every, warmup=evaluation.latency_warmup,
+                             repeats=evaluation.latency_repeats)
     reset_stats(model)
     metrics = {
         "quality": quality,
-        "latency_ms": lat.median_ms,
-        "latency_min_ms": lat.min_ms,
-        "latency_max_ms": lat.max_ms,
+        **measured.metrics(),
         "macs": macs.effective,
         "dense_macs": macs.dense,
         "mac_reduction": macs.reduction,
@@ -123,8 +132,11 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
 
 
 def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, lock=None,
-              latency_threads: int | None = None, on_epoch=None) -> TrialOutcome:
-    """Build, train and evaluate one candidate; metrics include wall-clock phases."""
+              latency_threads: int | None = None, meter=None,
+              on_epoch: Callable[[int, dict[str, float]], None] | None = None, probe_clips: int = 0) -> TrialOutcome:
+    """Build, train and evaluate one candidate; metrics include wall-clock phases. After each epoch ``on_epoch``
+    gets the epoch (0-based) and its metrics: the training loss and, with ``probe_clips``, quality and MACs on that
+    many held-out clips (``search.probe``: what early stopping ranks)."""
     t0 = time.perf_counter()
     train_clips = load_clips(data, frames=cfg.clip_length, count=data.train_clips, split="train")
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
@@ -132,15 +144,21 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
         raise ValueError("task 'heatmap' needs per-frame centre annotations, and this data has none")
     model = build_model(cfg, num_classes(data))
     t1 = time.perf_counter()
-    loss = train(model, cfg, train_clips, lock=lock, on_epoch=on_epoch)
+    epoch_hook = None
+    if on_epoch is not None:
+        from .probe import EpochProbe
+
+        probe = EpochProbe(model, cfg, val_clips, evaluation, count=probe_clips, lock=lock) if probe_clips else dict
+        epoch_hook = lambda epoch, loss: on_epoch(epoch, {"train_loss": loss, **probe()})
+    loss = train(model, cfg, train_clips, lock=lock, on_epoch=epoch_hook)
     with (lock or NoLock()).shared():  # a gate that sets itself from data (per-layer ε)
         build_policy(cfg.gate, **cfg.knobs).calibrate(model, train_clips["clip"][:CALIBRATION_CLIPS])
     t2 = time.perf_counter()
-    outcome = evaluate(model, cfg, val_clips, evaluation, lock=lock, latency_threads=latency_threads)
+    outcome = evaluate(model, cfg, val_clips, evaluation, lock=lock, latency_threads=latency_threads, meter=meter)
     t3 = time.perf_counter()
     outcome.metrics.update(train_loss=loss, data_s=t1 - t0, train_s=t2 - t1, eval_s=t3 - t2)
     return outcome
 
 
-__all__ = ["TrialOutcome", "evaluate", "run_trial", "train"]
+__all__ = ["TrialOutcome", "evaluate", "run_trial", "stream_quality", "train"]
 
