@@ -20,12 +20,14 @@ CONFIG = {
     "evaluation": {"frames": 8, "latency_repeats": 2},
     "space": {"gate": ["dense", "input_norm"], "clip_length": 2, "epochs": 4, "block_size": 2,
               "lr": {"low": 1e-6, "high": 0.02, "log": True},
-              "gates": {"input_norm": {"threshold": {"low": 0.1, "high": 50.0, "log": True}}}},
+              "gates": {"input_norm": {"threshold": {"low": 1e-4, "high": 50.0, "log": True}}}},
     # one rung, at epoch 2 (the next, 6, is past the last epoch)
     "early_stopping": {"kind": "dominance", "grace_period": 2, "reduction_factor": 3, "probe_clips": 16},
     "warm_start": [
-        {"gate": "dense", "lr": 0.01},  # trains: first at the rung, goes on; over the MAC budget
-        {"gate": "dense", "lr": 1e-6},  # barely moves from its initial weights: dominated by the first at the rung
+        {"gate": "dense", "lr": 0.01},  # first at the rung, goes on; over the MAC budget
+        # trains as dense does (norm gates train batched), skips nothing at this ε, and pays for its gates:
+        # the same quality as the first for more MACs, so it is dominated at the rung
+        {"gate": "input_norm", "lr": 0.01, "threshold": 1e-4},
         {"gate": "input_norm", "lr": 0.01, "threshold": 50.0},  # far fewer MACs: nothing dominates it
     ],
 }
@@ -58,8 +60,8 @@ def test_search_prunes_dominated_trials_and_keeps_the_front_within_budget(tmp_pa
     study = optuna.load_study(study_name=summary["search_id"], storage=summary["optuna_storage"])
     assert study.metric_names == ["quality", "macs"]
     trials = sorted(study.trials, key=lambda t: t.number)
-    assert [(t.params.get("gate", "dense"), t.params.get("lr")) for t in trials] == \
-        [("dense", 0.01), ("dense", 1e-6), ("input_norm", 0.01)]
+    assert [(t.params["gate"], t.params.get("input_norm.threshold")) for t in trials] == \
+        [("dense", None), ("input_norm", 1e-4), ("input_norm", 50.0)]
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                                          optuna.trial.TrialState.COMPLETE]
     assert trials[1].user_attrs["stopped_at_epoch"] == 2 and trials[1].values is None

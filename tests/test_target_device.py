@@ -5,10 +5,12 @@ measured on the worker."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,19 +39,20 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the ``ray start --block`` we started and everything it started (its own process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    """End the ``ray start --block`` we started and everything it started: its own process group (GCS, raylet and
+    workers may outlive a ``ray start`` that took SIGTERM, so the group gets SIGKILL after the grace period)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
 def _ray_node(args: list[str], env: dict):
+    """A Ray node in a process group of its own. Its temp folder is private: ``ray start`` records the cluster it
+    started there (ray_current_cluster), and in the shared /tmp/ray that record would send every other ``ray.init()``
+    on this machine to this cluster, and to nothing once it is stopped."""
     proc = subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
                              *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -84,15 +87,21 @@ def test_every_trials_latency_is_measured_on_the_target_node(tmp_path):
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{_free_port()}"
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(CONFIG))
-    with _ray_node(["--head", "--port", address.split(":")[1], "--num-cpus", "1", "--include-dashboard", "false"],
-                   env), _ray_node(["--address", address, "--num-cpus", "1", "--resources", '{"target": 1}'], env):
-        worker = _target_node(address, env)
-        r = subprocess.run([sys.executable, "-c", "from gatesearch.cli import main; main()", "search", "s.yaml",
-                            "--json", "--ray-address", address, "--latency-on", "target"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    temp = tempfile.mkdtemp(prefix="gsray", dir="/tmp")  # short: Ray's socket paths live under it
+    head = ["--head", "--port", address.split(":")[1], "--num-cpus", "1", "--include-dashboard", "false",
+            "--temp-dir", temp]
+    try:
+        with _ray_node(head, env), _ray_node(["--address", address, "--num-cpus", "1", "--resources",
+                                              '{"target": 1}'], env):
+            worker = _target_node(address, env)
+            r = subprocess.run([sys.executable, "-c", "from gatesearch.cli import main; main()", "search", "s.yaml",
+                                "--json", "--ray-address", address, "--latency-on", "target"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["trials_completed"] == 2
+    assert summary["trials_completed"] == 2, r.stderr[-4000:]
     client = MlflowClient(summary["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("target").experiment_id],
                               "tags.`gatesearch.kind` = 'trial'")

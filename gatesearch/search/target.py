@@ -99,8 +99,11 @@ def measure_on(resource: str, files: dict[str, bytes], clip: torch.Tensor, *, th
                reset_every: int | None, warmup: int, repeats: int, gates: dict[str, type] | None = None) -> Measured:
     """Time the artifact ``files`` on the node holding ``resource`` (waits there for the device's turn)."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(_measure).options(resources={resource: 1}, num_cpus=0, max_retries=0)
+    # outside the trial's placement group (Tune's bundles hold CPUs only): on whichever node carries the resource
+    task = ray.remote(_measure).options(resources={resource: 1}, num_cpus=0, max_retries=0,
+                                        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(files, clip, threads=threads, reset_every=reset_every, warmup=warmup, repeats=repeats,
                                gates=gates or {}))
 

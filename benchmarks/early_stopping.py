@@ -1,0 +1,153 @@
+"""Early stopping by dominance: the same search with and without it, on the same budget of trials.
+
+    python benchmarks/early_stopping.py [--trials 12] [--epochs 6] [--objective macs] [--reduction-factor 3]
+                                        [--grace-period 1] [--workdir /tmp/es-bench] [--plot docs/early_stopping.png]
+
+Both runs are one ``gatesearch search`` (Ray Tune + Optuna + MLflow, ``run_search``) of Gumbel Skip-Conv gates
+(β sampled, log scale) fine-tuned for ``--epochs`` epochs on the synthetic task, same seed, same number of trials;
+the second adds ``early_stopping: {kind: dominance, ...}``. Each run is read back from its Optuna study: a
+completed trial cost its epochs, a pruned one the epochs up to the rung that stopped it. The hypervolume of the
+completed trials' front is taken after each trial against one reference for both runs (quality 0, the dense
+network's cost), and plotted against the training epochs spent and against wall time.
+
+The goal (issue 17): with early stopping, ≥ 95 % of the hypervolume the full search reaches, for ≤ 60 % of its
+training epochs. Training epochs are the compute measure that does not depend on what else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def search_config(args, *, early: bool):
+    from gatesearch.spaces import parse_search_config
+
+    raw = {
+        "name": f"es-bench-{'dominance' if early else 'full'}",
+        "trials": args.trials,
+        "max_concurrent": args.max_concurrent,
+        "seed": args.seed,
+        "objective": args.objective,
+        "sampler": "tpe",
+        "data": {"train_clips": args.train_clips, "val_clips": 24, "synthetic": {"height": 32, "width": 32}},
+        "evaluation": {"frames": 8, "latency_warmup": 1, "latency_repeats": 3},
+        "space": {"backbone": "tiny", "gate": ["gumbel"], "clip_length": 2, "epochs": args.epochs,
+                  "lr": {"low": 0.001, "high": 0.02, "log": True}, "block_size": [1, 2, 4],
+                  "gates": {"gumbel": {"beta": {"low": 0.01, "high": 30.0, "log": True}}}},
+    }
+    if early:
+        raw["early_stopping"] = {"kind": "dominance", "grace_period": args.grace_period,
+                                 "reduction_factor": args.reduction_factor}
+    return parse_search_config(raw)
+
+
+def read_run(summary: dict, epochs: int) -> list[dict]:
+    """The trials of a finished search in the order they ended: epochs spent, wall time, final objectives."""
+    import optuna
+
+    study = optuna.load_study(study_name=summary["search_id"], storage=summary["optuna_storage"])
+    done = [t for t in study.trials if t.datetime_complete is not None]
+    start = min(t.datetime_start for t in done)
+    out = []
+    for t in sorted(done, key=lambda t: t.datetime_complete):
+        state = t.state.name
+        spent = t.user_attrs.get("stopped_at_epoch", epochs) if state != "FAIL" else 0
+        out.append({"state": state, "epochs": spent, "wall_s": (t.datetime_complete - start).total_seconds(),
+                    "values": list(t.values) if t.values else None})
+    return out
+
+
+def curve(trials: list[dict], reference) -> list[dict]:
+    """Hypervolume after each trial against cumulative epochs and wall time."""
+    from gatesearch.search.hypervolume import hypervolume
+
+    points, spent, out = [], 0, []
+    for t in trials:
+        spent += t["epochs"]
+        if t["state"] == "COMPLETE":
+            points.append(tuple(t["values"]))
+        out.append({"epochs": spent, "wall_s": t["wall_s"], "hypervolume": hypervolume(points, reference)})
+    return out
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
+    for label, c in curves.items():
+        for ax, x in zip(axes, ("epochs", "wall_s")):
+            ax.step([0] + [p[x] for p in c], [0] + [p["hypervolume"] for p in c], where="post", label=label)
+    axes[0].set_xlabel("training epochs spent (all trials)")
+    axes[1].set_xlabel("wall time (s)")
+    axes[0].set_ylabel("hypervolume of the front")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train-clips", type=int, default=96)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=["macs", "latency"], default="macs")
+    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--reduction-factor", type=float, default=3.0)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/gatesearch-es-bench"))
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from gatesearch.search.engine import RunOptions, run_search
+    from gatesearch.search.hypervolume import Reference
+
+    runs, summaries = {}, {}
+    for label, early in (("full", False), ("dominance", True)):
+        cfg = search_config(args, early=early)
+        summaries[label] = run_search(cfg, RunOptions(workdir=args.workdir), echo=lambda line: print(line,
+                                                                                                     file=sys.stderr))
+        runs[label] = read_run(summaries[label], args.epochs)
+    dense = [s["hypervolume_reference"]["cost"] for s in summaries.values() if s.get("hypervolume_reference")]
+    reference = Reference(0.0, max(dense))
+    curves = {label: curve(trials, reference) for label, trials in runs.items()}
+    full, early = curves["full"][-1], curves["dominance"][-1]
+    result = {
+        "reference": dataclasses.asdict(reference),
+        "trials": args.trials, "epochs_per_trial": args.epochs,
+        "full": {"epochs": full["epochs"], "wall_s": full["wall_s"], "hypervolume": full["hypervolume"]},
+        "dominance": {"epochs": early["epochs"], "wall_s": early["wall_s"], "hypervolume": early["hypervolume"],
+                      "pruned": sum(t["state"] == "PRUNED" for t in runs["dominance"])},
+        "epochs_ratio": early["epochs"] / full["epochs"],
+        "hypervolume_ratio": early["hypervolume"] / full["hypervolume"] if full["hypervolume"] else None,
+    }
+    result["goal_met"] = bool(result["hypervolume_ratio"] is not None and result["hypervolume_ratio"] >= 0.95
+                              and result["epochs_ratio"] <= 0.60)
+    if args.plot:
+        plot({f"{k} ({v[-1]['epochs']} epochs)": v for k, v in curves.items()}, args.plot)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"full search:      {full['epochs']:4d} epochs, {full['wall_s']:6.0f} s, hypervolume "
+              f"{full['hypervolume']:.4g}")
+        print(f"early stopping:   {early['epochs']:4d} epochs, {early['wall_s']:6.0f} s, hypervolume "
+              f"{early['hypervolume']:.4g} ({result['dominance']['pruned']} trials stopped)")
+        print(f"compute ratio {result['epochs_ratio']:.2f}, hypervolume ratio {result['hypervolume_ratio']:.3f} "
+              f"-> goal (>= 0.95 for <= 0.60) {'met' if result['goal_met'] else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
