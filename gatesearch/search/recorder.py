@@ -17,6 +17,7 @@ from typing import Any
 
 from gatesearch.spaces.objectives import Constraints
 
+from .dominance import EPOCH, EPOCHS
 from .hypervolume import HypervolumeHistory
 from .pareto import pareto_indices
 from .progress import PlainProgress, Progress, Running, SearchState
@@ -205,8 +206,8 @@ def _ray_keys() -> frozenset[str]:
 
 
 def trial_metrics(result: dict[str, Any], ray_keys: frozenset[str]) -> dict[str, Any]:
-    """A Tune report without Ray's bookkeeping (pid, timestamp, training_iteration, ...) and without ``epoch``."""
-    return {k: v for k, v in result.items() if k not in ray_keys and k != "epoch"}
+    """A Tune report without Ray's bookkeeping (pid, timestamp, training_iteration, ...), ``epoch`` and ``epochs``."""
+    return {k: v for k, v in result.items() if k not in ray_keys and k not in (EPOCH, EPOCHS)}
 
 
 def tune_callback(recorder: Recorder):
