@@ -81,6 +81,7 @@ def test_search_prunes_dominated_trials_and_keeps_the_front_within_budget(tmp_pa
             client.search_runs([client.get_experiment_by_name("moo").experiment_id])}
     assert runs[ids[1]].info.status == "KILLED" and runs[ids[1]].data.tags["gatesearch.stopped_at_epoch"] == "2"
     assert [runs[i].data.tags["gatesearch.feasible"] for i in (ids[0], ids[2])] == ["false", "true"]
+    assert [t.user_attrs["mlflow_run_id"] for t in trials] == [runs[i].info.run_id for i in ids]
     parent = runs[None]
     history = client.get_metric_history(parent.info.run_id, "hypervolume")
     assert [m.step for m in history] == [1, 2] and history[-1].value == pytest.approx(summary["hypervolume"])

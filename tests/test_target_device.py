@@ -62,13 +62,13 @@ def _ray_node(args: list[str], env: dict):
         _stop(proc)
 
 
-def _target_node(address: str, env: dict, timeout: float = 90) -> str:
+def _target_node(address: str, env: dict, timeout: float = 60) -> str:
     """The node id of the node carrying ``target``, once both nodes are up."""
     probe = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR'); "
              "print(json.dumps([(n['NodeID'], n['Resources']) for n in ray.nodes() if n['Alive']]))")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=30)
         nodes = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else []
         targets = [node for node, res in nodes if res.get("target")]
         if len(nodes) == 2 and targets:
@@ -96,7 +96,7 @@ def test_every_trials_latency_is_measured_on_the_target_node(tmp_path):
             worker = _target_node(address, env)
             r = subprocess.run([sys.executable, "-c", "from gatesearch.cli import main; main()", "search", "s.yaml",
                                 "--json", "--ray-address", address, "--latency-on", "target"],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stderr[-3000:]
