@@ -1,7 +1,8 @@
 """Early stopping by dominance: the same search with and without it, on the same budget of trials.
 
-    python benchmarks/early_stopping.py [--trials 12] [--epochs 6] [--objective macs] [--reduction-factor 3]
-                                        [--grace-period 1] [--workdir /tmp/es-bench] [--plot docs/early_stopping.png]
+    python benchmarks/early_stopping.py [--trials 12] [--epochs 6] [--seeds 0 1] [--objective macs]
+                                        [--reduction-factor 3] [--grace-period 1] [--workdir /tmp/es-bench]
+                                        [--plot docs/early_stopping.png] [--json]
 
 Both runs are one ``gatesearch search`` (Ray Tune + Optuna + MLflow, ``run_search``) of Gumbel Skip-Conv gates
 (β sampled, log scale) fine-tuned for ``--epochs`` epochs on the synthetic task, same seed, same number of trials;
@@ -12,6 +13,8 @@ network's cost), and plotted against the training epochs spent and against wall 
 
 The goal (issue 17): with early stopping, ≥ 95 % of the hypervolume the full search reaches, for ≤ 60 % of its
 training epochs. Training epochs are the compute measure that does not depend on what else runs on the machine.
+Besides the final figures, the curves say at what share of the full search's epochs each run first reaches 95 % of
+the full search's final hypervolume. With several ``--seeds`` each pair runs per seed, and every figure is per seed.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ def curve(trials: list[dict], reference) -> list[dict]:
     return out
 
 
+def share_to_reach(c: list[dict], target: float, total_epochs: int) -> float | None:
+    """The share of ``total_epochs`` spent when the curve first reaches ``target`` (None: never)."""
+    return next((p["epochs"] / total_epochs for p in c if p["hypervolume"] >= target), None)
+
+
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -96,13 +104,47 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare(args, seed: int) -> dict:
+    """One seed: the full search, then the same with early stopping; their curves and the goal's figures."""
+    from gatesearch.search.engine import RunOptions, run_search
+    from gatesearch.search.hypervolume import Reference
+
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    runs, summaries = {}, {}
+    for label, early in (("full", False), ("dominance", True)):
+        summaries[label] = run_search(search_config(args, early=early), RunOptions(workdir=args.workdir),
+                                      echo=lambda line: print(line, file=sys.stderr))
+        runs[label] = read_run(summaries[label], args.epochs)
+    dense = [s["hypervolume_reference"]["cost"] for s in summaries.values() if s.get("hypervolume_reference")]
+    reference = Reference(0.0, max(dense))
+    curves = {label: curve(trials, reference) for label, trials in runs.items()}
+    full, early = curves["full"][-1], curves["dominance"][-1]
+    result = {
+        "seed": seed, "reference": dataclasses.asdict(reference),
+        "trials": args.trials, "epochs_per_trial": args.epochs,
+        "full": {"epochs": full["epochs"], "wall_s": full["wall_s"], "hypervolume": full["hypervolume"]},
+        "dominance": {"epochs": early["epochs"], "wall_s": early["wall_s"], "hypervolume": early["hypervolume"],
+                      "pruned": sum(t["state"] == "PRUNED" for t in runs["dominance"])},
+        "epochs_ratio": early["epochs"] / full["epochs"],
+        "hypervolume_ratio": early["hypervolume"] / full["hypervolume"] if full["hypervolume"] else None,
+        "share_to_95": {k: share_to_reach(c, 0.95 * full["hypervolume"], full["epochs"]) for k, c in curves.items()},
+        "curves": curves,
+    }
+    result["goal_met"] = bool(result["hypervolume_ratio"] is not None and result["hypervolume_ratio"] >= 0.95
+                              and result["epochs_ratio"] <= 0.60)
+    if args.plot:
+        path = args.plot if len(args.seeds) == 1 else args.plot.with_stem(f"{args.plot.stem}-seed{seed}")
+        plot({f"{k} ({v[-1]['epochs']} epochs)": v for k, v in curves.items()}, path)
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--train-clips", type=int, default=96)
     p.add_argument("--max-concurrent", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--objective", choices=["macs", "latency"], default="macs")
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=float, default=3.0)
@@ -111,41 +153,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from gatesearch.search.engine import RunOptions, run_search
-    from gatesearch.search.hypervolume import Reference
-
-    runs, summaries = {}, {}
-    for label, early in (("full", False), ("dominance", True)):
-        cfg = search_config(args, early=early)
-        summaries[label] = run_search(cfg, RunOptions(workdir=args.workdir), echo=lambda line: print(line,
-                                                                                                     file=sys.stderr))
-        runs[label] = read_run(summaries[label], args.epochs)
-    dense = [s["hypervolume_reference"]["cost"] for s in summaries.values() if s.get("hypervolume_reference")]
-    reference = Reference(0.0, max(dense))
-    curves = {label: curve(trials, reference) for label, trials in runs.items()}
-    full, early = curves["full"][-1], curves["dominance"][-1]
-    result = {
-        "reference": dataclasses.asdict(reference),
-        "trials": args.trials, "epochs_per_trial": args.epochs,
-        "full": {"epochs": full["epochs"], "wall_s": full["wall_s"], "hypervolume": full["hypervolume"]},
-        "dominance": {"epochs": early["epochs"], "wall_s": early["wall_s"], "hypervolume": early["hypervolume"],
-                      "pruned": sum(t["state"] == "PRUNED" for t in runs["dominance"])},
-        "epochs_ratio": early["epochs"] / full["epochs"],
-        "hypervolume_ratio": early["hypervolume"] / full["hypervolume"] if full["hypervolume"] else None,
-    }
-    result["goal_met"] = bool(result["hypervolume_ratio"] is not None and result["hypervolume_ratio"] >= 0.95
-                              and result["epochs_ratio"] <= 0.60)
-    if args.plot:
-        plot({f"{k} ({v[-1]['epochs']} epochs)": v for k, v in curves.items()}, args.plot)
+    results = [compare(args, seed) for seed in args.seeds]
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"full search:      {full['epochs']:4d} epochs, {full['wall_s']:6.0f} s, hypervolume "
+        print(json.dumps(results))
+        return 0
+    for r in results:
+        full, early = r["full"], r["dominance"]
+        print(f"seed {r['seed']}: full search    {full['epochs']:4d} epochs, {full['wall_s']:6.0f} s, hypervolume "
               f"{full['hypervolume']:.4g}")
-        print(f"early stopping:   {early['epochs']:4d} epochs, {early['wall_s']:6.0f} s, hypervolume "
-              f"{early['hypervolume']:.4g} ({result['dominance']['pruned']} trials stopped)")
-        print(f"compute ratio {result['epochs_ratio']:.2f}, hypervolume ratio {result['hypervolume_ratio']:.3f} "
-              f"-> goal (>= 0.95 for <= 0.60) {'met' if result['goal_met'] else 'NOT met'}")
+        print(f"seed {r['seed']}: early stopping {early['epochs']:4d} epochs, {early['wall_s']:6.0f} s, hypervolume "
+              f"{early['hypervolume']:.4g} ({early['pruned']} trials stopped)")
+        reach = {k: "never" if v is None else f"{v:.2f}" for k, v in r["share_to_95"].items()}
+        print(f"seed {r['seed']}: compute ratio {r['epochs_ratio']:.2f}, hypervolume ratio "
+              f"{r['hypervolume_ratio']:.3f} -> goal (>= 0.95 for <= 0.60) {'met' if r['goal_met'] else 'NOT met'}; "
+              f"95 % of the full final hypervolume reached at {reach['full']} (full) / {reach['dominance']} "
+              f"(early stopping) of the full search's epochs")
     return 0
 
 

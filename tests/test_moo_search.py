@@ -16,12 +16,12 @@ CONFIG = {
     "max_concurrent": 1,  # the trials reach the rung in the order they were enqueued
     "seed": 0,
     "objective": "macs",
-    "data": {"train_clips": 64, "val_clips": 16, "synthetic": {"height": 32, "width": 32}},
+    "data": {"train_clips": 32, "val_clips": 16, "synthetic": {"height": 32, "width": 32}},
     "evaluation": {"frames": 8, "latency_repeats": 2},
-    "space": {"gate": ["dense", "input_norm"], "clip_length": 2, "epochs": 4, "block_size": 2,
+    "space": {"gate": ["dense", "input_norm"], "clip_length": 2, "epochs": 3, "block_size": 2,
               "lr": {"low": 1e-6, "high": 0.02, "log": True},
               "gates": {"input_norm": {"threshold": {"low": 1e-4, "high": 50.0, "log": True}}}},
-    # one rung, at epoch 2 (the next, 6, is past the last epoch)
+    # one rung, at epoch 2 (the next, 6, is past the last epoch, 3)
     "early_stopping": {"kind": "dominance", "grace_period": 2, "reduction_factor": 3, "probe_clips": 16},
     "warm_start": [
         {"gate": "dense", "lr": 0.01},  # first at the rung, goes on; over the MAC budget
