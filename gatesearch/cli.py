@@ -385,6 +385,52 @@ def bench(backbone, gate, task, threshold, block_size, params, target_density, t
             click.echo(line)
 
 
+@main.command()
+@click.option("--quick", is_flag=True, help="The quick profile: smaller sweeps, fewer clips; about 15 minutes on "
+                                            "2 cores (same as --profile quick).")
+@click.option("--profile", "profile_name", type=click.Choice(["full", "quick", "smoke"]), default=None,
+              help="Run size: full (hours; the report in docs/fidelity.md), quick, or smoke (every finding at toy "
+                   "sizes in a few minutes, for tests; its numbers mean little).  [default: full]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (must not hold files). Default: WORKDIR/fidelity/<profile>-<date>.")
+@click.option("--video", type=click.Path(dir_okay=False, path_type=Path),
+              help="A real clip to time the gates on (findings 3 and 7: wall-clock on real motion).")
+@click.option("--only", help="Comma-separated findings to run (and what they need), e.g. keep_all,dstep_target.")
+@click.option("--seed", type=int, help="Override the profile's seed.")
+@tracking_options
+@user_errors
+def fidelity(quick, profile_name, out, video, only, seed, workdir, tracking_uri):
+    """Re-run the papers' findings and write a report: finding, paper's number, ours, reproduced or not."""
+    import dataclasses
+    import shlex
+    import time
+
+    from gatesearch.fidelity import FINDINGS, FidelityOptions, get_profile, run_fidelity
+
+    if quick and profile_name not in (None, "quick"):
+        raise click.ClickException(f"--quick and --profile {profile_name} disagree; give one")
+    profile = get_profile("quick" if quick else profile_name or "full")
+    if seed is not None:
+        profile = dataclasses.replace(profile, seed=seed, frame_net=dataclasses.replace(profile.frame_net, seed=seed),
+                                      clip_net=dataclasses.replace(profile.clip_net, seed=seed))
+    keys = tuple(k.strip() for k in only.split(",") if k.strip()) if only else ()
+    for key in keys:
+        FINDINGS.get(key)  # an unknown finding: one line listing the known ones
+    out = out or workdir / "fidelity" / f"{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = ["gatesearch", "fidelity", "--profile", profile.name]
+    for flag, value in (("--video", video), ("--only", only), ("--seed", seed)):
+        command += [flag, str(value)] if value is not None else []
+    options = FidelityOptions(profile=profile, out=out, workdir=workdir, tracking_uri=tracking_uri, video=video,
+                              only=keys, command=shlex.join(command))
+    try:
+        report = run_fidelity(options, echo=lambda line: click.echo(line, err=True))
+    except FileExistsError as e:
+        raise click.ClickException(str(e)) from None
+    claims = [c for o in report.outcomes for c in o.finding.claims]
+    click.echo(f"{sum(c.reproduced for c in claims)} of {len(claims)} claims reproduced; report: "
+               f"{out / 'report.md'}; MLflow run {report.mlflow_run_id}")
+
+
 @main.group()
 def data():
     """Datasets: write the synthetic one to disk."""

@@ -1,0 +1,17 @@
+"""The papers' findings, re-run by one command (``gatesearch fidelity``).
+
+Each finding is one module (``keep_all``, ``gate_fronts``, ``block_size``, ``clip_length``, ``dstep_target``,
+``vared2_space``, ``wallclock``) registered in ``FINDINGS`` (see ``findings`` for the contract); ``runner`` runs
+them on the shared networks of a ``Profile`` and ``report`` writes the Markdown, JSON, plots and MLflow run.
+"""
+
+from gatesearch.registry import import_submodules
+
+from .findings import FINDINGS, Claim, Finding, register_finding
+from .profiles import PROFILES, Profile, get_profile
+from .runner import FidelityOptions, Report, run_fidelity
+
+import_submodules(__name__, __path__)
+
+__all__ = ["FINDINGS", "PROFILES", "Claim", "FidelityOptions", "Finding", "Profile", "Report", "get_profile",
+           "register_finding", "run_fidelity"]

@@ -1,0 +1,103 @@
+"""How big a fidelity run is: the sizes, sweeps and seeds of every finding, one frozen profile per run length.
+
+``quick`` is sized to finish in 15 minutes on 2 quiet CPU cores, ``full`` is the run whose report
+``docs/fidelity.md`` holds, ``smoke`` is the smallest run that still exercises every finding (the slow test uses
+it: its numbers mean little). The report prints the whole profile, so a reader can re-run any figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .networks import NetworkSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """Side-by-side wall-clock (``objectives.bench.bench_model``), holding the device lock."""
+
+    frames: int = 32  # frames of the timed clip
+    repeats: int = 10  # interleaved dense / gated rounds; the speedup is the median of per-round ratios
+    threads: int = 0  # torch threads of both models (0: every core of the machine, as a deployed model gets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    name: str
+    seed: int = 0  # weights, gate initialisation and data order of every training
+    # 1. keep-all equivalence: every registered backbone at this size and width, every gate that converts it
+    equivalence_size: int = 32
+    equivalence_frames: int = 3
+    equivalence_width: float = 0.25
+    # the per-frame network of the Skip-Conv and D-STEP findings (2, 3, 4, 5; 7 for those gates)
+    frame_net: NetworkSpec
+    # the clip network of the VA-RED² finding (6; 7 for that gate)
+    clip_net: NetworkSpec
+    sweep_points: int = 6  # thresholds per norm-gate sweep (log-spaced over the span where MACs move)
+    betas: tuple[float, ...] = (1.0, 3.0, 10.0)  # Gumbel β of the Fig. 7 sweep
+    finetune_epochs: int = 3  # epochs of every gate fine-tuning from the shared network (Gumbel, D-STEP)
+    finetune_lr: float = 1e-3
+    block_sizes: tuple[int, ...] = (1, 2, 4, 8)  # Table 3
+    block_gate: str = "output_norm"  # the gate of the block-size sweep (a threshold gives equal MACs exactly)
+    clip_lengths: tuple[int, ...] = (4, 8)  # T_train of Table 4
+    reference_periods: tuple[int, ...] = (4, 8, 0)  # T_test of Table 4 (0: the first frame only, T = ∞)
+    long_frames: int = 32  # frames of the Table 4 test streams
+    clip_length_beta: float = 3.0  # β of the Table 4 Gumbel gates (one of ``betas``: the T = 4 model is shared)
+    dstep_targets: tuple[float, ...] = (0.4, 0.6, 0.8)  # D of Table 1
+    dstep_tile: int = 2  # tile side p
+    vared2_sizes: tuple[int, ...] = (2, 3)  # S of Table 4.1
+    vared2_lambda: float = 0.1  # λ_e of Eq. 3.6
+    vared2_epochs: int = 4  # fine-tuning epochs from the dense clip network
+    timing: Timing = field(default_factory=Timing)
+    estimate_s: dict[str, float] = field(default_factory=dict)  # expected seconds per finding (2 quiet cores)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("estimate_s")
+        return out
+
+
+FRAME_NET = NetworkSpec(backbone="hrnet_small", task="heatmap", size=64, train_clips=192, epochs=6, clip_length=4,
+                        val_clips=32, val_frames=16)
+CLIP_NET = NetworkSpec(backbone="r2plus1d_tiny", task="classification", size=48, train_clips=192, epochs=6,
+                       clip_length=8, val_clips=120, val_frames=16)
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", equivalence_size=32, equivalence_frames=2, equivalence_width=0.25,
+        frame_net=dataclasses.replace(FRAME_NET, size=32, train_clips=16, epochs=1, val_clips=4, val_frames=8),
+        clip_net=dataclasses.replace(CLIP_NET, size=32, train_clips=16, epochs=1, val_clips=8, val_frames=8),
+        sweep_points=3, betas=(3.0,), finetune_epochs=2, block_sizes=(1, 4), clip_lengths=(2, 4),
+        reference_periods=(2, 4, 0), long_frames=8, clip_length_beta=3.0, dstep_targets=(0.4, 0.8), vared2_epochs=1,
+        vared2_sizes=(2, 3), timing=Timing(frames=8, repeats=2),
+        estimate_s={"keep_all": 20, "gate_fronts": 20, "block_size": 10, "clip_length": 10, "dstep_target": 10,
+                    "vared2_space": 20, "wallclock": 10},
+    ),
+    "quick": Profile(
+        name="quick", frame_net=FRAME_NET, clip_net=CLIP_NET,
+        estimate_s={"keep_all": 40, "gate_fronts": 240, "block_size": 120, "clip_length": 90, "dstep_target": 150,
+                    "vared2_space": 200, "wallclock": 60},
+    ),
+    "full": Profile(
+        name="full", equivalence_size=64, equivalence_frames=4, equivalence_width=1.0,
+        frame_net=dataclasses.replace(FRAME_NET, size=128, train_clips=512, epochs=8, val_clips=96),
+        clip_net=dataclasses.replace(CLIP_NET, size=64, train_clips=640, epochs=10, val_clips=240),
+        sweep_points=10, betas=(0.3, 1.0, 3.0, 10.0, 30.0), finetune_epochs=6, long_frames=48,
+        vared2_epochs=6, timing=Timing(frames=64, repeats=20),
+        estimate_s={"keep_all": 300, "gate_fronts": 2400, "block_size": 900, "clip_length": 900,
+                    "dstep_target": 1200, "vared2_space": 2400, "wallclock": 300},
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    from gatesearch.registry import UnknownNameError
+
+    if name not in PROFILES:
+        raise UnknownNameError(f"unknown fidelity profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+__all__ = ["PROFILES", "Profile", "Timing", "get_profile"]

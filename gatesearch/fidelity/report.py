@@ -1,0 +1,132 @@
+"""The fidelity report: ``report.md`` (one table line per claim, then each finding's setup, measurements and
+plots), ``report.json`` (every number), and one MLflow run holding both, the plots, metrics and verdict tags."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .findings import NOT_REPRODUCED, REPRODUCED
+from .progress import clock
+
+EXPERIMENT = "gatesearch-fidelity"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report) -> str:
+    o = report.options
+    m = report.machine
+    claims = [(out, c) for out in report.outcomes for c in out.finding.claims]
+    held = sum(c.reproduced for _, c in claims)
+    lines = [
+        "# gatesearch fidelity report",
+        "",
+        f"`{o.command}` — profile **{o.profile.name}**, started {report.started}, took {clock(report.wall_s)}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
+        f"Seed {o.profile.seed} for every training, gate initialisation and data order; the synthetic clips are fixed "
+        "by their index. Sizes are under each finding; the whole profile is in `report.json`.",
+        "",
+        f"**{held} of {len(claims)} claims reproduced.** A claim that does not hold is listed as such: this report "
+        "is a measurement, not a test.",
+        "",
+        "| # | finding | paper | ours | verdict |",
+        "|---|---------|-------|------|---------|",
+    ]
+    for out, c in claims:
+        verdict = f"**{REPRODUCED}**" if c.reproduced else f"**{NOT_REPRODUCED}**"
+        lines.append(f"| {out.spec.number} | {_cell(c.statement)} | {_cell(c.paper)} | {_cell(c.ours)} | {verdict} |")
+    for out in report.outcomes:
+        s, f = out.spec, out.finding
+        lines += ["", f"## {s.number}. {s.title}", "", f"*{s.source}* — {clock(out.seconds)}.", ""]
+        if out.error:
+            lines += [f"The experiment failed: `{_cell(out.error)}` (traceback in `{s.key}.error.txt`).", ""]
+        if f.setup:
+            lines += [f"Setup: {f.setup}.", ""]
+        lines += [f"- {c.verdict}: {c.statement} — rule: {c.rule}." for c in f.claims]
+        if f.details:
+            lines += ["", f.details]
+        for plot in f.plots:
+            lines += ["", f"![{s.key}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def as_json(report) -> dict[str, Any]:
+    o = report.options
+    return {
+        "command": o.command,
+        "profile": o.profile.to_dict(),
+        "started": report.started,
+        "wall_s": report.wall_s,
+        "machine": report.machine,
+        "video": str(o.video) if o.video else None,
+        "findings": [
+            {"number": out.spec.number, "key": out.spec.key, "title": out.spec.title, "source": out.spec.source,
+             "seconds": out.seconds, "error": out.error, "setup": out.finding.setup,
+             "claims": [{"statement": c.statement, "paper": c.paper, "ours": c.ours, "verdict": c.verdict,
+                         "rule": c.rule} for c in out.finding.claims],
+             "numbers": out.finding.numbers, "plots": list(out.finding.plots)}
+            for out in report.outcomes
+        ],
+    }
+
+
+def write(report) -> None:
+    out = report.options.out
+    (out / "report.md").write_text(markdown(report))
+    (out / "report.json").write_text(json.dumps(as_json(report), indent=2, default=str))
+
+
+def log_mlflow(report) -> str:
+    """One run in the work folder's store (or ``tracking_uri``): params = the profile, metrics = every number
+    (``<finding>.<name>``), tags = verdicts, artifacts = the report folder. Returns the run id."""
+    import math
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    from gatesearch.search.engine import set_env_defaults
+    from gatesearch.search.tracking import Tracker, _flatten, _short, default_tracking_uri
+
+    set_env_defaults()
+    o = report.options
+    tracker = Tracker(o.tracking_uri or default_tracking_uri(o.workdir))
+    client = tracker.client
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        local = tracker.uri.startswith("sqlite:")
+        where = (o.workdir / "mlartifacts" / EXPERIMENT).resolve().as_uri() if local else None
+        exp_id = client.create_experiment(EXPERIMENT, artifact_location=where)
+    else:
+        exp_id = exp.experiment_id
+    tags = {"gatesearch.kind": "fidelity", "gatesearch.profile": o.profile.name}
+    tags.update({f"verdict.{out.spec.key}": "; ".join(c.verdict for c in out.finding.claims)
+                 for out in report.outcomes})
+    run = client.create_run(exp_id, run_name=f"fidelity-{o.profile.name}-{report.started.replace(' ', 'T')}",
+                            tags=tags)
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    try:
+        params = [Param(k, _short(v)) for k, v in _flatten({"profile": o.profile.to_dict(),
+                                                             "video": str(o.video or "")}).items()]
+        metrics = [Metric(f"{out.spec.key}.{name}", float(value), now, 0) for out in report.outcomes
+                   for name, value in out.finding.numbers.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)]
+        metrics += [Metric(f"{out.spec.key}.reproduced", float(all(c.reproduced for c in out.finding.claims)), now, 0)
+                    for out in report.outcomes]
+        metrics += [Metric("claims_reproduced", float(sum(c.reproduced for out in report.outcomes
+                                                          for c in out.finding.claims)), now, 0),
+                    Metric("wall_s", report.wall_s, now, 0)]
+        for i in range(0, max(len(params), len(metrics)), 100):  # log_batch takes at most 100 params a call
+            client.log_batch(rid, metrics=metrics[i : i + 100], params=params[i : i + 100])
+        client.log_artifacts(rid, str(o.out), "report")
+    except BaseException:
+        client.set_terminated(rid, status="FAILED")
+        raise
+    client.set_terminated(rid, status="FINISHED")
+    return rid
+
+
+__all__ = ["EXPERIMENT", "as_json", "log_mlflow", "markdown", "write"]
