@@ -405,7 +405,7 @@ def fidelity(quick, profile_name, out, video, only, seed, workdir, tracking_uri)
     import shlex
     import time
 
-    from gatesearch.fidelity import FINDINGS, FidelityOptions, get_profile, run_fidelity
+    from gatesearch.findings import FINDINGS, FidelityOptions, get_profile, run_fidelity
 
     if quick and profile_name not in (None, "quick"):
         raise click.ClickException(f"--quick and --profile {profile_name} disagree; give one")

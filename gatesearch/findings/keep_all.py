@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 
 TOLERANCE = 1e-4  # max |gated − dense| / max(1, max |dense|), the bound
 

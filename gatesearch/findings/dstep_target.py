@@ -8,7 +8,7 @@ blocks, policy networks included) is read on the held-out clips. The paper's wor
 
 from __future__ import annotations
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 from .measure import best_within, quality_name, score
 from .plots import line_plot
 

@@ -58,7 +58,7 @@ class FindingSpec:
 FINDINGS: Registry[FindingSpec] = Registry(
     "finding",
     "Contract: each entry is a FindingSpec whose run(ctx) returns a Finding with at least one Claim and its "
-    "numbers; registered by @register_finding in a module of gatesearch.fidelity.",
+    "numbers; registered by @register_finding in a module of gatesearch.findings.",
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .findings import NOT_REPRODUCED, REPRODUCED
+from .registry import NOT_REPRODUCED, REPRODUCED
 from .progress import clock
 
 EXPERIMENT = "gatesearch-fidelity"

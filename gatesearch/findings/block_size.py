@@ -9,7 +9,7 @@ one common MAC fraction on the timed clip (the ``--video`` clip when given), the
 
 from __future__ import annotations
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 from .gate_fronts import norm_sweep
 from .measure import bisect_threshold, mean_quality, quality_name, stream_fraction
 from .plots import front_plot

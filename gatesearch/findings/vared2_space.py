@@ -9,7 +9,7 @@ same held-out clips in windows of T frames. Table 4.1 (8 frames): S = 2 −28 % 
 
 from __future__ import annotations
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 from .measure import score
 from .plots import front_plot
 

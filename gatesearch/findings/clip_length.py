@@ -9,7 +9,7 @@ MACs.
 
 from __future__ import annotations
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 from .measure import quality_name, score
 from .plots import line_plot
 

@@ -11,7 +11,7 @@ efficiency 0.77); D-STEP reports FLOPs only.
 
 from __future__ import annotations
 
-from .findings import Claim, Finding, register_finding
+from .registry import Claim, Finding, register_finding
 from .plots import line_plot
 
 SKIPCONV_TABLE2 = ((2.51, 1.48), (4.33, 1.91), (7.92, 4.09))  # (MAC reduction, time reduction)

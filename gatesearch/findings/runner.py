@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .findings import Claim, Finding, FindingSpec, ordered
+from .registry import Claim, Finding, FindingSpec, ordered
 from .measure import Score, score, side_by_side
 from .networks import NetworkSpec, build_dense, convert, train_dense
 from .profiles import Profile
