@@ -423,7 +423,7 @@ def fidelity(quick, profile_name, out, video, only, seed, workdir, tracking_uri)
     options = FidelityOptions(profile=profile, out=out, workdir=workdir, tracking_uri=tracking_uri, video=video,
                               only=keys, command=shlex.join(command))
     try:
-        report = run_fidelity(options, echo=lambda line: click.echo(line, err=True))
+        report = run_fidelity(options, echo=lambda line: click.echo(line, err=True), live=sys.stderr.isatty())
     except FileExistsError as e:
         raise click.ClickException(str(e)) from None
     claims = [c for o in report.outcomes for c in o.finding.claims]

@@ -12,8 +12,8 @@ them on the shared networks of a ``Profile`` and ``report`` writes the Markdown,
 
 from gatesearch.registry import import_submodules
 
-from .registry import FINDINGS, Claim, Finding, register_finding
 from .profiles import PROFILES, Profile, get_profile
+from .registry import FINDINGS, Claim, Finding, register_finding
 from .runner import FidelityOptions, Report, run_fidelity
 
 import_submodules(__name__, __path__)

@@ -9,10 +9,10 @@ one common MAC fraction on the timed clip (the ``--video`` clip when given), the
 
 from __future__ import annotations
 
-from .registry import Claim, Finding, register_finding
 from .gate_fronts import norm_sweep
 from .measure import bisect_threshold, mean_quality, quality_name, stream_fraction
 from .plots import front_plot
+from .registry import Claim, Finding, register_finding
 
 PAPER = {1: (5.06, 95.0), 2: (2.43, 94.5), 4: (2.98, 94.9), 8: (4.18, 95.0)}  # Table 3: b -> (GMAC, PCK)
 STRUCTURED = (4, 8)

@@ -9,9 +9,9 @@ MACs.
 
 from __future__ import annotations
 
-from .registry import Claim, Finding, register_finding
 from .measure import quality_name, score
 from .plots import line_plot
+from .registry import Claim, Finding, register_finding
 
 # Table 4: (T_train, T_test) -> (PCK, GMAC); T_test 0 = ∞
 PAPER = {(4, 4): (95.3, 3.10), (4, 8): (94.3, 1.91), (4, 0): (89.3, 1.18),

@@ -8,9 +8,9 @@ blocks, policy networks included) is read on the held-out clips. The paper's wor
 
 from __future__ import annotations
 
-from .registry import Claim, Finding, register_finding
 from .measure import best_within, quality_name, score
 from .plots import line_plot
+from .registry import Claim, Finding, register_finding
 
 TOLERANCE = 0.05  # |F/F_S − D|, the bar
 PAPER_GFLOPS = {0.8: 12.2, 0.6: 8.1, 0.4: 6.14}  # Table 1, ResNet-18 (TSM, the static model: 14.6)

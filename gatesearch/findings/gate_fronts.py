@@ -8,9 +8,9 @@ budgets every gate reaches, of the best quality within the budget (the area unde
 
 from __future__ import annotations
 
-from .registry import Claim, Finding, register_finding
 from .measure import Score, best_within, log_grid, mean_quality, quality_name, score, threshold_span
 from .plots import front_plot
+from .registry import Claim, Finding, register_finding
 
 NORM_GATES = ("input_norm", "output_norm")
 CALIBRATION_CLIPS = 4

@@ -31,6 +31,7 @@ class Profile:
     equivalence_size: int = 32
     equivalence_frames: int = 3
     equivalence_width: float = 0.25
+    equivalence_backbones: tuple[str, ...] = ()  # empty: every registered backbone
     # the per-frame network of the Skip-Conv and D-STEP findings (2, 3, 4, 5; 7 for those gates)
     frame_net: NetworkSpec
     # the clip network of the VA-RED² finding (6; 7 for that gate)
@@ -67,6 +68,7 @@ CLIP_NET = NetworkSpec(backbone="r2plus1d_tiny", task="classification", size=48,
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", equivalence_size=32, equivalence_frames=2, equivalence_width=0.25,
+        equivalence_backbones=("tiny", "hrnet_small", "resnet18_tiny", "tsm_resnet18_tiny", "r2plus1d_tiny"),
         frame_net=dataclasses.replace(FRAME_NET, size=32, train_clips=16, epochs=1, val_clips=4, val_frames=8),
         clip_net=dataclasses.replace(CLIP_NET, size=32, train_clips=16, epochs=1, val_clips=8, val_frames=8),
         sweep_points=3, betas=(3.0,), finetune_epochs=2, block_sizes=(1, 4), clip_lengths=(2, 4),

@@ -1,4 +1,5 @@
-"""A plain progress display: one line per step, with the time so far and an estimate of what is left.
+"""What a running fidelity report shows: one line per step with the time so far and an estimate of what is left;
+on a terminal also a status line (rich) redrawn in place with the finding running, elapsed and ETA.
 
 The estimate starts from the profile's expected seconds per finding (measured on 2 quiet cores) and is rescaled by
 how fast this machine has been so far, so a loaded machine sees a longer, truer ETA.
@@ -9,23 +10,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-
-def clock(seconds: float) -> str:
-    """``1h02m``, ``12m05s`` or ``42s``."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+from gatesearch.search.progress import clock
 
 
 class Progress:
-    def __init__(self, estimates: dict[str, float], echo: Callable[[str], None]) -> None:
+    def __init__(self, estimates: dict[str, float], echo: Callable[[str], None], *, live: bool = False) -> None:
         self.estimates = estimates  # expected seconds per finding key, in run order
         self.echo = echo
         self.start_time = time.perf_counter()
         self.done: dict[str, float] = {}  # key -> seconds it took
         self.current: str | None = None
+        self.title = ""
         self.current_start = self.start_time
+        self.live = None
+        if live:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console(stderr=True)
+            self.echo = lambda line: console.print(line, highlight=False, markup=False)
+            self.live = Live(get_renderable=self.status, console=console, refresh_per_second=1, transient=True)
+            self.live.start()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start_time
@@ -39,10 +44,15 @@ class Progress:
             left -= min(time.perf_counter() - self.current_start, self.estimates.get(self.current, 0.0))
         return max(0.0, left * scale)
 
+    def status(self) -> str:
+        since = clock(time.perf_counter() - self.current_start)
+        running = f"running {self.title} for {since} | " if self.current else ""
+        return (f"{running}findings done {len(self.done)}/{len(self.estimates)} | elapsed {clock(self.elapsed())} | "
+                f"ETA {clock(self.remaining())}")
+
     def begin(self, key: str, line: str) -> None:
-        self.current, self.current_start = key, time.perf_counter()
-        n = list(self.estimates).index(key) + 1 if key in self.estimates else len(self.done) + 1
-        self.echo(f"[{n}/{len(self.estimates)}] {line}  (elapsed {clock(self.elapsed())}, "
+        self.current, self.title, self.current_start = key, line, time.perf_counter()
+        self.echo(f"[{len(self.done) + 1}/{len(self.estimates)}] {line}  (elapsed {clock(self.elapsed())}, "
                   f"about {clock(self.remaining())} left)")
 
     def step(self, line: str) -> None:
@@ -53,6 +63,11 @@ class Progress:
         self.done[key] = time.perf_counter() - self.current_start
         self.current = None
         self.echo(f"      {line} in {clock(self.done[key])}")
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 __all__ = ["Progress", "clock"]

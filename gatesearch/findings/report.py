@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .registry import NOT_REPRODUCED, REPRODUCED
 from .progress import clock
+from .registry import NOT_REPRODUCED, REPRODUCED
 
 EXPERIMENT = "gatesearch-fidelity"
 
@@ -80,52 +80,37 @@ def write(report) -> None:
 
 
 def log_mlflow(report) -> str:
-    """One run in the work folder's store (or ``tracking_uri``): params = the profile, metrics = every number
+    """One run in the work folder's store (or ``tracking_uri``): params = the profile, metrics = every finite number
     (``<finding>.<name>``), tags = verdicts, artifacts = the report folder. Returns the run id."""
     import math
-    import time
-
-    from mlflow.entities import Metric, Param
 
     from gatesearch.search.engine import set_env_defaults
-    from gatesearch.search.tracking import Tracker, _flatten, _short, default_tracking_uri
+    from gatesearch.search.tracking import Tracker, _flatten, default_tracking_uri
 
     set_env_defaults()
     o = report.options
     tracker = Tracker(o.tracking_uri or default_tracking_uri(o.workdir))
-    client = tracker.client
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        local = tracker.uri.startswith("sqlite:")
-        where = (o.workdir / "mlartifacts" / EXPERIMENT).resolve().as_uri() if local else None
-        exp_id = client.create_experiment(EXPERIMENT, artifact_location=where)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = tracker.experiment(EXPERIMENT, o.workdir / "mlartifacts")
     tags = {"gatesearch.kind": "fidelity", "gatesearch.profile": o.profile.name}
     tags.update({f"verdict.{out.spec.key}": "; ".join(c.verdict for c in out.finding.claims)
                  for out in report.outcomes})
-    run = client.create_run(exp_id, run_name=f"fidelity-{o.profile.name}-{report.started.replace(' ', 'T')}",
-                            tags=tags)
+    run = tracker.client.create_run(exp_id, run_name=f"fidelity-{o.profile.name}-{report.started.replace(' ', 'T')}",
+                                    tags=tags)
     rid = run.info.run_id
-    now = int(time.time() * 1000)
+    metrics = {f"{out.spec.key}.{name}": value for out in report.outcomes
+               for name, value in out.finding.numbers.items() if math.isfinite(value)}
+    metrics.update({f"{out.spec.key}.reproduced": float(all(c.reproduced for c in out.finding.claims))
+                    for out in report.outcomes})
+    metrics.update(claims_reproduced=sum(c.reproduced for out in report.outcomes for c in out.finding.claims),
+                   wall_s=report.wall_s)
     try:
-        params = [Param(k, _short(v)) for k, v in _flatten({"profile": o.profile.to_dict(),
-                                                             "video": str(o.video or "")}).items()]
-        metrics = [Metric(f"{out.spec.key}.{name}", float(value), now, 0) for out in report.outcomes
-                   for name, value in out.finding.numbers.items()
-                   if isinstance(value, (int, float)) and math.isfinite(value)]
-        metrics += [Metric(f"{out.spec.key}.reproduced", float(all(c.reproduced for c in out.finding.claims)), now, 0)
-                    for out in report.outcomes]
-        metrics += [Metric("claims_reproduced", float(sum(c.reproduced for out in report.outcomes
-                                                          for c in out.finding.claims)), now, 0),
-                    Metric("wall_s", report.wall_s, now, 0)]
-        for i in range(0, max(len(params), len(metrics)), 100):  # log_batch takes at most 100 params a call
-            client.log_batch(rid, metrics=metrics[i : i + 100], params=params[i : i + 100])
-        client.log_artifacts(rid, str(o.out), "report")
+        tracker._log_params(rid, _flatten({"profile": o.profile.to_dict(), "video": str(o.video or "")}))
+        tracker.log_metrics(rid, metrics, step=0)
+        tracker.client.log_artifacts(rid, str(o.out), "report")
     except BaseException:
-        client.set_terminated(rid, status="FAILED")
+        tracker.client.set_terminated(rid, status="FAILED")
         raise
-    client.set_terminated(rid, status="FINISHED")
+    tracker.client.set_terminated(rid, status="FINISHED")
     return rid
 
 

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import Claim, Finding, FindingSpec, ordered
 from .measure import Score, score, side_by_side
 from .networks import NetworkSpec, build_dense, convert, train_dense
 from .profiles import Profile
 from .progress import Progress, clock
+from .registry import Claim, Finding, FindingSpec, ordered
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,8 +204,9 @@ def check_options(options: FidelityOptions) -> None:
         read_frames(options.video, max_frames=2, size=(32, 32))  # VideoDecodeError names the file
 
 
-def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = print) -> Report:
-    """Run the findings of ``options.profile`` (or ``options.only``), write the report, log it to MLflow."""
+def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = print, live: bool = False) -> Report:
+    """Run the findings of ``options.profile`` (or ``options.only``), write the report, log it to MLflow.
+    ``live``: also redraw a status line in place (rich; on a terminal)."""
     from gatesearch.objectives.device import DeviceLock
 
     from . import report as report_mod
@@ -217,7 +218,7 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
     echo(f"fidelity ({options.profile.name}): {len(specs)} findings, about {clock(sum(estimates.values()))} on "
          f"2 quiet cores; report in {options.out}")
     options.out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(estimates, echo)
+    progress = Progress(estimates, echo, live=live)
     lock = DeviceLock()
     ctx = Context(options=options, progress=progress, lock=lock)
     outcomes = []
@@ -235,6 +236,7 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
             progress.end(spec.key, f"{spec.key}: {verdicts}")
     finally:
         lock.close()
+        progress.stop()
     report = Report(options=options, outcomes=tuple(outcomes), started=started, wall_s=progress.elapsed(),
                     machine=machine())
     report_mod.write(report)

@@ -9,9 +9,9 @@ same held-out clips in windows of T frames. Table 4.1 (8 frames): S = 2 −28 % 
 
 from __future__ import annotations
 
-from .registry import Claim, Finding, register_finding
 from .measure import score
 from .plots import front_plot
+from .registry import Claim, Finding, register_finding
 
 PAPER = {2: (28, 57.7), 3: (22, 58.2)}  # Table 4.1, 8 frames: S -> (GFLOPs cut %, clip top-1); dense top-1 56.4
 PAPER_DENSE = 56.4
