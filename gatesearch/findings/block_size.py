@@ -10,7 +10,7 @@ one common MAC fraction on the timed clip (the ``--video`` clip when given), the
 from __future__ import annotations
 
 from .gate_fronts import norm_sweep
-from .measure import bisect_threshold, mean_quality, quality_name, stream_fraction
+from .measure import at_threshold, bisect_threshold, mean_quality, quality_name, stream_fraction
 from .plots import front_plot
 from .registry import Claim, Finding, register_finding
 
@@ -34,9 +34,10 @@ def run(ctx) -> Finding:
     target = max(0.5, lo + 0.1)
     timed = {}
     for b, pts in sweeps.items():
-        def fraction(eps: float, b=b) -> float:
-            return stream_fraction(ctx.gated(spec, gate, {"threshold": eps, "block_size": b}), clip,
-                                   reset_every=spec.clip_length)
+        probe = ctx.gated(spec, gate, {"threshold": 1.0, "block_size": b})
+
+        def fraction(eps: float, probe=probe) -> float:
+            return stream_fraction(at_threshold(probe, eps), clip, reset_every=spec.clip_length)
 
         eps = bisect_threshold(fraction, target, pts[0][0] / 4, pts[-1][0] * 4)
         gated = ctx.gated(spec, gate, {"threshold": eps, "block_size": b})

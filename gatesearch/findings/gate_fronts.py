@@ -8,7 +8,7 @@ budgets every gate reaches, of the best quality within the budget (the area unde
 
 from __future__ import annotations
 
-from .measure import Score, best_within, log_grid, mean_quality, quality_name, score, threshold_span
+from .measure import Score, at_threshold, best_within, log_grid, mean_quality, quality_name, score, threshold_span
 from .plots import front_plot
 from .registry import Claim, Finding, register_finding
 
@@ -22,16 +22,14 @@ def norm_sweep(ctx, gate: str, *, block_size: int, points: int) -> list[tuple[fl
 
     def sweep() -> list[tuple[float, Score]]:
         calib = ctx.clips(spec, split="train", frames=spec.val_frames, count=CALIBRATION_CLIPS)
+        model = ctx.gated(spec, gate, {"threshold": 1.0, "block_size": block_size})
 
         def fraction(eps: float) -> float:
-            model = ctx.gated(spec, gate, {"threshold": eps, "block_size": block_size})
-            return score(model, spec.task, calib, reset_every=spec.clip_length).fraction
+            return score(at_threshold(model, eps), spec.task, calib, reset_every=spec.clip_length).fraction
 
         lo, hi = threshold_span(fraction)
-        out = []
-        for eps in log_grid(lo, hi, points):
-            model = ctx.gated(spec, gate, {"threshold": eps, "block_size": block_size})
-            out.append((eps, score(model, spec.task, ctx.held_out(spec), reset_every=spec.clip_length)))
+        out = [(eps, score(at_threshold(model, eps), spec.task, ctx.held_out(spec), reset_every=spec.clip_length))
+               for eps in log_grid(lo, hi, points)]
         ctx.step(f"{gate} b {block_size}: {points} thresholds over ε {lo:.3g}…{hi:.3g}")
         return out
 

@@ -34,11 +34,12 @@ class Score:
 def clip_quality(task: str, out: torch.Tensor, clips: dict[str, torch.Tensor]) -> torch.Tensor:
     """(N,) quality of each clip from a model's streamed output: top-1 as 0/1, or the clip's mean PCK."""
     from gatesearch.objectives import pck_correct, top1_correct
+    from gatesearch.objectives.quality import pck_radius
 
     if task == "classification":
         return top1_correct(out, clips["label"]).float()
     h, w = clips["clip"].shape[-2:]
-    hits = pck_correct(out, clips["centers"], stride=h // out.shape[-2], radius_px=0.2 * 0.25 * min(h, w))
+    hits = pck_correct(out, clips["centers"], stride=h // out.shape[-2], radius_px=pck_radius((h, w)))
     return hits.float().mean(1)  # (N, T) -> (N,)
 
 
@@ -143,6 +144,14 @@ def threshold_span(fraction: Callable[[float], float], *, start: float = 1.0, ne
     return lo, hi
 
 
+def at_threshold(model: nn.Module, eps: float) -> nn.Module:
+    """``model``'s norm gates all set to ε in place (one converted model serves a whole sweep: no copy per point)."""
+    from gatesearch.policies.calibration import norm_layers, set_layer_thresholds
+
+    set_layer_thresholds(model, dict.fromkeys(norm_layers(model), eps))
+    return model
+
+
 def log_grid(lo: float, hi: float, n: int) -> list[float]:
     if n == 1 or hi <= lo:
         return [hi]
@@ -173,5 +182,5 @@ def side_by_side(dense: nn.Module, gated: nn.Module, clip: torch.Tensor, *, rese
         return bench_model(dense, gated, clip, reset_every=reset_every, repeats=repeats)
 
 
-__all__ = ["Score", "best_within", "bisect_threshold", "clip_quality", "front", "log_grid", "mean_quality",
-           "quality_name", "score", "side_by_side", "stream_fraction", "threshold_span"]
+__all__ = ["Score", "at_threshold", "best_within", "bisect_threshold", "clip_quality", "front", "log_grid",
+           "mean_quality", "quality_name", "score", "side_by_side", "stream_fraction", "threshold_span"]
