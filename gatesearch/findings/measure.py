@@ -119,6 +119,25 @@ def mean_quality(points: Sequence[tuple[float, float]], lo: float, hi: float) ->
     return area / (hi - lo)
 
 
+@dataclass(frozen=True)
+class FrontAreas:
+    """Sweeps compared on the accuracy–MAC plane over the MAC budgets [low, 1] that every sweep reaches."""
+
+    low: float  # the largest of the sweeps' smallest MAC fractions; ≥ 1: no budget below dense is shared
+    area: dict  # sweep key -> mean_quality over [low, 1]
+
+    @property
+    def comparable(self) -> bool:
+        return self.low < 1.0
+
+
+def front_areas(sweeps: dict, dense: Score) -> FrontAreas:
+    """``sweeps`` (key -> [(knob, Score)]) with the dense network as every sweep's MAC fraction 1 point."""
+    points = {k: [(s.fraction, s.quality) for _, s in pts] + [(1.0, dense.quality)] for k, pts in sweeps.items()}
+    low = max(min(x for x, _ in pts) for pts in points.values())
+    return FrontAreas(low=low, area={k: mean_quality(pts, low, 1.0) for k, pts in points.items()})
+
+
 def threshold_span(fraction: Callable[[float], float], *, start: float = 1.0, near: float = 0.05,
                    max_steps: int = 24) -> tuple[float, float]:
     """(ε_lo, ε_hi) of a norm gate: where its MAC fraction leaves 1 and where it reaches its floor (within
@@ -182,5 +201,6 @@ def side_by_side(dense: nn.Module, gated: nn.Module, clip: torch.Tensor, *, rese
         return bench_model(dense, gated, clip, reset_every=reset_every, repeats=repeats)
 
 
-__all__ = ["Score", "at_threshold", "best_within", "bisect_threshold", "clip_quality", "front", "log_grid",
-           "mean_quality", "quality_name", "score", "side_by_side", "stream_fraction", "threshold_span"]
+__all__ = ["FrontAreas", "Score", "at_threshold", "best_within", "bisect_threshold", "clip_quality", "front",
+           "front_areas", "log_grid", "mean_quality", "quality_name", "score", "side_by_side", "stream_fraction",
+           "threshold_span"]

@@ -39,7 +39,7 @@ def run(ctx) -> Finding:
         claims.append(Claim(
             statement=f"S = {size} cuts {BAND[0]:.0%}–{BAND[1]:.0%} of the MACs at ≤ 1 point of top-1 lost",
             paper=paper,
-            ours=f"−{100 * cut[size]:.1f} % MACs, top-1 {100 * results[size][1].quality:.1f} vs "
+            ours=f"{-100 * cut[size]:+.1f} % MACs, top-1 {100 * results[size][1].quality:.1f} vs "
                  f"{100 * dense.quality:.1f} ({-lost[size]:+.1f} points on {spec.val_clips} clips)",
             reproduced=BAND[0] <= cut[size] <= BAND[1] and lost[size] <= 1.0,
             rule=f"MAC cut in [{BAND[0]:.0%}, {BAND[1]:.0%}] and top-1 drop ≤ 1 point",
@@ -48,7 +48,7 @@ def run(ctx) -> Finding:
         claims.append(Claim(
             statement="S = 3 cuts less than S = 2 (issue 20 expected more)",
             paper="−22 % (S = 3) vs −28 % (S = 2)",
-            ours=f"−{100 * cut[3]:.1f} % (S = 3) vs −{100 * cut[2]:.1f} % (S = 2)",
+            ours=f"{-100 * cut[3]:+.1f} % (S = 3) vs {-100 * cut[2]:+.1f} % (S = 2)",
             reproduced=cut[3] < cut[2],
             rule="the ordering of the two cuts is the paper's",
         ))
@@ -60,7 +60,7 @@ def run(ctx) -> Finding:
     rows.append(f"| dense | {100 * dense.quality:.1f} % | {dense.macs / 1e6:.2f} | – | –, {PAPER_DENSE} |")
     for size, (_, r) in results.items():
         paper = f"−{PAPER[size][0]} %, {PAPER[size][1]}" if size in PAPER else "–"
-        rows.append(f"| S = {size} | {100 * r.quality:.1f} % | {r.macs / 1e6:.2f} | −{100 * cut[size]:.1f} % | "
+        rows.append(f"| S = {size} | {100 * r.quality:.1f} % | {r.macs / 1e6:.2f} | {-100 * cut[size]:+.1f} % | "
                     f"{paper} |")
     numbers = {"dense_quality": dense.quality, "dense_macs": dense.macs}
     for size, (_, r) in results.items():
