@@ -38,7 +38,7 @@ def run(ctx) -> Finding:
         def fraction(eps: float, probe=probe) -> float:
             return stream_fraction(at_threshold(probe, eps), clip, reset_every=spec.clip_length)
 
-        eps = bisect_threshold(fraction, target, pts[0][0] / 4, pts[-1][0] * 4)
+        eps = bisect_threshold(fraction, target, pts[0][0] / 4, pts[-1][0] * 4, steps=p.bisect_steps)
         gated = ctx.gated(spec, gate, {"threshold": eps, "block_size": b})
         timed[b] = {"threshold": eps, **ctx.time(ctx.dense(spec), gated, clip, reset_every=spec.clip_length)}
         ctx.step(f"b {b}: ε {eps:.3g}, MAC reduction {timed[b]['mac_reduction']:.2f}×, "

@@ -13,7 +13,6 @@ from .plots import front_plot
 from .registry import Claim, Finding, register_finding
 
 NORM_GATES = ("input_norm", "output_norm")
-CALIBRATION_CLIPS = 4
 
 
 def norm_sweep(ctx, gate: str, *, block_size: int, points: int) -> list[tuple[float, Score]]:
@@ -21,7 +20,7 @@ def norm_sweep(ctx, gate: str, *, block_size: int, points: int) -> list[tuple[fl
     spec = ctx.profile.frame_net
 
     def sweep() -> list[tuple[float, Score]]:
-        calib = ctx.clips(spec, split="train", frames=spec.val_frames, count=CALIBRATION_CLIPS)
+        calib = ctx.clips(spec, split="train", frames=spec.val_frames, count=ctx.profile.calibration_clips)
         model = ctx.gated(spec, gate, {"threshold": 1.0, "block_size": block_size})
 
         def fraction(eps: float) -> float:
