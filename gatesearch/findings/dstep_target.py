@@ -8,9 +8,24 @@ blocks, policy networks included) is read on the held-out clips. The paper's wor
 
 from __future__ import annotations
 
-from .measure import best_within, quality_name, score
+from dataclasses import dataclass
+from typing import Any
+
+from .measure import Score, best_within, quality_name, score
 from .plots import line_plot
 from .registry import Claim, Finding, register_finding
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """D-STEP fine-tuned for one target D, scored on the held-out clips."""
+
+    d: float
+    model: Any
+    score: Score
+    ratio: float  # achieved F/F_S (Eq. 2 over the gated blocks, policy networks included)
+    decisions: dict  # what the gates chose: active tiles, skip / reuse / compute channel fractions
+
 
 TOLERANCE = 0.05  # |F/F_S − D|, the issue's bar
 PAPER_GFLOPS = {0.8: 12.2, 0.6: 8.1, 0.4: 6.14}  # Table 1, ResNet-18 (TSM, the static model: 14.6)
@@ -25,12 +40,13 @@ def run(ctx) -> Finding:
 
     p, spec = ctx.profile, ctx.profile.frame_net
     dense = ctx.baseline(spec)
-    results = []  # (D, model, score, F/F_S, decisions)
+    results = []
     for target in p.dstep_targets:
         model = ctx.finetuned(spec, "dstep", {"target_flops_ratio": target, "block_size": p.dstep_tile})
         s = score(model, spec.task, ctx.held_out(spec), reset_every=spec.clip_length)
-        results.append((target, model, s, flops_ratio(model), decisions(model)))  # F/F_S of the frames just scored
-    errors = {d: ratio - d for d, _, _, ratio, _ in results}
+        # F/F_S and the decisions of the frames just scored
+        results.append(Target(d=target, model=model, score=s, ratio=flops_ratio(model), decisions=decisions(model)))
+    errors = {r.d: r.ratio - r.d for r in results}
     worst = max(errors.values(), key=abs)
     q = quality_name(spec.task)
     claim = Claim(
@@ -41,23 +57,26 @@ def run(ctx) -> Finding:
         reproduced=abs(worst) <= TOLERANCE,
         rule=f"|F/F_S − D| ≤ {TOLERANCE} for every D, F/F_S on the held-out clips",
     )
-    target, _ = best_within([(d, s) for d, _, s, _, _ in results], dense)
-    chosen = next(r for r in results if r[0] == target)
+    target, _ = best_within([(r.d, r.score) for r in results], dense)
+    chosen = next(r for r in results if r.d == target)
     ctx.candidates["dstep"] = Candidate(family="dstep", label=f"D {target:g}, p {p.dstep_tile}", spec=spec,
-                                        dense=ctx.dense(spec), gated=chosen[1], score=chosen[2], dense_score=dense)
+                                        dense=ctx.dense(spec), gated=chosen.model, score=chosen.score,
+                                        dense_score=dense)
     rows = [f"| D | achieved F/F_S | error | {q} (dense {dense.quality:.3f}) | MACs / dense | active tiles | "
             "skip / reuse / compute channels |", "|---:|---:|---:|---:|---:|---:|---|"]
-    for d, _, s, ratio, dec in results:
+    for r in results:
+        d, s, ratio, dec = r.d, r.score, r.ratio, r.decisions
         rows.append(f"| {d:g} | {ratio:.3f} | {ratio - d:+.3f} | {s.quality:.3f} | {s.fraction:.3f} | "
                     f"{dec.get('tiles', float('nan')):.2f} | {dec.get('skip', float('nan')):.2f} / "
                     f"{dec.get('reuse', float('nan')):.2f} / {dec.get('compute', float('nan')):.2f} |")
     plot = line_plot(ctx.out / "dstep_target.png",
-                     {"achieved": [(d, ratio) for d, _, _, ratio, _ in results],
+                     {"achieved": [(r.d, r.ratio) for r in results],
                       "target": [(d, d) for d in p.dstep_targets]},
                      xlabel="target D", ylabel="achieved F/F_S", title="D-STEP controllability (Table 1)")
     numbers = {"worst_error": worst, "dense_quality": dense.quality}
-    for d, _, s, ratio, _ in results:
-        numbers.update({f"ratio.D{d:g}": ratio, f"quality.D{d:g}": s.quality, f"mac_fraction.D{d:g}": s.fraction})
+    for r in results:
+        numbers.update({f"ratio.D{r.d:g}": r.ratio, f"quality.D{r.d:g}": r.score.quality,
+                        f"mac_fraction.D{r.d:g}": r.score.fraction})
     setup = (f"{spec.describe()}; D-STEP (tile p {p.dstep_tile}) fine-tuned {p.finetune_epochs} epochs "
              f"(lr {p.finetune_lr:g}) from the shared network for each D; F/F_S and {q} on the held-out clips, a "
              f"reference frame every {spec.clip_length}")

@@ -10,6 +10,7 @@ Batch-norm statistics are drawn at random so that folding BN into a gated conv i
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +18,14 @@ from torch import nn
 from .registry import Claim, Finding, register_finding
 
 TOLERANCE = 1e-4  # max |gated − dense| / max(1, max |dense|), the bound
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pair:
+    backbone: str
+    gate: str
+    task: str
+    diff: float  # relative_diff of the keep-all gated stream against the dense one
 
 
 def _random_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
@@ -82,28 +91,28 @@ def run(ctx) -> Finding:
     clip = make_clip(cfg, 0, "test")["clip"][None]  # (1, T, 3, H, W)
     rows = []
     for backbone, gate, task in pairs(p.equivalence_backbones):
-        rows.append((backbone, gate, task, relative_diff(backbone, gate, task, clip, width=p.equivalence_width,
-                                                         seed=p.seed)))
-    ctx.step(f"{len(rows)} gate × backbone pairs streamed")
-    worst = max(rows, key=lambda r: r[3])
-    bad = [r for r in rows if not r[3] <= TOLERANCE]
-    gates = sorted({r[1] for r in rows})
+        diff = relative_diff(backbone, gate, task, clip, width=p.equivalence_width, seed=p.seed)
+        rows.append(Pair(backbone=backbone, gate=gate, task=task, diff=diff))
+        ctx.step(f"{backbone} · {gate}: {diff:.1e}")
+    worst = max(rows, key=lambda r: r.diff)
+    bad = [r for r in rows if not r.diff <= TOLERANCE]
+    gates = sorted({r.gate for r in rows})
     claim = Claim(
         statement="keep-all gate = dense network, every gate × backbone",
         paper="exact (the gated formulations reduce to the dense conv)",
-        ours=f"max rel. diff {worst[3]:.1e} ({worst[1]} on {worst[0]}) over {len(rows)} pairs, "
+        ours=f"max rel. diff {worst.diff:.1e} ({worst.gate} on {worst.backbone}) over {len(rows)} pairs, "
              f"{len(bad)} above {TOLERANCE:g}",
         reproduced=not bad,
         rule=f"every pair within {TOLERANCE:g} of the dense output (relative to max(1, |dense|))",
     )
     table = ["| backbone | task | " + " | ".join(gates) + " |", "|---|---|" + "---:|" * len(gates)]
-    for backbone in dict.fromkeys(r[0] for r in rows):
-        diffs = {r[1]: r[3] for r in rows if r[0] == backbone}
-        task = next(r[2] for r in rows if r[0] == backbone)
+    for backbone in dict.fromkeys(r.backbone for r in rows):
+        diffs = {r.gate: r.diff for r in rows if r.backbone == backbone}
+        task = next(r.task for r in rows if r.backbone == backbone)
         table.append(f"| {backbone} | {task} | " + " | ".join(f"{diffs[g]:.1e}" if g in diffs else "–"
                                                               for g in gates) + " |")
-    numbers = {"pairs": len(rows), "max_rel_diff": worst[3], "pairs_above_tolerance": len(bad)}
-    numbers.update({f"rel_diff.{r[0]}.{r[1]}": r[3] for r in rows})
+    numbers = {"pairs": len(rows), "max_rel_diff": worst.diff, "pairs_above_tolerance": len(bad)}
+    numbers.update({f"rel_diff.{r.backbone}.{r.gate}": r.diff for r in rows})
     which = ", ".join(p.equivalence_backbones) if p.equivalence_backbones else "every registered backbone"
     setup = (f"{which} at width {p.equivalence_width:g}, one synthetic clip of "
              f"{p.equivalence_frames} frames at {p.equivalence_size}×{p.equivalence_size} (seed {p.seed}), random "
