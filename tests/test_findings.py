@@ -47,6 +47,11 @@ def test_unknown_finding_and_used_out_folder_are_one_line_errors(cli, tmp_path):
     result = cli("fidelity", "--profile", "smoke", "--only", "keep_all", "--out", str(used))
     assert result.exit_code != 0 and "already exists" in result.output
     assert (used / "report.md").read_text() == "old"
+    bad = tmp_path / "not_a_video.mp4"
+    bad.write_text("text")
+    result = cli("fidelity", "--profile", "smoke", "--video", str(bad), "--out", str(tmp_path / "new"))
+    assert result.exit_code != 0 and "not_a_video.mp4" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_failing_finding_is_reported_not_reproduced(tmp_path, monkeypatch):
