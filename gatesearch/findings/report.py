@@ -31,6 +31,9 @@ def markdown(report) -> str:
         "",
         f"**{held} of {len(claims)} claims reproduced.** A claim that does not hold is listed as such: this report "
         "is a measurement, not a test.",
+        *([] if len(report.outcomes) == report.planned else
+          ["", f"**Incomplete: {len(report.outcomes)} of {report.planned} findings so far** (the run is still going, "
+               "or was stopped)."]),
         "",
         "| # | finding | paper | ours | verdict |",
         "|---|---------|-------|------|---------|",
@@ -59,6 +62,7 @@ def as_json(report) -> dict[str, Any]:
         "command": o.command,
         "profile": o.profile.to_dict(),
         "started": report.started,
+        "complete": len(report.outcomes) == report.planned,
         "wall_s": report.wall_s,
         "machine": report.machine,
         "video": str(o.video) if o.video else None,

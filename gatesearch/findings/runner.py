@@ -166,6 +166,7 @@ class Outcome:
 class Report:
     options: FidelityOptions
     outcomes: tuple[Outcome, ...]
+    planned: int  # findings the run set out to measure (more than outcomes: the report of a run still going)
     started: str  # local date and time
     wall_s: float
     machine: dict[str, Any]
@@ -234,11 +235,14 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
             outcomes.append(Outcome(spec=spec, finding=finding, seconds=time.perf_counter() - start, error=error))
             verdicts = ", ".join(c.verdict for c in finding.claims)
             progress.end(spec.key, f"{spec.key}: {verdicts}")
+            # the report so far, so that a run stopped midway leaves what it measured
+            report_mod.write(Report(options=options, outcomes=tuple(outcomes), planned=len(specs), started=started,
+                                    wall_s=progress.elapsed(), machine=machine()))
     finally:
         lock.close()
         progress.stop()
-    report = Report(options=options, outcomes=tuple(outcomes), started=started, wall_s=progress.elapsed(),
-                    machine=machine())
+    report = Report(options=options, outcomes=tuple(outcomes), planned=len(specs), started=started,
+                    wall_s=progress.elapsed(), machine=machine())
     report_mod.write(report)
     run_id = report_mod.log_mlflow(report)
     return dataclasses.replace(report, mlflow_run_id=run_id)
