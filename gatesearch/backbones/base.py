@@ -105,12 +105,25 @@ class VideoModel(nn.Module):
         else:
             self.heat_head = nn.Conv2d(backbone.fine_channels, 1, kernel_size=1)
 
+    #: set by a gate that can run a whole streamed frame at once (``policies.frame_step``): ``frame`` hands it
+    #: each frame as ``frame_runner(model, x)``, and runs the layers itself when it answers None
+    frame_runner = None
+
     def frame(self, x: torch.Tensor) -> torch.Tensor:
         """One frame per stream (N, 3, H, W) -> the task's per-frame output.
 
         classification: pooled clip features (N, D); heatmap: logits (N, 1, H/4, W/4).
         Only the head of the task runs, so latency counts what the task needs.
         """
+        runner = self.frame_runner
+        if runner is not None:
+            out = runner(self, x)
+            if out is not None:
+                return out
+        return self.frame_layers(x)
+
+    def frame_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """``frame`` layer by layer, as written here (what a frame runner traces)."""
         fine = self.backbone.fine(x)
         if self.task == "classification":
             return self.clip_head.pool(self.backbone.deep(fine))

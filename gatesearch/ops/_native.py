@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import tempfile
 import threading
 import warnings
@@ -29,6 +30,7 @@ _HEADERS = sorted(_CSRC.glob("*.h"))
 _NAMESPACE = "gatesearch_skipconv"
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
+_module = None  # the built extension module (its Python classes: FramePlan)
 _disabled_depth = 0  # > 0 inside ``disabled()``
 
 
@@ -92,22 +94,25 @@ def _build_lock(build_dir: Path):
 
 
 def _load() -> bool:
+    global _module
     if os.environ.get("GATESEARCH_NATIVE", "1") == "0":
         return False
     if hasattr(torch.ops, _NAMESPACE) and hasattr(getattr(torch.ops, _NAMESPACE), "gate_block_mask"):
-        return True  # already registered in this process (e.g. importlib.reload)
+        # already registered in this process (e.g. importlib.reload): its module, if it is this build
+        _module = sys.modules.get(f"gatesearch_skipconv_{build_tag()}")
+        return True
     try:
         from torch.utils import cpp_extension
 
         name, build_dir = _build_dir()
         with _build_lock(build_dir):
-            cpp_extension.load(
+            _module = cpp_extension.load(
                 name=name,
                 sources=[str(src) for src in _SOURCES],
                 build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
-                is_python_module=False,
+                is_python_module=True,
                 verbose=False,
             )
         return True
@@ -146,6 +151,11 @@ def cpu_fp32_inference(*tensors: torch.Tensor) -> bool:
 def ops():
     """The registered operator namespace (``torch.ops.gatesearch_skipconv``)."""
     return getattr(torch.ops, _NAMESPACE)
+
+
+def module():
+    """The extension module (``FramePlan``), or None when the kernels are not loaded."""
+    return _module if available() else None
 
 
 @contextlib.contextmanager

@@ -91,6 +91,7 @@ class SkipConv2d(FrameAverages, nn.Module):
 
     # -- state ------------------------------------------------------------
     def reset_state(self) -> None:
+        self.resets = getattr(self, "resets", 0) + 1  # a frame runner (policies.frame_step) starts a clip anew
         self.x_prev: torch.Tensor | None = None
         self.z_prev: torch.Tensor | None = None
         self._plan: tuple | None = None  # (gate, step, gate MACs): resolved at a clip's first residual frame
@@ -326,6 +327,9 @@ def convert_convs(model: nn.Module, make_gate, *, block_size: int, reference: st
         from .stream_ops import install
 
         install(model)
+    from .frame_step import install as install_frame_step
+
+    install_frame_step(model)  # streamed frames run natively, without Python between layers
     return layers
 
 

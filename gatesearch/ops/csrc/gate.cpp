@@ -43,6 +43,49 @@ void channel_abs_sum(const Input& r, bool channels_last, float* a) {
 
 }  // namespace
 
+// Whether one output of the block sees scale * sum |x - old| over its support above threshold: x and old
+// are the block's halo (ph, pw, C) channel-minor (x is overwritten); scratch holds ph * pw * (1 + block width)
+// floats. With ``early_exit`` a block whose whole halo sums to at most the threshold stops there (every window
+// sums a subset of it).
+bool block_fires(float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g, float thr,
+                 float sc, float* scratch, bool early_exit) {
+  const int64_t P = h.ph * h.pw;
+  float* a = scratch;   // per halo position: sum_c |x - old|
+  float* rows = a + P;  // window sums along x: (ph, block width)
+  if (C < 16) {  // few channels (the RGB frame): |x - old| over the whole halo in full vectors, then per position
+    const int64_t n = P * C;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store16(x + i, abs16(load16(x + i) - load16(old + i)));
+    for (; i < n; ++i) x[i] = std::fabs(x[i] - old[i]);
+    for (int64_t p = 0; p < P; ++p) {
+      float s = 0.f;
+      for (int64_t c = 0; c < C; ++c) s += x[p * C + c];
+      a[p] = s;
+    }
+  } else {
+    for (int64_t i = 0; i < P; ++i) a[i] = abs_diff_sum(x + i * C, old + i * C, C);
+  }
+  if (early_exit) {
+    float total = 0.f;
+    for (int64_t i = 0; i < P; ++i) total += a[i];
+    if (total * sc <= thr) return false;
+  }
+  const int64_t bw = bl.ox1 - bl.ox0;
+  for (int64_t py = 0; py < h.ph; ++py)
+    for (int64_t j = 0; j < bw; ++j) {
+      float s = 0.f;
+      for (int64_t kx = 0; kx < g.kw; ++kx) s += a[py * h.pw + j * g.sw + kx * g.dw];
+      rows[py * bw + j] = s;
+    }
+  for (int64_t i = 0; i < bl.oy1 - bl.oy0; ++i)
+    for (int64_t j = 0; j < bw; ++j) {
+      float s = 0.f;
+      for (int64_t ky = 0; ky < g.kh; ++ky) s += rows[(i * g.sh + ky * g.dh) * bw + j];
+      if (s * sc > thr) return true;
+    }
+  return false;
+}
+
 at::Tensor gate_block_mask(const at::Tensor& r_in, c10::IntArrayRef geom, double threshold, double scale,
                            const c10::optional<at::Tensor>& r_prev) {
   const Geometry g = Geometry::parse(geom);
@@ -125,42 +168,8 @@ at::Tensor gate_block_ref(const at::Tensor& x_in, const at::Tensor& ref_t, c10::
     if (changed && !halo_changed(changed, H, W, bl, g)) return;
     buf.resize(ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
     float* halo = buf.data();
-    const auto [iy0, ix0, ph, pw] = read_halo(x, bl, g, halo);
-    const int64_t P = ph * pw;
-    float* a = halo + ref.slot;  // per halo position: sum_c |x - ref|
-    float* rows = a + P;         // window sums along x: (ph, block width)
-    const float* old = ref.at(bl);
-    if (Ci < 16) {  // few channels (the RGB frame): |x - ref| over the whole halo in full vectors, then per position
-      const int64_t n = P * Ci;
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) store16(halo + i, abs16(load16(halo + i) - load16(old + i)));
-      for (; i < n; ++i) halo[i] = std::fabs(halo[i] - old[i]);
-      for (int64_t p = 0; p < P; ++p) {
-        float s = 0.f;
-        for (int64_t c = 0; c < Ci; ++c) s += halo[p * Ci + c];
-        a[p] = s;
-      }
-    } else {
-      for (int64_t i = 0; i < P; ++i) a[i] = abs_diff_sum(halo + i * Ci, old + i * Ci, Ci);
-    }
-    float total = 0.f;  // every window of the block sums a subset of the halo: a quiet block ends here
-    for (int64_t i = 0; i < P; ++i) total += a[i];
-    if (total * sc <= thr) return;  // o[cell] stays false
-    const int64_t bw = bl.ox1 - bl.ox0;
-    for (int64_t py = 0; py < ph; ++py)
-      for (int64_t j = 0; j < bw; ++j) {
-        float s = 0.f;
-        for (int64_t kx = 0; kx < g.kw; ++kx) s += a[py * pw + j * g.sw + kx * g.dw];
-        rows[py * bw + j] = s;
-      }
-    bool active = false;
-    for (int64_t i = 0; i < bl.oy1 - bl.oy0 && !active; ++i)
-      for (int64_t j = 0; j < bw && !active; ++j) {
-        float s = 0.f;
-        for (int64_t ky = 0; ky < g.kh; ++ky) s += rows[(i * g.sh + ky * g.dh) * bw + j];
-        active = s * sc > thr;
-      }
-    o[g.cell(bl)] = active;
+    const Halo h = read_halo(x, bl, g, halo);
+    o[g.cell(bl)] = block_fires(halo, ref.at(bl), h, Ci, bl, g, thr, sc, halo + ref.slot, true);
   });
   return out;
 }

@@ -225,4 +225,41 @@ void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, co
 void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
                const std::vector<Block>& blocks, const Geometry& g);
 
+// ---------------------------------------------------------------------------
+// Gates (gate.cpp).
+// ---------------------------------------------------------------------------
+
+// Whether one output of the block sees scale * sum |x - old| over its support above threshold (Eq. 5 / 7): x and
+// old are the block's halo (ph, pw, C) channel-minor (x is overwritten); scratch holds ph * pw * 2 floats. With
+// ``early_exit`` a block whose whole halo sums to at most the threshold stops there (every window sums a subset).
+bool block_fires(float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g, float thr,
+                 float sc, float* scratch, bool early_exit);
+
+// ---------------------------------------------------------------------------
+// Changed-region passes of a stream (changes.cpp): channels_last, maps bool (N, H, W), null map = everywhere.
+// ---------------------------------------------------------------------------
+
+// out <- clamp(a (+ b), lo, hi) at the changed positions (ReLU: lo 0; ReLU6: hi 6; add: no clamp).
+void clamp_positions(float* out, const float* a, const float* b, const bool* changed, int64_t positions, int64_t C,
+                     float lo, float hi);
+
+// A max-pool (dilation 1, floor mode, padding read as -inf) of an (N, C, H, W) input to (N, C, Ho, Wo).
+struct PoolShape {
+  int64_t N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw;
+  struct Window {
+    int64_t y0, y1, x0, x1;  // the input rows and columns under one output, clipped to the map
+  };
+  Window window(int64_t oy, int64_t ox) const {
+    return {std::max<int64_t>(0, oy * sh - ph), std::min(H, oy * sh - ph + kh), std::max<int64_t>(0, ox * sw - pw),
+            std::min(W, ox * sw - pw + kw)};
+  }
+};
+
+// out_changed <- outputs whose window holds a changed input.
+void max_pool_changes(bool* out_changed, const bool* changed, const PoolShape& s);
+// out <- max-pool of x at the outputs set in out_changed.
+void max_pool_positions(float* out, const float* x, const bool* out_changed, const PoolShape& s);
+// (N, Bh, Bw) block mask -> (N, Ho, Wo) map of the positions in active blocks.
+void block_positions_into(bool* out, const bool* mask, const Geometry& g, int64_t N);
+
 }  // namespace gs

@@ -1,0 +1,378 @@
+"""A gated model's streamed frame run natively, from a plan of its layers (issue 18).
+
+Skip-Convolutions (Eq. 3) make a frame's work proportional to what changed,
+but run layer by layer from Python a gated frame also pays a fixed cost per
+layer (module calls, a gate call, a step call, change maps, stream-layer
+bookkeeping) that does not shrink with density: on small layers it is larger
+than the skipped work, and a gated tiny net ran slower than its dense twin.
+
+``FrameStep`` traces ``VideoModel.frame_layers`` once (torch.fx), turns the
+skip-convs (norm gates, either reference mode, eval BN folded), ReLU / ReLU6,
+residual adds and max-pools into one ``FramePlan`` (csrc/frame.cpp) and runs
+each streamed frame as one native call; whatever follows that it does not
+know (a clip head's pooling) runs in Python on the plan's outputs. The plan
+uses the per-layer path's kernels and arithmetic, so outputs and densities
+match it. It steps aside (``frame`` then runs the layers) while training,
+with autograd recording, off fp32 CPU, when a layer's path is not "auto",
+or for models it cannot trace or plan.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from gatesearch.backbones.base import Add, contiguous
+
+from .skipconv import FoldedBatchNorm2d, SkipConv2d, skip_layers
+
+#: residual against the previous frame (Eq. 3) / against each block's reference (csrc/frame.cpp: Reference)
+REFERENCE_MODES = {"frame": 0, "block": 1}
+_INF = math.inf
+_FUSED = object()  # a node planned together with its only user
+
+
+class _Tracer(fx.Tracer):
+    """Stops at layers the plan maps one to one (and at anything stateful), traces through the rest."""
+
+    LEAVES = (SkipConv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, Add, nn.Identity,
+              nn.Dropout)
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(contiguous,))
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.LEAVES) or hasattr(m, "reset_state") or super().is_leaf_module(m, qualname)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        try:
+            return super().path_of_module(mod)
+        except NameError:  # a slice of a Sequential (``features[:4]``): traced through, its layers are submodules
+            if isinstance(mod, nn.Sequential):
+                return "<slice>"
+            raise
+
+
+class _Frame(nn.Module):
+    """What the tracer traces: the model's ``frame_layers``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.frame_layers(x)
+
+
+@dataclass
+class _ConvStats:
+    """Where a planned conv's per-frame statistics go (the layer's ``FrameAverages``)."""
+
+    layer: SkipConv2d
+    area: int  # output positions per stream
+    gate_macs: float
+
+
+@dataclass
+class _Program:
+    """A built plan and what surrounds it: the traced graph's outputs, its Python tail, the stats to record."""
+
+    plan: object  # the extension's FramePlan
+    in_shape: tuple[int, ...]
+    signature: tuple
+    outputs: list[int]  # plan slots handed back to Python
+    output_nodes: list[fx.Node]
+    tail: list  # (node, callable(env) -> value) run in Python after the plan
+    result: object  # the graph output's argument (nodes inside)
+    stats: list[_ConvStats] = field(default_factory=list)
+
+
+class FrameStep:
+    """``VideoModel.frame_runner`` of a Skip-Conv model: one native call per streamed frame (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._graph: fx.Graph | None = None
+        self._root: nn.Module | None = None
+        self._program: _Program | None = None
+        self._failed: str | None = None  # why this model cannot be planned (kept: no retry per frame)
+        self._layers: list[SkipConv2d] = []
+        self._resets = -1  # the anchor layer's reset count at the last planned frame
+
+    def __deepcopy__(self, memo) -> FrameStep:
+        return FrameStep()  # plans hold the original's tensors; a copy plans its own model
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        layers = skip_layers(model) if self._root is None else self._layers
+        if not layers or self._failed:
+            return None
+        anchor = layers[0]
+        if not (anchor.streaming and not anchor.training and not torch.is_grad_enabled()
+                and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4):
+            self._resets = -1  # the layers run this frame: the plan starts again from a reference frame
+            return None
+        reference = anchor.resets != self._resets or self._program is None or self._program.in_shape != x.shape
+        if reference:
+            program = self._prepare(model, x)
+            if program is None:
+                return None
+            self._resets = anchor.resets
+        program = self._program
+        outs = program.plan.run(x, reference, program.outputs)
+        env = dict(zip(program.output_nodes, outs))
+        for node, fn in program.tail:
+            env[node] = fn(env)
+        self._record(program, x.shape[0])
+        return fx.node.map_arg(program.result, env.__getitem__)
+
+    # -- building ----------------------------------------------------------
+    def _prepare(self, model: nn.Module, x: torch.Tensor) -> _Program | None:
+        """The plan for this model and frame shape, rebuilt when a layer's weights, gate or path changed."""
+        from gatesearch.ops import _native
+
+        if _native.module() is None:
+            return None
+        if self._graph is None:
+            try:
+                self._root = _Frame(model)
+                self._graph = _Tracer().trace(self._root)
+            except Exception as exc:  # control flow or ops fx cannot follow: the layers run
+                self._failed = f"trace: {exc}"
+                return None
+            self._layers = skip_layers(model)
+        signature = tuple(_signature(layer) for layer in self._layers)
+        if self._program is None or self._program.signature != signature or self._program.in_shape != x.shape:
+            try:
+                self._program = _build(self._root, self._graph, tuple(x.shape), signature)
+            except _Unplannable as exc:
+                self._failed = str(exc)
+                self._program = None
+        return self._program
+
+    @staticmethod
+    def _record(program: _Program, n: int) -> None:
+        """What ``SkipConv2d._record`` adds per frame: densities (1 on a reference frame) and gate MACs."""
+        for stat, rows in zip(program.stats, program.plan.rows()):
+            d = stat.layer.__dict__
+            d["frames"] += n
+            if rows < 0:
+                d["density_sum"] += float(n)
+            else:
+                d["density_sum"] += rows / stat.area
+                d["gate_macs_sum"] += stat.gate_macs * n
+
+
+class _Unplannable(Exception):
+    """The model holds a layer the plan cannot run where it matters; the layers run instead."""
+
+
+def _signature(layer: SkipConv2d) -> tuple:
+    """Changes whenever the plan of this layer would: weights, BN, gate knobs, block size, mode, path."""
+    from gatesearch.affine import versions
+
+    c = layer.conv
+    gate = layer.gate
+    knobs = tuple(sorted(vars(gate).items())) if not list(gate.parameters()) else ("learned",)
+    bn = layer.bn
+    bn_key = () if bn is None else versions(bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.training,)
+    return (id(layer), type(gate), knobs, layer.block_size, layer.reference, layer.path,
+            versions(c.weight, c.bias), bn_key, layer.training)
+
+
+def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signature: tuple) -> _Program:
+    from gatesearch.ops import _native
+
+    plan = _native.module().FramePlan()
+    slot: dict[fx.Node, int] = {}  # nodes the plan computes -> their slot
+    shape: dict[fx.Node, tuple[int, ...]] = {}
+    folded: dict[fx.Node, SkipConv2d] = {}  # conv nodes whose BN rides in their weights
+    stats: list[_ConvStats] = []
+    fused: dict[fx.Node, tuple] = {}  # ReLU node -> its (slot, shape), planned with the residual add it alone reads
+    tail = []
+    result = None
+
+    def native(*nodes) -> bool:
+        return all(isinstance(n, fx.Node) and n in slot for n in nodes)
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            slot[node], shape[node] = 0, in_shape
+            continue
+        if node.op == "output":
+            result = node.args[0]
+            continue
+        planned = fused.pop(node, None) or _plan_node(plan, root, node, slot, shape, folded, stats, fused, native)
+        if planned is _FUSED:
+            continue
+        if planned is None:
+            tail.append((node, _python_step(root, node)))
+        else:
+            slot[node], shape[node] = planned
+    used = [n for n in slot if any(u not in slot for u in n.users) or _in(result, n)]
+    if not stats:
+        raise _Unplannable("no skip-conv runs in the plan")
+    return _Program(plan=plan, in_shape=in_shape, signature=signature, outputs=[slot[n] for n in used],
+                    output_nodes=used, tail=tail, result=result, stats=stats)
+
+
+def _in(arg, node: fx.Node) -> bool:
+    found = []
+    fx.node.map_arg(arg, lambda n: found.append(n) or n)
+    return node in found
+
+
+def _kind(root: nn.Module, node: fx.Node) -> str | None:
+    """What a node computes, in the plan's terms (None: nothing the plan runs)."""
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if isinstance(m, SkipConv2d):
+            return "conv"
+        if isinstance(m, nn.ReLU):
+            return "relu"
+        if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+            return "clamp"
+        if isinstance(m, Add):
+            return "add"
+        if isinstance(m, nn.MaxPool2d):
+            return "max_pool"
+        if isinstance(m, FoldedBatchNorm2d):
+            return "folded_bn"
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return "identity"
+        return None
+    if node.op == "call_function":
+        if node.target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
+            return "add"
+        if node.target in (F.relu, torch.relu) and not node.kwargs:
+            return "relu"
+        if node.target is contiguous:
+            return "identity"
+    if node.op == "call_method":
+        if node.target == "contiguous":
+            return "identity"
+        if node.target == "relu":
+            return "relu"
+    return None
+
+
+def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native):
+    """Add the node's step to the plan; returns (slot, shape), or None when the node runs in Python."""
+    kind = _kind(root, node)
+    if kind is None:
+        return None
+    args = node.args
+    if kind in ("identity", "folded_bn"):
+        src = args[0]
+        if not native(src):
+            return None
+        if kind == "folded_bn":
+            bn = root.get_submodule(node.target)
+            if folded.get(src) is None or folded[src].bn is not bn:
+                return None  # a BN the conv before it does not carry: the plan has no BN step
+        return slot[src], shape[src]
+    if kind == "conv":
+        return _plan_conv(plan, root.get_submodule(node.target), node, slot, shape, folded, stats, native)
+    if kind in ("relu", "clamp"):
+        src = args[0]
+        if not native(src):
+            return None
+        lo, hi = 0.0, _INF
+        if kind == "clamp":
+            m = root.get_submodule(node.target)
+            lo, hi = float(m.min_val), float(m.max_val)
+        return plan.clamp(slot[src], -1, lo, hi), shape[src]
+    if kind == "add":
+        a, b = args[:2]
+        if not native(a, b) or shape[a] != shape[b]:
+            return None
+        (user,) = node.users if len(node.users) == 1 else (None,)
+        if user is not None and _kind(root, user) == "relu":  # relu(a + b), one step: the sum is read by no one else
+            fused[user] = plan.clamp(slot[a], slot[b], 0.0, _INF), shape[a]
+            return _FUSED
+        return plan.clamp(slot[a], slot[b], -_INF, _INF), shape[a]
+    if kind == "max_pool":
+        m = root.get_submodule(node.target)
+        k, s, p, d = (_pair(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+        src = args[0]
+        if not native(src) or d != (1, 1) or m.ceil_mode or m.return_indices:
+            return None
+        n, c, h, w = shape[src]
+        out = (n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1)
+        return plan.max_pool(slot[src], list(k), list(s), list(p)), out
+    return None
+
+
+def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native):
+    """A skip-conv with a norm gate (either reference mode), its eval BN folded in."""
+    from gatesearch import ops
+    from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
+
+    from .norm_gates import NormGate
+
+    src = node.args[0]
+    if not native(src) or not isinstance(layer.gate, NormGate) or layer.path not in ("auto", "sparse"):
+        return None
+    c = layer.conv
+    if layer.bn is not None:
+        weight, bias = layer.folded_params()
+        folded[node] = layer
+    else:
+        weight, bias = c.weight.detach(), None if c.bias is None else c.bias.detach()
+    in_shape = shape[src]
+    geom = ops.resolve_geometry(in_shape, weight.shape, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                                groups=c.groups, block_size=layer.block_size)
+    kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
+    probe = torch.empty(in_shape).contiguous(memory_format=torch.channels_last)
+    args = layer.gate._args(layer)
+    out = plan.conv(slot[src], geom.ints(), int(kind), REFERENCE_MODES[layer.reference],
+                    packed_weight(weight, kind, geom.groups), onednn_weight(weight, kind, geom.groups), weight, bias,
+                    float(args["threshold"]), float(args["scale"]), ops.sparse_rows_limit(geom, probe, layer.path))
+    stats.append(_ConvStats(layer=layer, area=geom.out_hw[0] * geom.out_hw[1],
+                            gate_macs=layer.gate.macs(layer, in_shape[2:], geom.out_hw)))
+    return out, (in_shape[0], geom.out_channels, *geom.out_hw)
+
+
+def _python_step(root: nn.Module, node: fx.Node):
+    """The node as Python runs it, reading its inputs from the frame's environment."""
+    if node.op == "call_module":
+        fn = root.get_submodule(node.target)
+    elif node.op == "call_function":
+        fn = node.target
+    elif node.op == "call_method":
+        name = node.target
+
+        def fn(obj, *rest, **kw):
+            return getattr(obj, name)(*rest, **kw)
+    elif node.op == "get_attr":
+        value = _get_attr(root, node.target)
+        return lambda env: value
+    else:
+        raise _Unplannable(f"node {node.op} {node.target}")
+
+    def run(env):
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def install(model: nn.Module) -> None:
+    """Give a Skip-Conv model a ``FrameStep`` (models without ``frame_layers`` keep running layer by layer)."""
+    if hasattr(model, "frame_layers"):
+        model.frame_runner = FrameStep()
