@@ -83,6 +83,7 @@ class _Program:
     """A built plan and what surrounds it: the traced graph's outputs, its Python tail, the stats to record."""
 
     plan: object  # the extension's FramePlan
+    step_names: list[str]  # the graph node each of its steps computes
     in_shape: tuple[int, ...]
     signature: tuple
     outputs: list[int]  # plan slots handed back to Python
@@ -92,6 +93,22 @@ class _Program:
     stats: list[_ConvStats] = field(default_factory=list)
 
 
+class _Steps:
+    """The plan being built, naming each step after the graph node it came from (for profiles)."""
+
+    def __init__(self, plan) -> None:
+        self.plan, self.node, self.names = plan, "", []
+
+    def __getattr__(self, name: str):
+        add = getattr(self.plan, name)
+
+        def named(*args):
+            self.names.append(self.node)
+            return add(*args)
+
+        return named
+
+
 class FrameStep:
     """``VideoModel.frame_runner`` of a Skip-Conv model: one native call per streamed frame (see the module doc)."""
 
@@ -99,15 +116,18 @@ class FrameStep:
         self._graph: fx.Graph | None = None
         self._root: nn.Module | None = None
         self._program: _Program | None = None
-        self._failed: str | None = None  # why this model cannot be planned (kept: no retry per frame)
-        self._layers: list[SkipConv2d] = []
+        self._failed: str | None = None  # why this model cannot be traced (kept: no retry per frame)
+        self._unplannable: tuple | None = None  # the layers' signature the last build refused
+        self._layers: list[SkipConv2d] | None = None
         self._resets = -1  # the anchor layer's reset count at the last planned frame
 
     def __deepcopy__(self, memo) -> FrameStep:
         return FrameStep()  # plans hold the original's tensors; a copy plans its own model
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        layers = skip_layers(model) if self._root is None else self._layers
+        if self._layers is None:
+            self._layers = skip_layers(model)
+        layers = self._layers
         if not layers or self._failed:
             return None
         anchor = layers[0]
@@ -143,14 +163,15 @@ class FrameStep:
             except Exception as exc:  # control flow or ops fx cannot follow: the layers run
                 self._failed = f"trace: {exc}"
                 return None
-            self._layers = skip_layers(model)
-        signature = tuple(_signature(layer) for layer in self._layers)
-        if self._program is None or self._program.signature != signature or self._program.in_shape != x.shape:
+        signature = (tuple(x.shape), *(_signature(layer) for layer in self._layers))
+        if self._program is None or self._program.signature != signature:
+            self._program = None
+            if signature == self._unplannable:
+                return None
             try:
                 self._program = _build(self._root, self._graph, tuple(x.shape), signature)
-            except _Unplannable as exc:
-                self._failed = str(exc)
-                self._program = None
+            except _Unplannable:
+                self._unplannable = signature
         return self._program
 
     @staticmethod
@@ -186,7 +207,7 @@ def _signature(layer: SkipConv2d) -> tuple:
 def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signature: tuple) -> _Program:
     from gatesearch.ops import _native
 
-    plan = _native.module().FramePlan()
+    plan = _Steps(_native.module().FramePlan())
     slot: dict[fx.Node, int] = {}  # nodes the plan computes -> their slot
     shape: dict[fx.Node, tuple[int, ...]] = {}
     folded: dict[fx.Node, SkipConv2d] = {}  # conv nodes whose BN rides in their weights
@@ -205,6 +226,7 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
         if node.op == "output":
             result = node.args[0]
             continue
+        plan.node = node.name
         planned = fused.pop(node, None) or _plan_node(plan, root, node, slot, shape, folded, stats, fused, native)
         if planned is _FUSED:
             continue
@@ -212,17 +234,18 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
             tail.append((node, _python_step(root, node)))
         else:
             slot[node], shape[node] = planned
-    used = [n for n in slot if any(u not in slot for u in n.users) or _in(result, n)]
+    read = [n for node, _ in tail for n in node.all_input_nodes] + _nodes(result)
+    used = [n for n in slot if n in read]  # what Python reads of the plan: the tail's inputs and the result
     if not stats:
         raise _Unplannable("no skip-conv runs in the plan")
-    return _Program(plan=plan, in_shape=in_shape, signature=signature, outputs=[slot[n] for n in used],
-                    output_nodes=used, tail=tail, result=result, stats=stats)
+    return _Program(plan=plan.plan, step_names=plan.names, in_shape=in_shape, signature=signature,
+                    outputs=[slot[n] for n in used], output_nodes=used, tail=tail, result=result, stats=stats)
 
 
-def _in(arg, node: fx.Node) -> bool:
-    found = []
-    fx.node.map_arg(arg, lambda n: found.append(n) or n)
-    return node in found
+def _nodes(arg) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
 
 
 def _kind(root: nn.Module, node: fx.Node) -> str | None:

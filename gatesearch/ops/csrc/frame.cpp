@@ -19,7 +19,9 @@
 #include <torch/extension.h>
 
 #include <limits>
+#include <map>
 #include <memory>
+#include <string>
 
 #include "kernels.h"
 
@@ -59,24 +61,69 @@ at::Tensor conv_dense(const at::Tensor& x, const at::Tensor& weight, const at::T
   return at::conv2d(x, weight, b, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw}, g.groups);
 }
 
-// A skip-conv (its eval BN folded in): dense on a reference frame, else the
-// gate then the conv step on the active blocks (the dense conv masked to
-// them above the crossover, as ops.block_sparse does).
+// fn(i, scratch) for i in [0, n), threads taking items as they free up (active blocks cluster where the
+// motion is, so equal shares of the grid would leave one thread idle); serial when ``parallel`` is false.
+template <typename F>
+void for_each_dynamic(int64_t n, bool parallel, F&& fn) {
+  const int threads = at::get_num_threads();
+  if (!parallel || threads < 2 || n < 2 || at::in_parallel_region()) {
+    Scratch s;
+    for (int64_t i = 0; i < n; ++i) fn(i, s);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch s;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) fn(i, s);
+  }
+}
+
+// Weights up to this size run the per-block kernel (block_conv.cpp: the weight is re-read for every block, so
+// it has to stay in the core's cache); larger ones the gather -> one GEMM -> scatter path.
+constexpr int64_t kBlockKernelBytes = 1 << 20;
+// Below this many multiply-adds a layer's step runs on one thread: waking the other costs more.
+constexpr double kParallelMacs = 2e5;
+
+// A skip-conv (its eval BN folded in): dense on a reference frame, else the gate then the conv step on the
+// active blocks (the dense conv masked to them above the crossover, as ops.block_sparse does).
+//
+// Layers whose weight stays in cache (and depthwise ones) gate and compute each block in one pass: a block
+// whose input halo changed is read once, its residual tested (Eq. 5 / 7) and, when it fires, multiplied into z
+// right away (block_conv / depthwise_block). Whether the frame will be sparse enough for that is predicted from
+// the last frame; when it was not, the gate runs first and the dense conv takes over above the crossover (the
+// result is the same either way, only the cost differs).
 struct ConvStep : Step {
   int64_t in, out;
   Geometry g;
   Kind kind;
   Reference reference;
   at::Tensor wpack, onednn, weight, bias;  // packed for the sparse step; the (folded) conv weight and bias
+  PanelWeight panels;  // the GEMM weight for block_conv (layers that take the per-block kernel)
+  bool per_block = false;
   float threshold, scale;
   int64_t max_rows;  // above: the dense conv is faster (ops.sparse_rows_limit)
   at::Tensor ref;    // block references (reference kBlock)
+  at::Tensor mask_t;  // bool (N, Bh, Bw): the blocks this frame recomputes
   int64_t rows = -1;  // output positions the last frame recomputed (-1: a dense reference frame)
+  double macs_per_row = 0;
+
+  void setup() {
+    const int64_t Ci = weight.size(1) * g.groups, Co = weight.size(0);
+    macs_per_row = static_cast<double>(g.taps()) * (Ci / g.groups) * Co;
+    if (kind == kDepthwise) {
+      per_block = true;
+    } else if (g.groups == 1 && wpack.numel() * 4 <= kBlockKernelBytes) {
+      panels = pack_panels(wpack);
+      per_block = true;
+    }
+  }
 
   void run(std::vector<Slot>& slots, bool reference_frame) override {
     const Slot& x = slots[in];
     Slot& z = slots[out];
     if (reference_frame) {
+      const Timer timer(&Profile::dense);
       z.t = channels_last(conv_dense(x.t, weight, bias, g));
       z.mark_all();
       if (reference == kBlock) {
@@ -92,37 +139,110 @@ struct ConvStep : Step {
       return;
     }
     const int64_t N = x.t.size(0);
-    at::Tensor mask_t = at::empty({N, g.Bh, g.Bw}, at::kBool);
-    gate(x, mask_t.data_ptr<bool>());
-    int64_t M = 0;
-    const std::vector<Block> blocks = list_blocks(mask_t, g, &M);
-    rows = M;
-    block_positions_into(z.fresh_map(), mask_t.data_ptr<bool>(), g, N);
-    if (M == 0) return;
-    const float* prev = reference == kFrame ? x.prev.data_ptr<float>() : nullptr;
-    BlockRef br;
-    if (reference == kBlock) br = block_ref(ref, g, x.t);
-    if (M > max_rows) {  // denser than the crossover: the dense conv, masked to the active blocks
-      if (reference == kBlock) {  // z[active] = conv(x)[active]; references of the active blocks <- x
-        const at::Tensor full = conv_dense(x.t, weight, bias, g);
-        copy_blocks(z.t, full, blocks);
-        const Input in_x(x.t);
-        for (const Block& bl : blocks) read_halo(in_x, bl, g, br.at(bl));
-      } else {  // z[active] += conv(x - x_prev)[active]
-        const at::Tensor r = channels_last(x.t - x.prev);
-        const at::Tensor full = conv_dense(r, weight, at::Tensor(), g);
-        if (M == N * g.Ho * g.Wo)
-          z.t.add_(full);
-        else
-          add_blocks(z.t, full, blocks);
-      }
+    if (!mask_t.defined() || mask_t.size(0) != N) mask_t = at::empty({N, g.Bh, g.Bw}, at::kBool);
+    bool* mask = mask_t.data_ptr<bool>();
+    const bool parallel = (rows < 0 ? N * g.Ho * g.Wo : rows) * macs_per_row >= kParallelMacs;
+    if (per_block && rows <= max_rows) {  // the last frame was sparse: gate and compute in one pass
+      const Timer timer(&Profile::fused);
+      for_each_dynamic(N * g.Bh * g.Bw, parallel, [&](int64_t i, Scratch& s) {
+        mask[i] = step_block(x, z, g.block(i / (g.Bh * g.Bw), (i / g.Bw) % g.Bh, i % g.Bw), s, true);
+      });
+      rows = finish(z, mask, N, nullptr);
       return;
     }
-    const BlockRef* rf = reference == kBlock ? &br : nullptr;
-    if (kind == kGemm)
-      gather_gemm_scatter(z.t, x.t, prev, rf, wpack, onednn, blocks, g, M);
-    else
-      depthwise(z.t, x.t, prev, rf, wpack, blocks, g);
+    {
+      const Timer timer(&Profile::gate);
+      gate(x, mask);
+    }
+    std::vector<Block> blocks;
+    rows = finish(z, mask, N, &blocks);
+    if (rows == 0) return;
+    if (rows > max_rows) {
+      dense_step(x, z, blocks);
+    } else if (per_block) {
+      const Timer timer(&Profile::fused);
+      for_each_dynamic(blocks.size(), parallel, [&](int64_t i, Scratch& s) { step_block(x, z, blocks[i], s, false); });
+    } else {
+      const float* prev = reference == kFrame ? x.prev.data_ptr<float>() : nullptr;
+      BlockRef br;
+      if (reference == kBlock) br = block_ref(ref, g, x.t);
+      gather_gemm_scatter(z.t, x.t, prev, reference == kBlock ? &br : nullptr, wpack, onednn, blocks, g, rows);
+    }
+  }
+
+  // One block: its residual halo (against the previous frame or its reference); with ``gating``, the gate
+  // decides whether it fires (unread when its halo holds no changed input); when it fires, the block's outputs
+  // are added to z and its reference refreshed. Returns whether it fired.
+  bool step_block(const Slot& x, Slot& z, const Block& bl, Scratch& s, bool gating) const {
+    const bool* changed = x.map();
+    const Input in_x(x.t);
+    const int64_t C = in_x.C;
+    if (gating && changed && !halo_changed(changed, in_x.H, in_x.W, bl, g)) return false;
+    const Halo h = g.halo(bl);
+    const int64_t n = h.ph * h.pw * C;
+    float* ref_slot = nullptr;
+    if (reference == kBlock) {  // r = x - ref
+      ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
+      s.x.resize(n);
+      s.r.resize(n);
+      read_halo(in_x, bl, g, s.x.data());
+      const float* xv = s.x.data();
+      float* rv = s.r.data();
+      for (int64_t i = 0; i < n; ++i) rv[i] = xv[i] - ref_slot[i];
+    } else {  // r = x - x_prev
+      load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
+    }
+    if (gating) {
+      s.work.resize(n + 2 * h.ph * h.pw);
+      if (!block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(), reference == kBlock))
+        return false;
+    }
+    if (ref_slot) std::memcpy(ref_slot, s.x.data(), n * sizeof(float));
+    const Strides zs(z.t);
+    float* zp = z.t.data_ptr<float>();
+    if (kind == kDepthwise) {
+      s.acc.resize(z.t.size(1));
+      depthwise_block(s.r.data(), h, C, bl, g, wpack.data_ptr<float>(), z.t.size(1), zp, zs, s.acc.data());
+    } else {
+      block_conv(s.r.data(), h, C, bl, g, panels, zp, zs);
+    }
+    return true;
+  }
+
+  // The map of z's changed positions from the mask; returns the recomputed positions (and lists the blocks).
+  int64_t finish(Slot& z, const bool* mask, int64_t N, std::vector<Block>* blocks) const {
+    const Timer timer(&Profile::map);
+    block_positions_into(z.fresh_map(), mask, g, N);
+    int64_t M = 0;
+    for (int64_t n = 0, i = 0; n < N; ++n)
+      for (int64_t by = 0; by < g.Bh; ++by)
+        for (int64_t bx = 0; bx < g.Bw; ++bx, ++i) {
+          if (!mask[i]) continue;
+          const Block bl = g.block(n, by, bx, M);
+          if (blocks) blocks->push_back(bl);
+          M += bl.area();
+        }
+    return M;
+  }
+
+  // Denser than the crossover: the dense conv, masked to the active blocks.
+  void dense_step(const Slot& x, Slot& z, const std::vector<Block>& blocks) {
+    const Timer timer(&Profile::dense);
+    const int64_t N = x.t.size(0);
+    if (reference == kBlock) {  // z[active] = conv(x)[active]; references of the active blocks <- x
+      const at::Tensor full = conv_dense(x.t, weight, bias, g);
+      copy_blocks(z.t, full, blocks);
+      const BlockRef br = block_ref(ref, g, x.t);
+      const Input in_x(x.t);
+      for (const Block& bl : blocks) read_halo(in_x, bl, g, br.at(bl));
+    } else {  // z[active] += conv(x - x_prev)[active]
+      const at::Tensor r = channels_last(x.t - x.prev);
+      const at::Tensor full = conv_dense(r, weight, at::Tensor(), g);
+      if (rows == N * g.Ho * g.Wo)
+        z.t.add_(full);
+      else
+        add_blocks(z.t, full, blocks);
+    }
   }
 
   // mask[block] <- the norm gate (Eq. 5 / 7) against the previous frame or the block's reference; blocks
@@ -137,14 +257,14 @@ struct ConvStep : Step {
     for_blocks(g, in_x.N, nullptr, slot, [&](const Block& bl, std::vector<float>& buf) {
       bool fires = false;
       if (!changed || halo_changed(changed, H, W, bl, g)) {
-        buf.resize(2 * slot + 2 * P);  // halo, the previous frame's halo, scratch
+        buf.resize(3 * slot + 2 * P);  // halo, the previous frame's halo, scratch
         float* halo = buf.data();
+        float* old = halo + slot;
         float* scratch = halo + 2 * slot;
         const Halo h = read_halo(in_x, bl, g, halo);
         if (reference == kBlock) {
           fires = block_fires(halo, br.at(bl), h, C, bl, g, threshold, scale, scratch, true);
         } else {  // the same sums as gate_block_mask, so the same decisions as the per-layer path
-          float* old = halo + slot;
           read_halo(in_prev, bl, g, old);
           fires = block_fires(halo, old, h, C, bl, g, threshold, scale, scratch, false);
         }
@@ -188,6 +308,7 @@ struct ClampStep : Step {
   float lo, hi;
 
   void run(std::vector<Slot>& slots, bool reference) override {
+    const Timer timer(&Profile::pointwise);
     const Slot& sa = slots[a];
     const Slot* sb = b >= 0 ? &slots[b] : nullptr;
     Slot& so = slots[out];
@@ -213,6 +334,7 @@ struct MaxPoolStep : Step {
   int64_t in, out, kh, kw, sh, sw, ph, pw;
 
   void run(std::vector<Slot>& slots, bool reference) override {
+    const Timer timer(&Profile::pool);
     const Slot& x = slots[in];
     Slot& o = slots[out];
     const int64_t N = x.t.size(0), C = x.t.size(1), H = x.t.size(2), W = x.t.size(3);
@@ -256,6 +378,7 @@ class FramePlan {
     s->threshold = static_cast<float>(threshold);
     s->scale = static_cast<float>(scale);
     s->max_rows = max_rows;
+    s->setup();
     if (reference == kFrame) slots_[in].keep_prev = true;
     const int64_t out = s->out;
     convs_.push_back(s.get());
@@ -295,9 +418,23 @@ class FramePlan {
     Slot& input = slots_[0];
     TORCH_CHECK(reference || (input.t.defined() && input.t.sizes() == x.sizes()),
                 "FramePlan: a frame of a new shape needs a reference frame");
-    input.t = channels_last(x);
-    input.mark_all();
-    for (auto& step : steps_) step->run(slots_, reference);
+    const ProfileScope scope(profiling_ ? &profile_ : nullptr);
+    {
+      const Timer timer(&Profile::frame_in);
+      input.t = channels_last(x);
+      input.mark_all();
+    }
+    if (profiling_) {
+      step_seconds_.resize(steps_.size());
+      for (size_t i = 0; i < steps_.size(); ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        steps_[i]->run(slots_, reference);
+        step_seconds_[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    } else {
+      for (auto& step : steps_) step->run(slots_, reference);
+    }
+    const Timer timer(&Profile::prev);
     for (Slot& s : slots_) {
       if (!s.keep_prev) continue;
       if (reference || s.all || !s.prev.defined())
@@ -313,6 +450,23 @@ class FramePlan {
       result.push_back(slots_[o].t);
     }
     return result;
+  }
+
+  // Time every frame from now on (or stop), by kind of work; timings() reads the sums since the last call.
+  void set_profiling(bool on) { profiling_ = on; }
+  // Seconds per step (in the order they were added) since the last call.
+  std::vector<double> step_timings() {
+    std::vector<double> t(steps_.size(), 0.0);
+    std::swap(t, step_seconds_);
+    step_seconds_.assign(steps_.size(), 0.0);
+    return t;
+  }
+  std::map<std::string, double> timings() {
+    const Profile p = profile_;
+    profile_ = Profile();
+    return {{"gate", p.gate},         {"fused", p.fused},     {"gather", p.gather},   {"gemm", p.gemm},   {"scatter", p.scatter},
+            {"depthwise", p.depthwise}, {"dense", p.dense},   {"map", p.map},     {"pointwise", p.pointwise},
+            {"pool", p.pool},         {"frame_in", p.frame_in}, {"prev", p.prev}};
   }
 
   // Output positions each conv recomputed in the last frame, in the order they were added (-1: reference frame).
@@ -332,6 +486,15 @@ class FramePlan {
     TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(slots_.size()), "FramePlan: no slot ", s);
   }
 
+  // Points the kernels' timers at this plan's profile for one frame.
+  struct ProfileScope {
+    explicit ProfileScope(Profile* p) { profile = p; }
+    ~ProfileScope() { profile = nullptr; }
+  };
+
+  bool profiling_ = false;
+  Profile profile_;
+  std::vector<double> step_seconds_;
   std::vector<Slot> slots_;
   std::vector<std::unique_ptr<Step>> steps_;
   std::vector<ConvStep*> convs_;
@@ -351,5 +514,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("max_pool", &gs::FramePlan::max_pool, py::arg("input"), py::arg("kernel"), py::arg("stride"),
            py::arg("padding"))
       .def("run", &gs::FramePlan::run, py::arg("x"), py::arg("reference"), py::arg("outputs"))
-      .def("rows", &gs::FramePlan::rows);
+      .def("rows", &gs::FramePlan::rows)
+      .def("set_profiling", &gs::FramePlan::set_profiling, py::arg("on"))
+      .def("timings", &gs::FramePlan::timings)
+      .def("step_timings", &gs::FramePlan::step_timings);
 }

@@ -43,27 +43,29 @@ void channel_abs_sum(const Input& r, bool channels_last, float* a) {
 
 }  // namespace
 
-// Whether one output of the block sees scale * sum |x - old| over its support above threshold: x and old
-// are the block's halo (ph, pw, C) channel-minor (x is overwritten); scratch holds ph * pw * (1 + block width)
-// floats. With ``early_exit`` a block whose whole halo sums to at most the threshold stops there (every window
-// sums a subset of it).
-bool block_fires(float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g, float thr,
-                 float sc, float* scratch, bool early_exit) {
+bool block_fires(const float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
+                 float thr, float sc, float* scratch, bool early_exit) {
   const int64_t P = h.ph * h.pw;
-  float* a = scratch;   // per halo position: sum_c |x - old|
-  float* rows = a + P;  // window sums along x: (ph, block width)
+  float* a = scratch;     // per halo position: sum_c |x - old|
+  float* rows = a + P;    // window sums along x: (ph, block width)
   if (C < 16) {  // few channels (the RGB frame): |x - old| over the whole halo in full vectors, then per position
+    float* d = rows + P;  // |x - old|, (P, C)
     const int64_t n = P * C;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) store16(x + i, abs16(load16(x + i) - load16(old + i)));
-    for (; i < n; ++i) x[i] = std::fabs(x[i] - old[i]);
+    if (old) {
+      for (; i + 16 <= n; i += 16) store16(d + i, abs16(load16(x + i) - load16(old + i)));
+      for (; i < n; ++i) d[i] = std::fabs(x[i] - old[i]);
+    } else {
+      for (; i + 16 <= n; i += 16) store16(d + i, abs16(load16(x + i)));
+      for (; i < n; ++i) d[i] = std::fabs(x[i]);
+    }
     for (int64_t p = 0; p < P; ++p) {
       float s = 0.f;
-      for (int64_t c = 0; c < C; ++c) s += x[p * C + c];
+      for (int64_t c = 0; c < C; ++c) s += d[p * C + c];
       a[p] = s;
     }
   } else {
-    for (int64_t i = 0; i < P; ++i) a[i] = abs_diff_sum(x + i * C, old + i * C, C);
+    for (int64_t i = 0; i < P; ++i) a[i] = abs_diff_sum(x + i * C, old ? old + i * C : nullptr, C);
   }
   if (early_exit) {
     float total = 0.f;
@@ -166,7 +168,7 @@ at::Tensor gate_block_ref(const at::Tensor& x_in, const at::Tensor& ref_t, c10::
   }
   for_blocks(g, N, nullptr, ref.slot, [&](const Block& bl, std::vector<float>& buf) {
     if (changed && !halo_changed(changed, H, W, bl, g)) return;
-    buf.resize(ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
+    buf.resize(2 * ref.slot + 2 * (ref.slot / std::max<int64_t>(1, Ci)));
     float* halo = buf.data();
     const Halo h = read_halo(x, bl, g, halo);
     o[g.cell(bl)] = block_fires(halo, ref.at(bl), h, Ci, bl, g, thr, sc, halo + ref.slot, true);

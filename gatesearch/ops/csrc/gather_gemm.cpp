@@ -8,6 +8,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
+
 #include "kernels.h"
 
 namespace gs {
@@ -16,6 +18,7 @@ namespace {
 // out is (M, Co) row-major: row m holds the Co results of output position m.
 // Blocks are disjoint: no races.
 void scatter_add(at::Tensor& z, const std::vector<Block>& blocks, const float* out) {
+  const Timer timer(&Profile::scatter);
   const int64_t Co = z.size(1);
   const Strides zs(z);
   float* zp = z.data_ptr<float>();
@@ -77,6 +80,8 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
   const bool direct = (rs.c == 1 || Ci == 1) && !ref;  // channel vectors already contiguous
   const bool use_onednn = onednn.defined() && G == 1;
   const int64_t rows = use_onednn ? bucket_rows(M) : M;
+  std::optional<Timer> gathering;
+  gathering.emplace(&Profile::gather);
   at::Tensor cols = at::empty({G, rows, Kg}, r.options().memory_format(at::MemoryFormat::Contiguous));
   float* cp = cols.data_ptr<float>();
   if (rows > M) std::memset(cp + M * Kg, 0, (rows - M) * Kg * sizeof(float));
@@ -116,6 +121,8 @@ at::Tensor gather_gemm(const at::Tensor& r, const float* pp, const BlockRef* ref
           }
     }
   });
+  gathering.reset();
+  const Timer timer(&Profile::gemm);
   if (use_onednn) return onednn_linear(cols[0], onednn).narrow(0, 0, M).unsqueeze(0);
   if (G == 1) return at::mm(cols[0], wpack[0]).unsqueeze(0);
   return at::bmm(cols, wpack);

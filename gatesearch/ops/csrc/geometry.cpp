@@ -4,6 +4,8 @@
 
 namespace gs {
 
+Profile* profile = nullptr;
+
 void check_dense_fp32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4,
               "skip_conv: ", name, " must be a 4-D fp32 CPU tensor");

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -31,6 +32,8 @@ constexpr int64_t kTaskFloats = 32768;
 inline int64_t grain(int64_t floats_per_item) {
   return std::max<int64_t>(1, kTaskFloats / std::max<int64_t>(1, floats_per_item));
 }
+
+constexpr int64_t kLanes = 16;
 
 // 16 floats as one value (GCC/Clang vector extension): one AVX-512 register,
 // or two / four narrower ones. Explicit so the compiler keeps partial sums in
@@ -77,6 +80,34 @@ inline float abs_diff_sum(const float* __restrict a, const float* __restrict b, 
   }
   return n >= 16 ? add_lanes(s, acc) : s;
 }
+
+// ---------------------------------------------------------------------------
+// Where a frame's time goes (FramePlan.profile): seconds per kind of work.
+// ---------------------------------------------------------------------------
+
+struct Profile {
+  double gate = 0, fused = 0, gather = 0, gemm = 0, scatter = 0, depthwise = 0, dense = 0, map = 0, pointwise = 0,
+         pool = 0, frame_in = 0, prev = 0;
+};
+
+extern Profile* profile;  // set while a profiled frame runs, else null (the timers then cost a branch)
+
+// Adds the lifetime of this object to one field of the profile, when profiling.
+class Timer {
+ public:
+  explicit Timer(double Profile::*field) : slot_(profile ? &(profile->*field) : nullptr) {
+    if (slot_) t0_ = std::chrono::steady_clock::now();
+  }
+  ~Timer() {
+    if (slot_) *slot_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
+
+ private:
+  double* slot_;
+  std::chrono::steady_clock::time_point t0_;
+};
 
 // ---------------------------------------------------------------------------
 // Tensors.
@@ -225,15 +256,39 @@ void gather_gemm_scatter(at::Tensor& z, const at::Tensor& r, const float* pp, co
 void depthwise(at::Tensor& z, const at::Tensor& r, const float* pp, const BlockRef* ref, const at::Tensor& wpack,
                const std::vector<Block>& blocks, const Geometry& g);
 
+// The outputs of one block of a depthwise conv from its residual halo (channel-minor, C channels), added into z
+// (channels_last, Co = C * mult channels). acc: Co floats of scratch.
+void depthwise_block(const float* halo, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
+                     const float* wpack, int64_t Co, float* zp, const Strides& zs, float* acc);
+
+// A GEMM weight (K, N) in panels of 16 output channels, (panels, K, 16), zero-padded past N: what the
+// register-blocked block kernel streams.
+struct PanelWeight {
+  at::Tensor data;
+  int64_t K = 0, N = 0, panels = 0;
+};
+
+PanelWeight pack_panels(const at::Tensor& wpack);  // from the (1, K, N) GEMM packing of ops/packing.py
+
+// z += conv of one block from its residual halo (channel-minor, C channels; K = taps * C rows of w) (block_conv.cpp).
+void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
+                const PanelWeight& w, float* zp, const Strides& zs);
+
 // ---------------------------------------------------------------------------
 // Gates (gate.cpp).
 // ---------------------------------------------------------------------------
 
 // Whether one output of the block sees scale * sum |x - old| over its support above threshold (Eq. 5 / 7): x and
-// old are the block's halo (ph, pw, C) channel-minor (x is overwritten); scratch holds ph * pw * 2 floats. With
-// ``early_exit`` a block whose whole halo sums to at most the threshold stops there (every window sums a subset).
-bool block_fires(float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g, float thr,
-                 float sc, float* scratch, bool early_exit);
+// old are the block's halo (ph, pw, C) channel-minor (old null: x is the residual); scratch holds
+// ph * pw * (C + 2) floats. With ``early_exit`` a block whose whole halo sums to at most the threshold stops there
+// (every window sums a subset of it).
+bool block_fires(const float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
+                 float thr, float sc, float* scratch, bool early_exit);
+
+// Per-block scratch of a frame plan's conv step (one per thread).
+struct Scratch {
+  std::vector<float> x, r, work, acc;
+};
 
 // ---------------------------------------------------------------------------
 // Changed-region passes of a stream (changes.cpp): channels_last, maps bool (N, H, W), null map = everywhere.

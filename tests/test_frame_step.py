@@ -1,0 +1,167 @@
+"""The native frame step (policies/frame_step.py, csrc/frame.cpp): one call per streamed frame, same results."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gatesearch.backbones import build
+from gatesearch.data import SyntheticConfig, make_clip
+from gatesearch.ops import _native
+from gatesearch.policies import build_policy
+from gatesearch.policies.skipconv import skip_layers
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="C++ kernels unavailable")
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def gated(backbone, *, task="heatmap", gate="input_norm", **knobs):
+    torch.manual_seed(0)
+    model = randomized(build(backbone, task=task, num_classes=5))
+    return build_policy(gate, **knobs).apply(model).eval()
+
+
+def clip(frames=8, size=32, seed=2):
+    return make_clip(SyntheticConfig(height=size, width=size, frames=frames, seed=seed), 1, "test")["clip"][None]
+
+
+def layer_by_layer(model):
+    """The same gated model without its frame runner: every layer streams on its own (the reference here)."""
+    twin = copy.deepcopy(model)
+    twin.frame_runner = None
+    for layer in skip_layers(twin):
+        layer.reset_stats()
+    return twin
+
+
+def planned(model) -> bool:
+    program = model.frame_runner._program
+    return program is not None and not model.frame_runner._failed
+
+
+CASES = [  # backbone, reference, per-value ε, block size
+    ("tiny", "frame", 0.05, 4),
+    ("tiny", "block", 0.05, 2),
+    ("resnet18_tiny", "block", 0.03, 4),
+    ("resnet18_tiny", "frame", 0.02, 1),
+    ("mobilenet_v2_tiny", "block", 0.05, 4),
+    ("mobilenet_v2_tiny", "frame", 0.02, 8),
+]
+
+
+@pytest.mark.parametrize(("backbone", "reference", "eps", "block"), CASES)
+@pytest.mark.parametrize("task", ["heatmap", "classification"])
+def test_native_frames_equal_the_layers_and_the_masked_formulation(backbone, reference, eps, block, task):
+    """Outputs, per-layer densities and gate MACs of the native frame step equal the per-layer path's, which the
+    masked dense formulation (Eq. 3 with a dense conv times the mask) reproduces to 1e-4."""
+    model = gated(backbone, task=task, threshold=eps, block_size=block, reference=reference, per_value=True)
+    twin = layer_by_layer(model)
+    masked = layer_by_layer(model)
+    for layer in skip_layers(masked):
+        layer.path = "dense"
+    x = clip(size=48 if "mobilenet" in backbone else 32)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=5)
+        assert planned(model)
+        ref = twin.stream(x, reset_every=5)
+        mask_out = masked.stream(x, reset_every=5)
+    scale = max(1.0, ref.abs().max().item())
+    assert (out - ref).abs().max().item() <= 1e-5 * scale
+    assert (out - mask_out).abs().max().item() <= 1e-4 * scale
+    native = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(model)]
+    layers = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(twin)]
+    assert [v for row in native for v in row] == pytest.approx([v for row in layers for v in row])
+    assert 0 < min(d for _, d, _ in native) < 1, "the clip must make some layer skip"
+
+
+@pytest.mark.parametrize("gate", ["input_norm", "output_norm"])
+def test_zero_threshold_reproduces_the_dense_network(gate):
+    model = gated("resnet18_tiny", gate=gate, threshold=0.0, block_size=4, reference="block")
+    x = clip(frames=6)
+    with torch.inference_mode():
+        streamed = model.stream(x)
+        assert planned(model)
+        dense = model(x)
+    assert (streamed - dense).abs().max().item() <= 1e-4 * max(1.0, dense.abs().max().item())
+
+
+def test_it_steps_aside_where_it_cannot_run(monkeypatch):
+    """Training, autograd, a layer on the masked dense path, or no C++ kernels: the layers run, results stand."""
+    model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
+    x = clip(frames=4)
+    with torch.inference_mode():
+        expected = layer_by_layer(model).stream(x)
+    calls = []
+    runner = model.frame_runner
+    monkeypatch.setattr(type(runner), "_record", staticmethod(lambda program, n: calls.append(n)))
+    with torch.no_grad():  # training mode (on a copy: its BNs update their statistics)
+        copy.deepcopy(model).train().stream(x)
+    with torch.enable_grad():  # autograd recording
+        model.stream(x.requires_grad_())
+    x = x.detach()
+    assert not calls
+    skip_layers(model)[0].path = "dense"
+    with torch.inference_mode():
+        out = model.stream(x)
+    assert not calls and (out - expected).abs().max().item() <= 1e-4
+    skip_layers(model)[0].path = "auto"
+    with torch.inference_mode(), _native.disabled():
+        out = model.stream(x)
+    assert not calls and (out - expected).abs().max().item() <= 1e-4
+    with torch.inference_mode():
+        model.stream(x)
+    assert calls, "back on the plan once it can run"
+
+
+def test_the_plan_follows_changed_weights_and_knobs():
+    model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
+    x = clip(frames=5)
+    with torch.inference_mode():
+        model.stream(x)
+        first = model.frame_runner._program
+        model.stream(x)
+        assert model.frame_runner._program is first  # nothing changed: the same plan
+    for layer in skip_layers(model):
+        layer.gate.threshold *= 4
+    with torch.no_grad():
+        skip_layers(model)[1].conv.weight.mul_(1.5)
+    with torch.inference_mode():
+        out = model.stream(x)
+        assert model.frame_runner._program is not first
+        expected = layer_by_layer(model).stream(x)
+    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_layers_the_plan_does_not_know_run_in_python_between():
+    """A layer the plan does not know (here a GELU after the stem) runs in Python on the plan's output, and the
+    layers after it stream on their own: the result is still the per-layer path's."""
+    model = gated("tiny", threshold=0.05, block_size=4, reference="frame")
+    model.backbone.stem[2] = nn.GELU()
+    x = clip(frames=4)
+    with torch.inference_mode():
+        out = model.stream(x)
+        program = model.frame_runner._program
+        assert program is not None and program.tail and len(program.stats) == 1  # the stem conv alone
+        expected = layer_by_layer(model).stream(x)
+    assert torch.equal(out, expected)
+
+
+def test_frames_of_a_new_size_start_a_new_reference():
+    model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
+    with torch.inference_mode():
+        for size in (32, 40, 32):
+            x = clip(frames=3, size=size)
+            out = model.stream(x)
+            expected = layer_by_layer(model).stream(x)
+            assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
