@@ -11,6 +11,7 @@ from gatesearch.data import SyntheticConfig, make_clip
 from gatesearch.ops import _native
 from gatesearch.policies import build_policy
 from gatesearch.policies.skipconv import skip_layers
+from gatesearch.stateful import streaming
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="C++ kernels unavailable")
 
@@ -83,6 +84,22 @@ def test_native_frames_equal_the_layers_and_the_masked_formulation(backbone, ref
     layers = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(twin)]
     assert [v for row in native for v in row] == pytest.approx([v for row in layers for v in row])
     assert 0 < min(d for _, d, _ in native) < 1, "the clip must make some layer skip"
+
+
+def test_each_frame_reports_the_layers_masks():
+    """``computed_positions`` (what ``run --masks`` draws) is the per-layer path's on every frame."""
+    model = gated("resnet18_tiny", threshold=0.03, block_size=4, reference="block", per_value=True)
+    twin = layer_by_layer(model)
+    x = clip(frames=4)
+    with torch.inference_mode(), streaming(model), streaming(twin):
+        for t in range(x.shape[1]):
+            model.frame(x[:, t])
+            twin.frame(x[:, t])
+            assert planned(model)
+            drawn = [(a.computed_positions(), b.computed_positions())
+                     for a, b in zip(skip_layers(model), skip_layers(twin), strict=True)]
+            assert all(torch.equal(a, b) for a, b in drawn if b is not None)
+            assert [a is None for a, _ in drawn] == [b is None for _, b in drawn]  # None: a layer the head skips
 
 
 @pytest.mark.parametrize("gate", ["input_norm", "output_norm"])

@@ -74,7 +74,7 @@ class _ConvStats:
     """Where a planned conv's per-frame statistics go (the layer's ``FrameAverages``)."""
 
     layer: SkipConv2d
-    area: int  # output positions per stream
+    out_hw: tuple[int, int]
     gate_macs: float
 
 
@@ -176,14 +176,16 @@ class FrameStep:
 
     @staticmethod
     def _record(program: _Program, n: int) -> None:
-        """What ``SkipConv2d._record`` adds per frame: densities (1 on a reference frame) and gate MACs."""
-        for stat, rows in zip(program.stats, program.plan.rows()):
+        """What ``SkipConv2d._record`` adds per frame: densities (1 on a reference frame) and gate MACs, and the
+        block mask ``computed_positions`` draws."""
+        for stat, rows, mask in zip(program.stats, program.plan.rows(), program.plan.masks()):
             d = stat.layer.__dict__
             d["frames"] += n
+            d["_computed"] = (mask, (n, *stat.out_hw))
             if rows < 0:
                 d["density_sum"] += float(n)
             else:
-                d["density_sum"] += rows / stat.area
+                d["density_sum"] += rows / (stat.out_hw[0] * stat.out_hw[1])
                 d["gate_macs_sum"] += stat.gate_macs * n
 
 
@@ -354,7 +356,7 @@ def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native
     out = plan.conv(slot[src], geom.ints(), int(kind), REFERENCE_MODES[layer.reference],
                     packed_weight(weight, kind, geom.groups), onednn_weight(weight, kind, geom.groups), weight, bias,
                     float(args["threshold"]), float(args["scale"]), ops.sparse_rows_limit(geom, probe, layer.path))
-    stats.append(_ConvStats(layer=layer, area=geom.out_hw[0] * geom.out_hw[1],
+    stats.append(_ConvStats(layer=layer, out_hw=tuple(geom.out_hw),
                             gate_macs=layer.gate.macs(layer, in_shape[2:], geom.out_hw)))
     return out, (in_shape[0], geom.out_channels, *geom.out_hw)
 

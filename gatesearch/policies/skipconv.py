@@ -96,7 +96,8 @@ class SkipConv2d(FrameAverages, nn.Module):
         self.z_prev: torch.Tensor | None = None
         self._plan: tuple | None = None  # (gate, step, gate MACs): resolved at a clip's first residual frame
         self._x_step: int | None = None  # the update of a stream-tensor input seen at the reference frame
-        self.__dict__["_mask"] = None  # the last inference frame's block mask (None: every position computed)
+        # the last inference frame's block mask (None: every position computed) and output shape (N, Ho, Wo)
+        self.__dict__["_computed"] = None
 
     # -- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)
@@ -124,7 +125,7 @@ class SkipConv2d(FrameAverages, nn.Module):
             z = self.conv._conv_forward(x, *self.folded_params()) if self.folded else self.conv(x)
             changes.mark(z, None)
             state["_plan"] = None  # shapes, weights or path may have changed since the last clip
-            state["_mask"] = None  # every position computed
+            state["_computed"] = (None, (z.shape[0], *z.shape[-2:]))  # every position computed
             self._record(float(x.shape[0]), x.shape[0], 0.0)
         else:
             z = self._residual_step(x)
@@ -147,7 +148,7 @@ class SkipConv2d(FrameAverages, nn.Module):
             return z_prev + mask * F.conv2d(r, weight, None, c.stride, c.padding, c.dilation, c.groups)
         gate, step, gate_macs = self._plan or self._make_plan(x, z_prev, weight)
         block_mask, r = gate(x, x_prev)  # (N, Hb, Wb); r None: the kernels subtract x - x_prev themselves
-        self.__dict__["_mask"] = block_mask  # kept for computed_positions (a reference, no copy)
+        self.__dict__["_computed"] = (block_mask, (z_prev.shape[0], *out_hw))  # a reference, no copy
         rows = step(z_prev, x, block_mask, x_prev) if r is None else step(z_prev, r, block_mask)
         if rows < 0:
             rows = ops.active_positions(block_mask, out_hw, self.block_size)
@@ -161,12 +162,13 @@ class SkipConv2d(FrameAverages, nn.Module):
         """Where the last streamed frame was computed, bool (N, Ho, Wo): every position on a reference frame, the
         gate's blocks after it (the masks Skip-Convolutions, Fig. 2-3, draw over the frames); None before any
         inference frame. Its mean is the density this frame added to the layer's statistics."""
-        z, mask = self.z_prev, self.__dict__["_mask"]
-        if z is None:
+        computed = self.__dict__["_computed"]
+        if computed is None:
             return None
+        mask, (n, *out_hw) = computed
         if mask is None:
-            return torch.ones(z.shape[0], *z.shape[-2:], dtype=torch.bool, device=z.device)
-        return upsample_blocks(mask, self.block_size, z.shape[-2:])[:, 0].bool()
+            return torch.ones(n, *out_hw, dtype=torch.bool, device=self.conv.weight.device)
+        return upsample_blocks(mask, self.block_size, out_hw)[:, 0].bool()
 
     def _make_plan(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple:
         """What stays fixed over a clip, resolved at its first residual frame: the gate, the conv step

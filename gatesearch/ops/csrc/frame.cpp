@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "kernels.h"
@@ -477,6 +478,15 @@ class FramePlan {
     return r;
   }
 
+  // Each conv's block mask of the last frame, bool (N, Bh, Bw), in the order they were added (None: a reference
+  // frame, every position computed). The plan reuses it next frame.
+  std::vector<std::optional<at::Tensor>> masks() const {
+    std::vector<std::optional<at::Tensor>> m;
+    m.reserve(convs_.size());
+    for (const ConvStep* c : convs_) m.push_back(c->rows < 0 ? std::nullopt : std::optional<at::Tensor>(c->mask_t));
+    return m;
+  }
+
  private:
   int64_t new_slot() {
     slots_.emplace_back();
@@ -515,6 +525,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("padding"))
       .def("run", &gs::FramePlan::run, py::arg("x"), py::arg("reference"), py::arg("outputs"))
       .def("rows", &gs::FramePlan::rows)
+      .def("masks", &gs::FramePlan::masks)
       .def("set_profiling", &gs::FramePlan::set_profiling, py::arg("on"))
       .def("timings", &gs::FramePlan::timings)
       .def("step_timings", &gs::FramePlan::step_timings);
