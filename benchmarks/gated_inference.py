@@ -85,8 +85,8 @@ def load_clip(source: str, size: int, frames: int, clip_dir: Path, log) -> torch
 
 def models(backbone: str, eps: float, block: int):
     """(dense, gated): random weights shared, the gate as `gatesearch bench` builds it."""
+    from gatesearch.models import build_model
     from gatesearch.policies import build_policy
-    from gatesearch.search.trial import build_model
     from gatesearch.spaces import TrialConfig
 
     torch.manual_seed(0)

@@ -114,7 +114,8 @@ def test_zero_threshold_reproduces_the_dense_network(gate):
 
 
 def test_it_steps_aside_where_it_cannot_run(monkeypatch):
-    """Training, autograd, a layer on the masked dense path, or no C++ kernels: the layers run, results stand."""
+    """Training, autograd, a forward hook, a layer on the masked dense path, or no C++ kernels: the layers run,
+    results stand."""
     model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
     x = clip(frames=4)
     with torch.inference_mode():
@@ -127,7 +128,12 @@ def test_it_steps_aside_where_it_cannot_run(monkeypatch):
     with torch.enable_grad():  # autograd recording
         model.stream(x.requires_grad_())
     x = x.detach()
-    assert not calls
+    seen = []
+    handle = skip_layers(model)[1].register_forward_hook(lambda *_: seen.append(1))  # calibration's probes
+    with torch.inference_mode():
+        out = model.stream(x)
+    handle.remove()
+    assert not calls and len(seen) == x.shape[1] and (out - expected).abs().max().item() <= 1e-4
     skip_layers(model)[0].path = "dense"
     with torch.inference_mode():
         out = model.stream(x)

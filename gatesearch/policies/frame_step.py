@@ -13,8 +13,9 @@ each streamed frame as one native call; whatever follows that it does not
 know (a clip head's pooling) runs in Python on the plan's outputs. The plan
 uses the per-layer path's kernels and arithmetic, so outputs and densities
 match it. It steps aside (``frame`` then runs the layers) while training,
-with autograd recording, off fp32 CPU, when a layer's path is not "auto",
-or for models it cannot trace or plan.
+with autograd recording, off fp32 CPU, while a forward hook waits on a
+module it runs (calibration probes layers so), when a layer's path is not
+"auto", or for models it cannot trace or plan.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ class _Program:
     tail: list  # (node, callable(env) -> value) run in Python after the plan
     result: object  # the graph output's argument (nodes inside)
     stats: list[_ConvStats] = field(default_factory=list)
+    modules: list[nn.Module] = field(default_factory=list)  # the modules the plan runs in their place
+
+    def hooked(self) -> bool:
+        """Whether a forward hook waits on a module the plan would not call (calibration probes a layer so)."""
+        return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
 
 class _Steps:
@@ -142,6 +149,9 @@ class FrameStep:
                 return None
             self._resets = anchor.resets
         program = self._program
+        if program.hooked():
+            self._resets = -1
+            return None
         outs = program.plan.run(x, reference, program.outputs)
         env = dict(zip(program.output_nodes, outs))
         for node, fn in program.tail:
@@ -240,8 +250,11 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
     used = [n for n in slot if n in read]  # what Python reads of the plan: the tail's inputs and the result
     if not stats:
         raise _Unplannable("no skip-conv runs in the plan")
+    in_python = {node for node, _ in tail}
+    modules = [root.get_submodule(n.target) for n in graph.nodes if n.op == "call_module" and n not in in_python]
     return _Program(plan=plan.plan, step_names=plan.names, in_shape=in_shape, signature=signature,
-                    outputs=[slot[n] for n in used], output_nodes=used, tail=tail, result=result, stats=stats)
+                    outputs=[slot[n] for n in used], output_nodes=used, tail=tail, result=result, stats=stats,
+                    modules=modules)
 
 
 def _nodes(arg) -> list[fx.Node]:
