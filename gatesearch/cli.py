@@ -23,13 +23,16 @@ def user_errors(fn):
         from gatesearch.data.folder import DatasetError
         from gatesearch.export import ArtifactError
         from gatesearch.registry import UnknownNameError
+        from gatesearch.search.localray import RayStartError
+        from gatesearch.search.preflight import ServiceError
+        from gatesearch.search.record import SearchBusy
         from gatesearch.search.tracking import NotFoundError
         from gatesearch.spaces import SpaceError
 
         try:
             return fn(*args, **kwargs)
         except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, DatasetError, UnknownNameError,
-                BenchError) as e:
+                BenchError, ServiceError, RayStartError, SearchBusy) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -96,7 +99,44 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
 
         cfg = dataclasses.replace(cfg, latency=dataclasses.replace(cfg.latency, resource=latency_on))
     opts = RunOptions(workdir=workdir, tracking_uri=tracking_uri, ray_address=ray_address)
-    summary = run_search(cfg, opts, echo=lambda line: click.echo(line, err=True), progress=_progress(as_json))
+    _report(lambda: run_search(cfg, opts, echo=_err, progress=_progress(as_json)), as_json, format_params)
+
+
+@main.command()
+@click.argument("search_id", required=False)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default="gatesearch_runs",
+              show_default=True, help=WORKDIR_HELP)
+@click.option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster instead of starting one.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
+@user_errors
+def resume(search_id, workdir, ray_address, as_json):
+    """Continue a stopped or killed search (SEARCH_ID, or the latest unfinished one) with its own config."""
+    from gatesearch.search.engine import NothingToResume, RunOptions, resume_search
+    from gatesearch.search.recorder import format_params
+
+    opts = RunOptions(workdir=workdir, ray_address=ray_address)
+    try:
+        _report(lambda: resume_search(search_id, opts, echo=_err, progress=_progress(as_json)), as_json,
+                format_params)
+    except NothingToResume as e:
+        click.echo(str(e))
+
+
+def _err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _report(drive, as_json: bool, format_params) -> None:
+    """Run a search to its end and print its summary; a search that stopped early exits with its code."""
+    from gatesearch.search.engine import SearchStopped
+
+    try:
+        summary = drive()
+    except SearchStopped as e:
+        if as_json:
+            _emit_json(e.summary)
+        _err(str(e))
+        sys.exit(e.exit_code)
     if as_json:
         _emit_json(summary)
         return

@@ -25,6 +25,8 @@ def test_list(cli):
     ("space:\n  gate: dense\n  threshold: 0.1\n", "space.threshold: not taken by any searched gate"),
     ("space:\n  block_size: [3]\n", "space.block_size"),
     ("space: [1, 2\n", "not valid YAML"),
+    ("", "empty config"),
+    ("# nothing but a comment\n", "empty config"),
 ])
 def test_search_bad_config(cli, tmp_path, yaml_text, text):
     (tmp_path / "c.yaml").write_text(yaml_text)

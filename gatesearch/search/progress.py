@@ -33,6 +33,7 @@ class SearchState:
     failed: int = 0
     stopped: int = 0  # trials early stopping stopped
     front: dict[str, Any] = field(default_factory=dict)  # what the status line says of the front, in order
+    earlier: int = 0  # trials done or failed in earlier attempts of a resumed search (not part of this pace)
 
     def elapsed(self) -> float:
         return time.time() - self.started
@@ -40,10 +41,10 @@ class SearchState:
     def eta(self) -> float | None:
         """Seconds left at the pace so far: trials finished plus the running ones' share of their epochs."""
         partial = sum(r.epoch / r.epochs for r in self.running.values() if r.epochs)
-        progress = self.done + self.failed + self.stopped + partial
+        progress = self.done + self.failed + self.stopped - self.earlier + partial
         if progress <= 0:
             return None
-        return max(0.0, self.elapsed() * (self.trials - progress) / progress)
+        return max(0.0, self.elapsed() * (self.trials - self.earlier - progress) / progress)
 
     def status(self) -> str:
         parts = [f"done {self.done}/{self.trials}", f"failed {self.failed}", f"running {len(self.running)}",

@@ -6,11 +6,16 @@ epoch, and at the end logs the final metrics with the model and closes the run; 
 trials the Pareto front is built from. A finished trial is checked against the search's constraints and counted in
 the hypervolume (a step metric of the parent); one that early stopping stopped is closed KILLED with its rung.
 ``tune_callback`` wraps it in the ``tune.Callback`` Tune calls.
+
+A trial's end goes to the search's Optuna study too (``study.StudyLedger``): a failed trial is failed there with
+a one-line reason (``failure_reason``), and trials the search stopped under are failed as ``interrupted``, so a
+resumed search knows which trials count against its budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ from .dominance import EPOCH, EPOCHS
 from .hypervolume import HypervolumeHistory
 from .pareto import pareto_indices
 from .progress import PlainProgress, Progress, Running, SearchState
+from .stopping import StopRequest
+from .study import INTERRUPTED, StudyLedger, Tally
 from .tracking import FEASIBLE_TAG, LATENCY_NODE_TAG, PRUNED_TAG, Tracker, now_ms
 
 
@@ -58,27 +65,44 @@ def trial_row(trial_cfg: dict[str, Any], metrics: dict[str, Any], trial_id: str)
 
 
 class Recorder:
-    """Records each trial under the search's parent run and keeps the progress display up to date. ``stopped``
-    (trial id -> epoch of the rung) holds the trials early stopping stopped."""
+    """Records each trial under the search's parent run and in its study, and keeps the progress display up to date.
+
+    Starts from what earlier attempts of the search recorded (``prior``). ``stopped`` (trial id -> epoch of the
+    rung) holds the trials early stopping stopped. Once more than ``max_failures`` trials failed in this attempt, the
+    search is asked to stop (``stop``); a trial that errs while the search stops, or is still running when it
+    stopped, is recorded as killed.
+    """
 
     def __init__(self, tracker: Tracker, parent: str, search_id: str, *, trials: int, cost_key: str,
-                 progress: Progress | None = None, echo: Callable[[str], None] = print,
-                 constraints: Constraints = Constraints(), stopped: Mapping[str, int] | None = None,
-                 hypervolume: HypervolumeHistory | None = None) -> None:
+                 ledger: StudyLedger | None = None, stop: StopRequest | None = None, max_failures: int | None = None,
+                 prior: Tally | None = None, progress: Progress | None = None,
+                 echo: Callable[[str], None] = print, constraints: Constraints = Constraints(),
+                 stopped: Mapping[str, int] | None = None, hypervolume: HypervolumeHistory | None = None) -> None:
         self.tracker, self.parent, self.search_id = tracker, parent, search_id
         self.cost_key = cost_key
+        self.ledger, self.stop, self.max_failures = ledger, stop or StopRequest(), max_failures
         self.constraints, self.stopped = constraints, {} if stopped is None else stopped
         self.hypervolume = hypervolume or HypervolumeHistory()
+        prior = prior or Tally()
         self.progress = progress or PlainProgress(echo)
-        self.state = SearchState(search_id=search_id, trials=trials)
+        self.state = SearchState(search_id=search_id, trials=trials, done=len(prior.rows), failed=len(prior.failed),
+                                 stopped=len(prior.pruned), earlier=prior.used)
         self.rows: list[dict[str, Any]] = []  # finished trials
-        self.failed: list[str] = []  # ids of failed trials
-        self.pruned: list[str] = []  # ids of trials early stopping stopped
-        self.runs: dict[str, str] = {}  # trial id -> MLflow run id, every trial started
+        self.failed: list[str] = list(prior.failed)  # ids of failed trials
+        self.pruned: list[str] = list(prior.pruned)  # ids of trials early stopping stopped
+        self.killed: list[str] = []  # ids of trials killed in this attempt
+        self.new_failures = 0  # failed in this attempt (what max_failures bounds)
+        # trial id -> MLflow run id, every trial started (and the earlier attempts' finished ones)
+        self.runs: dict[str, str] = {r["trial_id"]: r["run_id"] for r in prior.rows if r.get("run_id")}
         self.models: dict[str, str] = {}  # trial id -> MLflow logged model id
         self._open: set[str] = set()  # trials whose run is still RUNNING
         self._epoch: dict[str, int] = {}  # trial id -> last epoch reported
         self._epoch_keys: dict[str, set[str]] = {}  # trial id -> metrics reported per epoch (not logged again)
+        for row in prior.rows:  # earlier attempts' trials, logged then: in the table and the hypervolume again
+            self.rows.append(row)
+            self.hypervolume.add(prior.metrics[row["trial_id"]], feasible=row["feasible"])
+        if self.rows:
+            self.state.front = self.front_summary()
 
     @contextlib.contextmanager
     def showing(self) -> Iterator[None]:
@@ -161,23 +185,41 @@ class Recorder:
         self.progress.refresh()
 
     def failed_trial(self, trial_id: str, trial_cfg: dict, error: str, *, end_ms: int | None = None) -> None:
+        if self.stop.requested:  # an error while the search stops is the stop's doing, not the trial's
+            self.kill(trial_id, trial_cfg, INTERRUPTED)
+            return
         rid = self.runs.get(trial_id) or self._late_start(trial_id, trial_cfg)
-        self.tracker.end_trial(rid, status="FAILED", end_ms=end_ms, error=error)
+        reason = failure_reason(error)
+        self.tracker.end_trial(rid, status="FAILED", end_ms=end_ms, error=error, reason=reason)
+        if self.ledger is not None:
+            self.ledger.fail(trial_id, reason)
         self._open.discard(trial_id)
         self.failed.append(trial_id)
+        self.new_failures += 1
         self.state.running.pop(trial_id, None)
         self.state.failed += 1
-        reason = error.strip().splitlines()[-1] if error.strip() else "unknown error"
         self.progress.line(f"{trial_id} FAILED: {reason}")
         self.progress.refresh()
+        if self.max_failures is not None and self.new_failures > self.max_failures:
+            self.stop.request(f"{self.new_failures} trials failed, more than max_failures ({self.max_failures}); "
+                              f"last: {reason}")
 
-    def close_open_runs(self, status: str = "KILLED") -> list[str]:
-        """End the runs of trials that never finished (the search stopped under them); returns their ids."""
+    def kill(self, trial_id: str, trial_cfg: dict, reason: str) -> None:
+        """A trial that did not end by itself: its run KILLED and its Optuna trial failed, with ``reason``."""
+        rid = self.runs.get(trial_id) or self._late_start(trial_id, trial_cfg)
+        self.tracker.end_trial(rid, status="KILLED", reason=reason)
+        if self.ledger is not None:
+            self.ledger.fail(trial_id, reason)
+        self._open.discard(trial_id)
+        self.killed.append(trial_id)
+        self.state.running.pop(trial_id, None)
+        self.progress.line(f"{trial_id} KILLED: {reason}")
+
+    def close_open_runs(self, reason: str = INTERRUPTED) -> list[str]:
+        """Kill the trials still running (the search stopped under them); returns their ids."""
         left = sorted(self._open)
         for trial_id in left:
-            self.tracker.end_trial(self.runs[trial_id], status=status)
-            self.state.running.pop(trial_id, None)
-        self._open.clear()
+            self.kill(trial_id, {}, reason)
         return left
 
     def _late_start(self, trial_id: str, trial_cfg: dict) -> str:
@@ -195,6 +237,19 @@ class Recorder:
         if self.hypervolume.current is not None:
             out["hypervolume"] = f"{self.hypervolume.current:.4g}"
         return out
+
+
+def failure_reason(error: str) -> str:
+    """One line saying why a trial failed: out of memory, diverged (NaN), or the exception it crashed with."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b[^:]*:", line)]
+    last = (raised or lines or ["unknown error"])[-1][:300]
+    low = error.lower()
+    if any(k in low for k in ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory")):
+        return f"out of memory: {last}"
+    if any(k in low for k in ("floatingpointerror", "diverged", "nan loss")):
+        return f"diverged: {last}"
+    return f"crashed: {last}"
 
 
 def _ray_keys() -> frozenset[str]:
@@ -228,6 +283,10 @@ def tune_callback(recorder: Recorder):
                                timestamp_ms=int(stamp * 1000) if stamp else None)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if "quality" not in (trial.last_result or {}) and trial.trial_id not in recorder.stopped:
+                # stopped before its final report, not by early stopping: the search stopped under it
+                recorder.kill(trial.trial_id, trial.config["trial"], INTERRUPTED)
+                return
             files = Path(trial.checkpoint.path) if trial.checkpoint else None
             recorder.finished(trial.trial_id, trial.config["trial"],
                               trial_metrics(dict(trial.last_result or {}), ray_keys), files, end_ms=now_ms())

@@ -28,6 +28,8 @@ TRIAL_TAG = "gatesearch.trial_id"
 KIND_TAG = "gatesearch.kind"  # "search" or "trial"
 PARETO_TAG = "gatesearch.pareto"  # "true" / "false" on every trial
 PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "gatesearch.error"  # a failed trial's traceback (its end)
+REASON_TAG = "gatesearch.reason"  # one line: why a trial failed or was killed ("interrupted")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow's experiment kind for model training (runs table first)
 VIEW_KEY = "gatesearch"
@@ -111,8 +113,15 @@ class Tracker:
         exp_id = self.client.get_run(run_id).info.experiment_id
         return f"{host}/#/experiments/{exp_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
+    def reopen_search(self, parent: str, record: dict) -> None:
+        """A resumed search goes on in its own parent run: the same run id, RUNNING again."""
+        self.client.update_run(parent, status="RUNNING")
+        self.client.log_dict(parent, record, "search_record.json")
+
     def finish_search(self, parent: str, summary: dict, pareto_rows: list[dict], plot: Path | None,
-                      status: str, rows: list[dict] | None = None) -> None:
+                      status: str, rows: list[dict] | None = None, record: dict | None = None) -> None:
+        if record is not None:  # the search's own record (``record.SearchRecord``), as it ended
+            self.client.log_dict(parent, record, "search_record.json")
         self.client.log_dict(parent, pareto_rows, "pareto.json")
         if rows is not None:
             self.client.log_dict(parent, rows, TRIALS_FILE)
@@ -170,10 +179,22 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def end_trial(self, run_id: str, *, status: str, end_ms: int | None = None, error: str | None = None) -> None:
+    def end_trial(self, run_id: str, *, status: str, end_ms: int | None = None, error: str | None = None,
+                  reason: str | None = None) -> None:
         if error:
-            self.client.set_tag(run_id, "gatesearch.error", error[-4000:])
+            self.client.set_tag(run_id, ERROR_TAG, error[-4000:])
+        if reason:
+            self.client.set_tag(run_id, REASON_TAG, reason[:500])
         self.client.set_terminated(run_id, status=status, end_time=end_ms or now_ms())
+
+    def kill_running_trials(self, search_id: str, reason: str) -> list[str]:
+        """End the search's trial runs still RUNNING (their driver died) as KILLED with ``reason``."""
+        killed = []
+        for run in self.trial_runs(search_id):
+            if run.info.status == "RUNNING":
+                self.end_trial(run.info.run_id, status="KILLED", reason=reason)
+                killed.append(run.data.tags.get(TRIAL_TAG, run.info.run_id))
+        return killed
 
     def mark_pareto(self, trial_runs: dict[str, str], front: set[str]) -> None:
         """``gatesearch.pareto`` true on the front's trials, false on the others (trial id -> run id)."""

@@ -27,6 +27,7 @@ from .params import SpaceError
 #: second objective (the first is always quality) -> the trial metric it is
 OBJECTIVES = {"latency": "latency_ms", "macs": "macs"}
 SAMPLERS = ("tpe", "nsga2", "random")
+OPTIONAL_INTS = ("max_failures",)  # top-level keys that may be null
 
 
 DATA_KINDS = ("synthetic", "video_folder")
@@ -74,6 +75,8 @@ class SearchConfig:
     seed: int = 0  # sampler seed and trial seed
     objective: str = "latency"  # second objective beside quality: "latency" or "macs"
     sampler: str = "tpe"  # Optuna multi-objective sampler
+    # failed trials (crash, NaN, out of memory) tolerated before the search stops; None: no bound but the budget
+    max_failures: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     space: Space = None  # type: ignore[assignment]  # filled by load/parse
@@ -114,7 +117,8 @@ def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise SpaceError(f"{path}: not valid YAML{where}") from None
-    raw = {} if raw is None else raw
+    if raw is None or raw == {}:  # a blank file would otherwise search every gate with every default
+        raise SpaceError(f"{path}: empty config; name at least the space to search (see `gatesearch search quick`)")
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -131,11 +135,13 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
             raise SpaceError(f"{key}: unknown key; known: {', '.join(sorted(known))}")
     values: dict[str, Any] = {}
     for key in simple:
-        if key in raw:
-            values[key] = _typed(raw[key], type(getattr(SearchConfig(), key)), key)
+        if key in raw and not (key in OPTIONAL_INTS and raw[key] is None):
+            values[key] = _typed(raw[key], int if key in OPTIONAL_INTS else type(getattr(SearchConfig(), key)), key)
     cfg = SearchConfig(**values)
     if cfg.trials < 1:
         raise SpaceError(f"trials: must be >= 1, got {cfg.trials}")
+    if cfg.max_failures is not None and cfg.max_failures < 0:
+        raise SpaceError(f"max_failures: must be >= 0, got {cfg.max_failures}")
     if cfg.max_concurrent < 1:
         raise SpaceError(f"max_concurrent: must be >= 1, got {cfg.max_concurrent}")
     if cfg.objective not in OBJECTIVES:
