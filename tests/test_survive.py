@@ -6,9 +6,11 @@ the fixture stops the driver and the processes of its Ray by pid.
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +37,8 @@ space:
 
 
 class Search:
-    """One ``gatesearch`` command in a subprocess, its stderr read line by line."""
+    """One ``gatesearch`` command in a subprocess; threads read its stdout and stderr, so no wait blocks on a pipe
+    (each wait has a deadline)."""
 
     def __init__(self, cwd: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -43,13 +46,29 @@ class Search:
         self.proc = subprocess.Popen([sys.executable, "-m", "gatesearch.cli", *args], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # stderr, as far as a wait has read it
+        self._err: queue.Queue[str | None] = queue.Queue()
+        self._out: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stderr, self._err.put), daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stdout, self._out.append), daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(pipe, put) -> None:
+        for line in pipe:
+            put(line)
+        put(None)
 
     def wait_for(self, text: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._err.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # the process closed its stderr
+                self._err.put(None)
                 break
             self.lines.append(line.rstrip())
             if text in line:
@@ -57,9 +76,21 @@ class Search:
         raise AssertionError(f"never printed {text!r}:\n" + "\n".join(self.lines))
 
     def finish(self, timeout: float = 300) -> tuple[int, str, list[str]]:
-        out, err = self.proc.communicate(timeout=timeout)
-        self.lines += err.splitlines()
-        return self.proc.returncode, out, [line for line in self.lines if line.strip()]
+        """Wait for the process to exit: (exit code, stdout, the non-empty stderr lines)."""
+        self.proc.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout=10)
+        while (line := self._err.get_nowait() if not self._err.empty() else None) is not None:
+            self.lines.append(line.rstrip())
+        return self.proc.returncode, "".join(self._out), [line for line in self.lines if line.strip()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    """Build the C++ kernels here first: a search killed while it built them would leave the build's lock."""
+    from gatesearch.ops import native_available
+
+    native_available()
 
 
 @pytest.fixture
@@ -74,8 +105,8 @@ def searches(tmp_path):
     yield start
     for s in started:
         if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
+            os.killpg(s.proc.pid, signal.SIGKILL)  # its own session: the driver and anything it forked
+            s.proc.wait(timeout=30)
     folder = tmp_path / "gatesearch_runs" / "searches"
     for path in folder.glob("*.json") if folder.is_dir() else []:
         rec = record.load(tmp_path / "gatesearch_runs", path.stem)
@@ -158,7 +189,7 @@ def test_sigkill_then_resume_completes_the_budget(tmp_path, searches):
     rec = only_record(tmp_path)
     pids = ray_pids(rec)
     s.proc.kill()  # SIGKILL: nothing of the driver runs after this
-    s.proc.wait()
+    s.proc.wait(timeout=30)
     killed = record.load(tmp_path / "gatesearch_runs", rec.search_id)
     assert killed.state == "running"  # as the killed driver left it
 
