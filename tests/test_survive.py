@@ -85,14 +85,6 @@ class Search:
         return self.proc.returncode, "".join(self._out), [line for line in self.lines if line.strip()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels_built():
-    """Build the C++ kernels here first: a search killed while it built them would leave the build's lock."""
-    from gatesearch.ops import native_available
-
-    native_available()
-
-
 @pytest.fixture
 def searches(tmp_path):
     """Start searches in ``tmp_path``; afterwards stop every driver and every process of their Ray, by pid."""
