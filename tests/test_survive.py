@@ -80,9 +80,12 @@ class Search:
         self.proc.wait(timeout=timeout)
         for t in self._readers:
             t.join(timeout=10)
-        while (line := self._err.get_nowait() if not self._err.empty() else None) is not None:
-            self.lines.append(line.rstrip())
-        return self.proc.returncode, "".join(self._out), [line for line in self.lines if line.strip()]
+        while not self._err.empty():
+            line = self._err.get_nowait()
+            if line is not None:
+                self.lines.append(line.rstrip())
+        out = "".join(line for line in self._out if line is not None)
+        return self.proc.returncode, out, [line for line in self.lines if line.strip()]
 
 
 @pytest.fixture
@@ -177,7 +180,7 @@ def assert_settled(rec: record.SearchRecord, *, completed: int, parent_status: s
 def test_sigkill_then_resume_completes_the_budget(tmp_path, searches):
     cfg = write_config(tmp_path, trials=4)
     s = searches("search", cfg)
-    s.wait_for("[2/4]")
+    s.wait_for("done 2/4")
     rec = only_record(tmp_path)
     pids = ray_pids(rec)
     s.proc.kill()  # SIGKILL: nothing of the driver runs after this
@@ -207,7 +210,7 @@ def test_sigint_stops_cleanly_then_resumes(tmp_path, searches):
 
     cfg = write_config(tmp_path, trials=3, epochs=2, clips=48)  # trials of several seconds: one is running
     s = searches("search", cfg)
-    s.wait_for("[1/3]")
+    s.wait_for("done 1/3")
     time.sleep(1)
     rec = only_record(tmp_path)
     pids = ray_pids(rec)
