@@ -76,6 +76,10 @@ def test_config_round_trips_through_the_record():
     cfg = load_search_config(BUILTIN_CONFIGS / "quick.yaml")
     again = parse_search_config(json.loads(json.dumps(cfg.to_dict())))
     assert again.to_dict() == cfg.to_dict()
+    set_all = parse_search_config({"objective": "macs", "constraints": {"max_macs": 1e6},
+                                   "hypervolume_reference": {"quality": 0.1, "macs": 2e6},
+                                   "latency": {"resource": "target", "threads": 2}})
+    assert parse_search_config(json.loads(json.dumps(set_all.to_dict()))) == set_all
     assert parse_search_config({"max_failures": 2}).max_failures == 2
     assert parse_search_config({"max_failures": None}).max_failures is None
 

@@ -92,9 +92,13 @@ class SearchConfig:
         return OBJECTIVES[self.objective]
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as its YAML reads (``parse_search_config`` gives it back: a resumed search reads it)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in SECTIONS:
-            out[key] = dataclasses.asdict(getattr(self, key))
+        for key in SECTIONS:  # an unset optional key is left out, as in the YAML
+            out[key] = {k: v for k, v in dataclasses.asdict(getattr(self, key)).items() if v is not None}
+        ref = self.hypervolume_reference  # its cost is named as the objective reports it
+        out["hypervolume_reference"] = {k: v for k, v in (("quality", ref.quality), (self.cost_key, ref.cost))
+                                        if v is not None}
         out["space"] = self.space.to_yaml()
         out["warm_start"] = list(self.warm_start)
         return out
