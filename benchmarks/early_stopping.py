@@ -1,11 +1,12 @@
 """Early stopping by dominance: the same search with and without it, on the same budget of trials.
 
-    python benchmarks/early_stopping.py [--trials 12] [--epochs 6] [--seeds 0 1] [--objective macs]
-                                        [--reduction-factor 3] [--grace-period 1] [--workdir /tmp/es-bench]
+    python benchmarks/early_stopping.py [--trials 16] [--epochs 8] [--seeds 0 1] [--objective macs]
+                                        [--reduction-factor 3] [--grace-period 2] [--workdir /tmp/es-bench]
                                         [--plot docs/early_stopping.png] [--json]
 
-Both runs are one ``gatesearch search`` (Ray Tune + Optuna + MLflow, ``run_search``) of Gumbel Skip-Conv gates
-(β sampled, log scale) fine-tuned for ``--epochs`` epochs on the synthetic task, same seed, same number of trials;
+Both runs are one ``gatesearch search`` (Ray Tune + Optuna + MLflow, ``run_search``) of the Skip-Conv norm gates
+(input and output norm, threshold and block size sampled, learning rate sampled) trained for ``--epochs`` epochs on
+the synthetic task at 32², same seed, same number of trials;
 the second adds ``early_stopping: {kind: dominance, ...}``. Each run is read back from its Optuna study: a
 completed trial cost its epochs, a pruned one the epochs up to the rung that stopped it. The hypervolume of the
 completed trials' front is taken after each trial against one reference for both runs (quality 0, the dense
@@ -36,15 +37,16 @@ def search_config(args, *, early: bool):
         "seed": args.seed,
         "objective": args.objective,
         "sampler": "tpe",
-        "data": {"train_clips": args.train_clips, "val_clips": 24, "synthetic": {"height": 32, "width": 32}},
+        "data": {"train_clips": args.train_clips, "val_clips": args.val_clips, "synthetic": {"height": 32, "width": 32}},
         "evaluation": {"frames": 8, "latency_warmup": 1, "latency_repeats": 3},
-        "space": {"backbone": "tiny", "gate": ["gumbel"], "clip_length": 2, "epochs": args.epochs,
-                  "lr": {"low": 0.001, "high": 0.02, "log": True}, "block_size": [1, 2, 4],
-                  "gates": {"gumbel": {"beta": {"low": 0.01, "high": 30.0, "log": True}}}},
+        "space": {"backbone": "tiny", "gate": ["input_norm", "output_norm"], "clip_length": 2, "epochs": args.epochs,
+                  "lr": {"low": 0.001, "high": 0.03, "log": True}, "block_size": [1, 2, 4],
+                  "gates": {"input_norm": {"threshold": {"low": 0.1, "high": 30.0, "log": True}},
+                            "output_norm": {"threshold": {"low": 10.0, "high": 3000.0, "log": True}}}},
     }
     if early:
         raw["early_stopping"] = {"kind": "dominance", "grace_period": args.grace_period,
-                                 "reduction_factor": args.reduction_factor}
+                                 "reduction_factor": args.reduction_factor, "probe_clips": args.probe_clips}
     return parse_search_config(raw)
 
 
@@ -140,13 +142,15 @@ def compare(args, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-clips", type=int, default=96)
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-clips", type=int, default=256)
+    p.add_argument("--val-clips", type=int, default=48)
+    p.add_argument("--probe-clips", type=int, default=24, help="held-out clips the rungs rank quality on")
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--objective", choices=["macs", "latency"], default="macs")
-    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--grace-period", type=int, default=2)
     p.add_argument("--reduction-factor", type=float, default=3.0)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/gatesearch-es-bench"))
     p.add_argument("--plot", type=Path, default=None)
