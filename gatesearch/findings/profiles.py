@@ -1,9 +1,9 @@
 """How big a fidelity run is: the sizes, sweeps and seeds of every finding, one frozen profile per run length.
 
 ``quick`` is meant to finish in about 15 minutes on 2 quiet CPU cores (``estimate_s``; every report states how long
-it took, and on what), ``full`` is the run whose report
-``docs/fidelity.md`` holds, ``smoke`` is the smallest run that still exercises every finding (the slow test uses
-it: its numbers mean little). The report prints the whole profile, so a reader can re-run any figure.
+it took, and on what), ``full`` is the long run (hours; larger networks, sweeps and timings), ``smoke`` is the
+smallest run that still exercises every finding (the slow test uses it: its numbers mean little). The report prints
+the whole profile, so a reader can re-run any figure.
 """
 
 from __future__ import annotations
