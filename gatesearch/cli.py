@@ -18,10 +18,12 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from gatesearch.backbones import WeightsError
         from gatesearch.bench import BenchError
         from gatesearch.data import VideoDecodeError
         from gatesearch.data.folder import DatasetError
         from gatesearch.export import ArtifactError
+        from gatesearch.plugins import PluginError
         from gatesearch.registry import UnknownNameError
         from gatesearch.search.localray import RayStartError
         from gatesearch.search.preflight import ServiceError
@@ -32,7 +34,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SpaceError, ArtifactError, NotFoundError, VideoDecodeError, DatasetError, UnknownNameError,
-                BenchError, ServiceError, RayStartError, SearchBusy) as e:
+                WeightsError, PluginError, BenchError, ServiceError, RayStartError, SearchBusy) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -58,6 +60,17 @@ def _tracker(workdir: Path, tracking_uri: str | None):
     return Tracker(uri)
 
 
+def plugin_option(fn):
+    return click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+                        help="User code that registers backbones or gates (repeatable).")(fn)
+
+
+def _load_plugins(plugins) -> None:
+    from gatesearch.plugins import load_plugins
+
+    load_plugins(plugins)
+
+
 def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, default=str))
 
@@ -75,6 +88,7 @@ def main() -> None:
 @click.option("--name", help="Override the search name (MLflow experiment).")
 @click.option("--seed", type=int, help="Override the sampler seed.")
 @click.option("--objective", type=click.Choice(["latency", "macs"]), help="Second objective beside quality.")
+@plugin_option
 @tracking_options
 @click.option("--ray-address", envvar="RAY_ADDRESS", help="Join an existing Ray cluster instead of starting one.")
 @click.option("--latency-on", metavar="RESOURCE",
@@ -82,8 +96,8 @@ def main() -> None:
                    "ray start --resources '{\"RESOURCE\": 1}'); overrides latency.resource.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def search(config, trials, max_concurrent, name, seed, objective, workdir, tracking_uri, ray_address, latency_on,
-           as_json):
+def search(config, trials, max_concurrent, name, seed, objective, plugins, workdir, tracking_uri, ray_address,
+           latency_on, as_json):
     """Run a multi-objective search described by CONFIG (a YAML file, or `quick` for the built-in one)."""
     from gatesearch.search.engine import RunOptions, run_search
     from gatesearch.search.recorder import format_params
@@ -93,7 +107,7 @@ def search(config, trials, max_concurrent, name, seed, objective, workdir, track
     if not path.exists() and (BUILTIN_CONFIGS / f"{config}.yaml").exists():
         path = BUILTIN_CONFIGS / f"{config}.yaml"
     cfg = load_search_config(path, trials=trials, max_concurrent=max_concurrent, name=name, seed=seed,
-                             objective=objective)
+                             objective=objective, plugins=plugins)
     if latency_on:
         import dataclasses
 
@@ -162,13 +176,19 @@ def _progress(as_json: bool):
 
 
 def _print_front(rows, format_params) -> None:
+    """The front as a table: quality, its drop against dense with the 95 % interval, latency and speedup."""
     if not rows:
         click.echo("no Pareto-optimal trials")
         return
-    click.echo(f"{'trial':<14} {'gate':<12} {'quality':>7} {'ms/frame':>9} {'MMACs':>8}  params")
+    click.echo(f"{'trial':<14} {'gate':<12} {'quality':>7} {'drop':>7} {'95% interval':>17} {'ms/frame':>9} "
+               f"{'speedup':>7} {'MMACs':>8}  params")
     for r in rows:
-        click.echo(f"{r['trial_id']:<14} {r['gate']:<12} {r['quality']:>7.3f} {r['latency_ms']:>9.2f} "
-                   f"{r['macs'] / 1e6:>8.2f}  {format_params(r['params'])}")
+        drop, ci, speedup = r.get("quality_drop"), r.get("quality_drop_ci"), r.get("speedup")
+        click.echo(f"{r['trial_id']:<14} {r['gate']:<12} {r['quality']:>7.3f} "
+                   f"{'' if drop is None else f'{drop:+.3f}':>7} "
+                   f"{'' if not ci else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]':>17} {r['latency_ms']:>9.2f} "
+                   f"{'' if speedup is None else f'{speedup:.2f}x':>7} {r['macs'] / 1e6:>8.2f}  "
+                   f"{format_params(r['params'])}")
 
 
 @main.command()
@@ -209,9 +229,10 @@ def pareto(search_id, max_latency_ms, max_quality_drop, max_macs, min_quality, w
 @click.option("--register", metavar="NAME",
               help="Register the trial's MLflow logged model in the Model Registry as NAME "
                    "(a new version if NAME exists).")
+@plugin_option
 @tracking_options
 @user_errors
-def export(trial_id, out, force, register, workdir, tracking_uri):
+def export(trial_id, out, force, register, plugins, workdir, tracking_uri):
     """Write TRIAL_ID's gated model as a self-contained artifact (safetensors + JSON), and/or register it."""
     import tempfile
 
@@ -220,6 +241,7 @@ def export(trial_id, out, force, register, workdir, tracking_uri):
 
     if out is None and register is None:
         raise click.ClickException("nothing to do: give --out FOLDER, --register NAME or both")
+    _load_plugins(plugins)
     tracker = _tracker(workdir, tracking_uri)
     run = tracker.trial_run(trial_id)
     if run.info.status != "FINISHED":
@@ -258,9 +280,11 @@ def export(trial_id, out, force, register, workdir, tracking_uri):
                    "density.png (density per layer over time), masks.json.")
 @click.option("--layer", "layers", multiple=True, metavar="NAME",
               help="--masks: a layer to draw (repeatable; default: four spread over the depth).")
+@plugin_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 @user_errors
-def run(artifact_dir, video, frames, reset_every, compare_dense, streams, workers, masks_out, layers, as_json):
+def run(artifact_dir, video, frames, reset_every, compare_dense, streams, workers, masks_out, layers, plugins,
+        as_json):
     """Run an exported model over a video stream, frame by frame, with real skipped computation."""
     import itertools
 
@@ -271,6 +295,7 @@ def run(artifact_dir, video, frames, reset_every, compare_dense, streams, worker
     from gatesearch.export.runner import run_stream, run_streams
     from gatesearch.spaces import DataConfig
 
+    _load_plugins(plugins)
     stream = gatesearch.load(artifact_dir, reset_every=reset_every)
     artifact = stream.artifact
     _, h, w = artifact.meta["frame_shape"]

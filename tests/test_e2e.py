@@ -15,12 +15,12 @@ name: e2e
 trials: 4
 max_concurrent: 2
 seed: 1
+model: {train: {epochs: 1}}
 data: {train_clips: 24, val_clips: 8, synthetic: {height: 32, width: 32}}
 evaluation: {frames: 8, latency_repeats: 2}
 space:
   gate: [dense, input_norm, output_norm]
   clip_length: [2, 4]
-  epochs: 1
   block_size: [2, 4]
 """
 
@@ -43,6 +43,14 @@ def test_search_records_pareto_then_export_and_run(tmp_path, monkeypatch, ray_se
         assert key in summary
     front = summary["pareto"]
     assert all({"trial_id", "gate", "params", "quality", "latency_ms", "macs"} <= set(row) for row in front)
+    # every trial is judged against the dense network of this search: paired drop, its interval, speedup
+    dense = summary["dense"]["tiny@1"]
+    assert dense["quality_clips"] == 8 and dense["weights"]["trained"] is True
+    for row in front:
+        assert row["quality_clips"] == 8 and row["speedup"] > 0
+        low, high = row["quality_drop_ci"]
+        assert low <= row["quality_drop"] <= high
+        assert row["quality_drop"] == pytest.approx(dense["quality"] - row["quality"])
 
     client = MlflowClient(summary["tracking_uri"])
     exp = client.get_experiment_by_name("e2e")
@@ -103,6 +111,7 @@ FOLDER_CONFIG = """
 name: folder-{task}
 trials: 1
 max_concurrent: 1
+model: {{train: {{epochs: 1}}}}
 data:
   kind: video_folder
   train_clips: 16
@@ -116,7 +125,6 @@ space:
   threshold: 1.0
   block_size: 2
   clip_length: 4
-  epochs: 1
 """
 
 
@@ -144,13 +152,13 @@ FAMILY_CONFIG = """
 name: family-{gate}
 trials: 2
 max_concurrent: 2
+model: {{train: {{epochs: 1}}, finetune_epochs: 2}}
 data: {{train_clips: 16, val_clips: 8, synthetic: {{height: 32, width: 32}}}}
 evaluation: {{frames: 8, latency_repeats: 2}}
 space:
   backbone: {backbone}
   gate: {gate}
   clip_length: 4
-  epochs: 2
   gates: {{{gate}: {knobs}}}
 """
 

@@ -91,7 +91,16 @@ def test_gate_options_are_searched_only_when_named():
     ({"space": {"gate": ["input_norm"], "threshold": {"low": 2.0, "high": 1.0}}}, r"low 2.0 is greater than high 1.0"),
     ({"space": {"lr": {"low": 0.1, "hi": 0.2}}}, r"^space.lr: unknown range key 'hi'"),
     ({"space": {"clip_length": 5}}, r"^space.clip_length: 5 is not one of 2, 4, 8, 16"),
-    ({"space": {"epochs": 2.5}}, r"^space.epochs: expected int, got 2.5"),
+    ({"model": {"from_scratch": True}, "space": {"epochs": 2.5}}, r"^space.epochs: expected int, got 2.5"),
+    ({"space": {"epochs": 2}}, r"^space.epochs: trials start from the trained dense network; set model.finetune_"),
+    ({"space": {"width": {"low": 0.5, "high": 1.0}}}, r"^space.width: trials share one trained network per width"),
+    ({"model": {"wieghts": "w.pt"}}, r"^model.wieghts: unknown key; known: weights, prefix_map"),
+    ({"model": {"weights": "absent.pt"}}, r"^model.weights: absent.pt: no such file"),
+    ({"model": {"prefix_map": {"fc.": None}}}, r"^model.prefix_map: only used with model.weights"),
+    ({"model": {"finetune_epochs": -1}}, r"^model.finetune_epochs: must be >= 0"),
+    ({"model": {"train": {"epochs": 0}}}, r"^model.train.epochs: must be >= 1"),
+    ({"model": {"train": {"lr": "fast"}}}, r"^model.train.lr: expected float"),
+    ({"plugins": "my_models.py"}, r"^plugins: expected a list"),
     ({"space": {"backbone": "resnet9000"}}, r"^space.backbone: unknown backbone 'resnet9000'"),
     ({"space": {"task": ["classification", "heatmap"]}}, r"^space.task: one task per search"),
     ({"space": {"gate": ["dense"], "gates": {"input_norm": {"threshold": 1.0}}}},
@@ -111,7 +120,9 @@ def test_gate_options_are_searched_only_when_named():
     ({"evaluation": {"reference_every": "often"}}, r"^evaluation.reference_every"),
 ])
 def test_validation_errors_name_the_key(raw, message):
-    with pytest.raises(SpaceError, match=message) as e:
+    from gatesearch.plugins import PluginError
+
+    with pytest.raises((SpaceError, PluginError), match=message) as e:
         parse_search_config(raw)
     assert "\n" not in str(e.value)
 

@@ -67,7 +67,9 @@ def save_artifact(out: Path, model: torch.nn.Module, meta: dict[str, Any], *, ov
 
 
 def trial_meta(trial, *, metrics: dict, data, num_classes: int, frame_shape, trial_id: str | None = None,
-               search_id: str | None = None) -> dict[str, Any]:
+               search_id: str | None = None, weights: dict | None = None, plugins=()) -> dict[str, Any]:
+    """``weights``: the trained weights the trial started from (path and sha256); ``plugins``: the user modules
+    that register its backbone or gate (``gatesearch run --plugin``)."""
     import dataclasses
 
     return {
@@ -78,6 +80,8 @@ def trial_meta(trial, *, metrics: dict, data, num_classes: int, frame_shape, tri
         "data": dataclasses.asdict(data),
         "num_classes": num_classes,
         "frame_shape": list(frame_shape),
+        "weights": weights,
+        "plugins": list(plugins),
     }
 
 
@@ -106,12 +110,19 @@ def load_artifact(folder: Path) -> Artifact:
     from safetensors.torch import load_file
 
     from gatesearch.models import build_model
+    from gatesearch.registry import UnknownNameError
     from gatesearch.spaces import TrialConfig
 
     meta = read_meta(folder)
     try:
         trial = TrialConfig.from_dict(meta["trial"])
         model = build_model(trial, int(meta["num_classes"]))
+    except UnknownNameError as e:
+        plugins = meta.get("plugins") or []
+        if plugins:
+            raise ArtifactError(f"{folder}: the model needs plugin {', '.join(plugins)} ({e}); "
+                                "pass it with --plugin") from None
+        raise ArtifactError(f"{Path(folder) / META}: bad configuration ({e})") from None
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{Path(folder) / META}: bad configuration ({e})") from None
     try:

@@ -52,6 +52,9 @@ class Policy:
     requires: ClassVar[tuple[Structure, ...]] = ()
     #: True when the gate has trainable parameters, so training must stream frames through it
     trains_gates: ClassVar[bool] = False
+    #: True when the gate adds parameters of its own (a learned gate, a policy network): a trial that starts from
+    #: trained weights fine-tunes them (``model.finetune_epochs``); without, the knobs act at inference only
+    fine_tunes: ClassVar[bool] = False
     #: set by ``register_policy``
     registered_name: ClassVar[str]
 

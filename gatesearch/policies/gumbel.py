@@ -188,6 +188,7 @@ class Gumbel(Policy):
     )
     requires = (FRAME_CONVS,)
     trains_gates = True
+    fine_tunes = True
     settings = GumbelSettings()
 
     @classmethod

@@ -32,7 +32,9 @@ from typing import Any
 from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig, parse_search_config
 from gatesearch.spaces.objectives import LatencyTarget
 
+from . import dense
 from . import record as records
+from .dense import DenseStart, model_key
 from .dominance import EPOCH, EPOCHS, Rungs, dominance_scheduler
 from .hypervolume import HypervolumeHistory
 from .localray import RayHandle, clean_up, kill_now, start_ray, stop_ray, temp_dir_for
@@ -89,30 +91,38 @@ class NothingToResume(Exception):
 
 
 def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int,
+                   starts: dict[str, DenseStart], share_weights: bool, plugins: tuple[str, ...],
                    gates: dict[str, type] | None = None, search_id: str | None = None,
                    latency: LatencyTarget = LatencyTarget(), probe_clips: int = 0) -> None:
-    """Runs inside a Ray worker: one trial; a report per epoch (``epoch``, ``epochs``, ``train_loss`` and, with
-    ``probe_clips``, what early stopping ranks), then a final report holding every objective with the model files as
-    its checkpoint. ``gates`` are the searched gates' classes, registered here when the worker does not know them (a
-    gate defined in the driver's script); ``latency.resource`` names the Ray node the latency is measured on."""
+    """Runs inside a Ray worker: one trial from the search's dense start; a report per epoch it trains
+    (``epoch``, ``epochs``, ``train_loss`` and, with ``probe_clips``, what early stopping ranks), then a final
+    report holding every objective (with the quality drop and speedup against the dense baseline) and the model
+    files as its checkpoint. ``gates`` are the searched gates' classes, registered here when the worker does not
+    know them (a gate defined in the driver's script); ``latency.resource`` names the Ray node the latency is
+    measured on."""
     import torch
     from ray import tune
 
     from gatesearch.data.source import frame_shape, num_classes
     from gatesearch.export import trial_meta, write_files
     from gatesearch.objectives.device import DeviceLock
+    from gatesearch.plugins import load_plugins
     from gatesearch.policies import adopt
     from gatesearch.search.target import TargetMeter, artifact_files
     from gatesearch.search.trial import run_trial
 
+    load_plugins(plugins)  # before the config is read: a plugin may register the trial's backbone or gate
     adopt(gates or {})
     torch.set_num_threads(threads)
     trial = TrialConfig.from_dict(config["trial"])
     trial_id = tune.get_context().get_trial_id()
+    start = starts.get(model_key(trial.backbone, trial.width))
+    shared = start if start and share_weights else None
 
     def meta(metrics: dict) -> dict:
         return trial_meta(trial, metrics=metrics, data=data, num_classes=num_classes(data),
-                          frame_shape=frame_shape(data), trial_id=trial_id, search_id=search_id)
+                          frame_shape=frame_shape(data), trial_id=trial_id, search_id=search_id,
+                          weights=shared.source if shared else None, plugins=plugins)
 
     meter = None
     if latency.resource:
@@ -120,8 +130,9 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
                             gates=gates)
     lock = DeviceLock()
     try:
-        outcome = run_trial(trial, data, evaluation, lock=lock, latency_threads=len(os.sched_getaffinity(0)),
-                            meter=meter, probe_clips=probe_clips,
+        outcome = run_trial(trial, data, evaluation, start=shared.state if shared else None,
+                            baseline=start.baseline if start else None, lock=lock,
+                            latency_threads=len(os.sched_getaffinity(0)), meter=meter, probe_clips=probe_clips,
                             on_epoch=lambda epoch, m: tune.report({EPOCH: epoch + 1, EPOCHS: trial.epochs, **m}))
     finally:
         lock.close()
@@ -138,7 +149,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
     workdir = opts.workdir.resolve()
     tracking_uri = opts.tracking_uri or default_tracking_uri(workdir)
     check_services(workdir=workdir, tracking_uri=tracking_uri, ray_address=opts.ray_address)
-    _check_inputs(cfg, echo)
+    plans = _check_inputs(cfg, echo)
     workdir.mkdir(parents=True, exist_ok=True)
     search_id = _new_search_id(workdir, cfg.name)
     with records.hold(workdir, search_id):
@@ -149,7 +160,7 @@ def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Call
                            storage_url=f"sqlite:///{workdir / 'optuna.db'}", study_name=search_id,
                            ray_address=opts.ray_address, driver_pid=os.getpid(), created=now, updated=now)
         records.save(workdir, rec)
-        return _drive(rec, cfg, tracker, opts, echo, progress)
+        return _drive(rec, cfg, plans, tracker, opts, echo, progress)
 
 
 def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, echo: Callable[[str], None] = print,
@@ -168,7 +179,7 @@ def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, ech
     ray_address = opts.ray_address or rec.ray_address
     check_services(workdir=workdir, tracking_uri=rec.tracking_uri, ray_address=ray_address)
     cfg = parse_search_config(rec.config)
-    _check_inputs(cfg, echo)
+    plans = _check_inputs(cfg, echo)
     with records.hold(workdir, rec.search_id):
         rec = records.load(workdir, rec.search_id)  # as its last driver left it
         tracker = Tracker(rec.tracking_uri)
@@ -178,7 +189,7 @@ def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, ech
         records.save(workdir, rec)
         tracker.reopen_search(rec.parent_run_id, rec.to_dict())
         echo(f"resuming {rec.search_id} (attempt {rec.attempts})")
-        return _drive(rec, cfg, tracker, dataclasses.replace(opts, ray_address=ray_address), echo, progress)
+        return _drive(rec, cfg, plans, tracker, dataclasses.replace(opts, ray_address=ray_address), echo, progress)
 
 
 def _recover(rec: SearchRecord, tracker: Tracker, echo: Callable[[str], None]) -> None:
@@ -193,8 +204,8 @@ def _recover(rec: SearchRecord, tracker: Tracker, echo: Callable[[str], None]) -
         echo(f"{len(running)} trial(s) interrupted: {', '.join(t for t, _ in running)}; their budget is given back")
 
 
-def _drive(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, opts: RunOptions, echo: Callable[[str], None],
-           progress: Progress | None) -> dict[str, Any]:
+def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], tracker: Tracker, opts: RunOptions,
+           echo: Callable[[str], None], progress: Progress | None) -> dict[str, Any]:
     """Run what is left of the budget, then record how it ended whatever happened (finished, stopped, crashed)."""
     import optuna
 
@@ -226,6 +237,7 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, opts: RunOpti
                             echo=echo, constraints=cfg.constraints, stopped=rungs.stopped,
                             hypervolume=HypervolumeHistory(cfg.hypervolume_reference, cfg.constraints, cost_key))
         error: BaseException | None = None
+        starts: dict[str, DenseStart] = {}
         try:
             held["ray"] = handle = start_ray(address=opts.ray_address, cpus=opts.cpus or os.cpu_count() or 1,
                                              temp_dir=temp_dir_for(f"{workdir}/{rec.search_id}"))
@@ -238,8 +250,11 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, opts: RunOpti
             echo(f"search {rec.search_id}: {remaining} of {cfg.trials} trials to run, {cfg.max_concurrent} at a "
                  f"time, {threads} thread(s) each; MLflow {rec.tracking_uri}")
             if remaining > 0 and not stop.requested:
+                # the dense network every trial starts from: trained once (cached) or the user's, and its baseline
+                starts = dense.prepare(cfg, plans, dense.DenseCache(workdir / "dense"), cpus=handle.cpus, echo=echo)
+                tracker.record_weights(rec.parent_run_id, {k: s.source for k, s in starts.items()})
                 with recorder.showing():
-                    _fit(cfg, rec, workdir, recorder, rungs, threads=threads, num_samples=remaining)
+                    _fit(cfg, rec, workdir, recorder, rungs, starts, threads=threads, num_samples=remaining)
         except BaseException as e:
             error = e
             raise
@@ -248,24 +263,28 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, opts: RunOpti
             ledger.fail_running(INTERRUPTED)  # asked for by the sampler, never started
             if "ray" in held:
                 stop_ray(held["ray"])
-            summary, stopped = _finish(rec, cfg, tracker, recorder, stop, error, workdir=workdir, start=start,
-                                       resume_hint=resume_hint)
+            summary, stopped = _finish(rec, cfg, tracker, recorder, stop, error, starts, workdir=workdir,
+                                       start=start, resume_hint=resume_hint)
     if stopped is not None:
         raise stopped
     return summary
 
 
-def _fit(cfg: SearchConfig, rec: SearchRecord, workdir: Path, recorder: Recorder, rungs: Rungs, *, threads: int,
-         num_samples: int) -> None:
-    """One Ray Tune run of ``num_samples`` trials, sampled from the search's study (early stopping by ``rungs``)."""
+def _fit(cfg: SearchConfig, rec: SearchRecord, workdir: Path, recorder: Recorder, rungs: Rungs,
+         starts: dict[str, DenseStart], *, threads: int, num_samples: int) -> None:
+    """One Ray Tune run of ``num_samples`` trials, sampled from the search's study (early stopping by ``rungs``),
+    each starting from ``starts`` (its backbone's dense weights and baseline)."""
     from ray import tune
 
+    from gatesearch.plugins import from_plugin_file
     from gatesearch.policies import POLICIES
 
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=cfg.data, evaluation=cfg.evaluation, threads=threads,
-                             gates={g: POLICIES.get(g) for g in cfg.space.gate.values}, search_id=rec.search_id,
-                             latency=cfg.latency,
+                             starts=starts, share_weights=not cfg.model.from_scratch, plugins=cfg.plugins,
+                             gates={g: POLICIES.get(g) for g in cfg.space.gate.values
+                                    if not from_plugin_file(POLICIES.get(g))},  # those the worker imports
+                             search_id=rec.search_id, latency=cfg.latency,
                              probe_clips=cfg.early_stopping.probe_clips if cfg.early_stopping.enabled else 0),
         {"cpu": threads},
     )
@@ -299,7 +318,7 @@ def trial_dirname(trial) -> str:
 
 
 def _finish(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, recorder: Recorder, stop: StopRequest,
-            error: BaseException | None, *, workdir: Path, start: float,
+            error: BaseException | None, starts: dict[str, DenseStart], *, workdir: Path, start: float,
             resume_hint: str) -> tuple[dict[str, Any], SearchStopped | None]:
     """The front, the summary, the parent run's status and the record's state, for any ending."""
     cost_key, cost_label = COST[cfg.objective]
@@ -319,7 +338,8 @@ def _finish(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, recorder: Re
         plot = workdir / "plots" / rec.search_id / "pareto.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_front(rows, {r["trial_id"] for r in pareto}, plot, cost_key=cost_key, cost_label=cost_label,
-                   title=f"{rec.search_id}: {len(rows)} trials, {len(pareto)} Pareto-optimal")
+                   title=f"{rec.search_id}: {len(rows)} trials, {len(pareto)} Pareto-optimal",
+                   dense=[s.baseline.summary() for s in starts.values()])
     pruned = f", {len(recorder.pruned)} stopped early" if recorder.pruned else ""
     done = f"{len(rows)} completed, {len(recorder.failed)} failed{pruned} of {cfg.trials} trials"
     if error is not None:
@@ -355,6 +375,7 @@ def _finish(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, recorder: Re
         "hypervolume": recorder.hypervolume.current,
         "hypervolume_reference": vars(recorder.hypervolume.reference) if recorder.hypervolume.reference else None,
         "pareto_plot": str(plot) if plot else None,
+        "dense": {k: {**s.baseline.summary(), "weights": s.source} for k, s in starts.items()},
         "pareto": pareto,
         "mlflow_ui": tracker.ui_url(rec.parent_run_id),
     }
@@ -367,21 +388,26 @@ def max_epochs(cfg: SearchConfig) -> int:
     """The most epochs any trial of the search trains (where the rungs of early stopping must end)."""
     from gatesearch.spaces import Choice, Fixed
 
+    if cfg.space.epochs_by_gate is not None:  # trials start from the shared dense weights: fine-tuning epochs
+        return max(cfg.space.epochs_by_gate.values(), default=0)
     dom = cfg.space.shared["epochs"]
     if isinstance(dom, Fixed):
         return int(dom.value)
     return int(max(dom.values) if isinstance(dom, Choice) else dom.high)
 
 
-def _check_inputs(cfg: SearchConfig, echo: Callable[[str], None]) -> None:
-    """The data is readable and the kernels are built, before any record exists."""
+def _check_inputs(cfg: SearchConfig, echo: Callable[[str], None]) -> list[dense.DensePlan]:
+    """The data is readable, the user's weights fit every searched backbone (``WeightsError``: one line naming the
+    file and the keys) and the kernels are built, before any record exists; returns what the dense start needs."""
     from gatesearch.data.source import check_data
     from gatesearch.ops import native_available
     from gatesearch.spaces import Choice
 
-    native_available()  # builds the skip-conv kernels once (cached), before trials would each wait for it
     task = cfg.space.shared["task"]
     check_data(cfg.data, tasks=task.values if isinstance(task, Choice) else (task.value,), echo=echo)
+    plans = dense.plan(cfg)  # reads the weights, writes nothing
+    native_available()  # builds the skip-conv kernels once (cached), before trials would each wait for it
+    return plans
 
 
 def _new_search_id(workdir: Path, name: str) -> str:

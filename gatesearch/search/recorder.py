@@ -50,14 +50,19 @@ def trial_row(trial_cfg: dict[str, Any], metrics: dict[str, Any], trial_id: str)
     from gatesearch.spaces import TrialConfig
 
     trial = TrialConfig.from_dict(trial_cfg)
+    trained = {"lr": trial.lr} if trial.epochs else {}  # a trial that did not train has no lr
+    ci = (metrics.get("quality_drop_ci_low"), metrics.get("quality_drop_ci_high"))
     return {
         "trial_id": trial_id,
         "gate": trial.gate,
-        "params": {**trial.knobs, "clip_length": trial.clip_length, "lr": trial.lr, "backbone": trial.backbone},
+        "params": {**trial.knobs, "clip_length": trial.clip_length, **trained, "backbone": trial.backbone},
         "quality": metrics.get("quality"),
+        "quality_drop": metrics.get("quality_drop"),  # dense − trial on the same clips (paired)
+        "quality_drop_ci": list(ci) if None not in ci else None,  # its 95 % bootstrap interval
+        "quality_clips": metrics.get("quality_clips"),
         "latency_ms": metrics.get("latency_ms"),
+        "speedup": metrics.get("speedup"),  # dense latency in this search ÷ the trial's
         "macs": metrics.get("macs"),
-        "quality_drop": metrics.get("quality_drop"),
         "dense_macs": metrics.get("dense_macs"),
         "mean_density": metrics.get("mean_density"),
         "latency_node": metrics.get("latency_node"),
@@ -169,8 +174,11 @@ class Recorder:
         self.state.front = self.front_summary()
         budget = "" if row["feasible"] else " (over budget: " + ", ".join(
             k for k, v in violations.items() if v > 0) + ")"
-        self.progress.line(f"{trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}, "
-                           f"{row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs{budget}")
+        versus = ""
+        if row["quality_drop"] is not None and row["speedup"] is not None:
+            versus = f" (drop {row['quality_drop']:+.3f} {_interval(row['quality_drop_ci'])}, {row['speedup']:.2f}x)"
+        self.progress.line(f"{trial_id} {row['gate']} {format_params(row['params'])} -> quality {row['quality']:.3f}"
+                           f"{versus}, {row['latency_ms']:.2f} ms/frame, {row['macs'] / 1e6:.1f} MMACs{budget}")
         self.progress.refresh()
 
     def _pruned(self, trial_id: str, rid: str, rung: int, *, end_ms: int | None) -> None:
@@ -263,6 +271,10 @@ def _ray_keys() -> frozenset[str]:
 def trial_metrics(result: dict[str, Any], ray_keys: frozenset[str]) -> dict[str, Any]:
     """A Tune report without Ray's bookkeeping (pid, timestamp, training_iteration, ...), ``epoch`` and ``epochs``."""
     return {k: v for k, v in result.items() if k not in ray_keys and k not in (EPOCH, EPOCHS)}
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
 
 
 def tune_callback(recorder: Recorder):

@@ -31,8 +31,8 @@ class Measured:
     def metrics(self) -> dict[str, float | str | None]:
         """What a trial reports of its latency: the per-frame median and spread, and where it was measured."""
         return {"latency_ms": self.stats.median_ms, "latency_min_ms": self.stats.min_ms,
-                "latency_max_ms": self.stats.max_ms, "latency_node": self.node_id, "latency_node_ip": self.node_ip,
-                "latency_threads": self.threads}
+                "latency_max_ms": self.stats.max_ms, "latency_clips": self.stats.clips, "latency_node": self.node_id,
+                "latency_node_ip": self.node_ip, "latency_threads": self.threads}
 
 
 def _where() -> tuple[str | None, str | None]:

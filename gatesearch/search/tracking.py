@@ -39,7 +39,8 @@ RUNS_TABLE_COLUMNS = (
     "params.`gate`",
     "metrics.`quality`",
     "metrics.`quality_drop`",
-    "metrics.`quality_drop_ci`",
+    "metrics.`quality_drop_ci_low`",
+    "metrics.`quality_drop_ci_high`",
     "metrics.`latency_ms`",
     "metrics.`speedup`",
     "metrics.`macs`",
@@ -86,6 +87,14 @@ class Tracker:
                                                  tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
+
+    def record_weights(self, parent: str, sources: dict[str, dict]) -> None:
+        """Which trained weights the search's trials start from (per backbone@width: path and sha256)."""
+        self.client.log_dict(parent, sources, "start_weights.json")
+        for key, source in sources.items():
+            for field in ("path", "sha256"):
+                if source.get(field):
+                    self.client.set_tag(parent, f"gatesearch.weights.{key.replace('@', ':')}.{field}", source[field])
 
     def start_search(self, name: str, search_id: str, config: dict[str, Any], artifact_root: Path | None) -> str:
         exp_id = self.experiment(name, artifact_root)

@@ -1,9 +1,10 @@
 """One trial, without Ray: build, train, evaluate. The unit Ray Tune runs.
 
-Flow: TrialConfig -> backbones.build + policy.apply -> synthetic clips ->
-train (task loss + the policy's loss) -> calibrate (a gate that sets itself
-from data, e.g. per-layer thresholds) -> stream held-out clips through the
-gated model (quality, per-layer density, effective MACs) -> measured latency.
+Flow: TrialConfig -> the dense network (the search's shared trained weights, ``search.dense``, or random
+weights when training from scratch) converted by the trial's gate -> fine-tune if the gate has parameters of its
+own -> calibrate (a gate that sets itself from data, e.g. per-layer thresholds) -> stream held-out clips through
+the gated model (per-clip quality, per-layer density, effective MACs) -> measured latency over several clips ->
+quality drop and speedup against the search's dense baseline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from gatesearch.data.source import load_clips, num_classes
 from gatesearch.models import build_model
 from gatesearch.objectives.device import NoLock
+from gatesearch.objectives.latency import LatencyStats
 from gatesearch.policies import build_policy
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
@@ -28,12 +30,42 @@ CALIBRATION_CLIPS = 8  # training clips a gate calibrates on after training (Pol
 class TrialOutcome:
     metrics: dict[str, float]
     model: torch.nn.Module
+    per_clip: torch.Tensor  # (N,) quality of each held-out clip: top-1 as 0/1, or the clip's mean PCK
+    latency: LatencyStats
     layer_density: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The dense network of a search, evaluated once on the held-out clips every trial is scored on: what a
+    trial's ``quality_drop`` (paired per clip) and ``speedup`` (same device, same search) compare against."""
+
+    per_clip: tuple[float, ...]  # dense quality of each held-out clip
+    latency_ms: float  # median per-frame latency, measured as every trial's is
+    macs: float  # per frame
+
+    @property
+    def quality(self) -> float:
+        return sum(self.per_clip) / len(self.per_clip)
+
+    def summary(self) -> dict[str, float]:
+        """What a search reports of its dense network (and its plot marks)."""
+        return {"quality": self.quality, "quality_clips": len(self.per_clip), "latency_ms": self.latency_ms,
+                "macs": self.macs}
+
+    def compare(self, outcome: TrialOutcome, *, seed: int) -> dict[str, float]:
+        """The trial's ``quality_drop`` with its interval and clip count, and its ``speedup``."""
+        from gatesearch.objectives.quality import quality_drop
+
+        drop = quality_drop(torch.tensor(self.per_clip), outcome.per_clip, seed=seed)
+        return {**drop.as_metrics(), "dense_quality": self.quality, "dense_latency_ms": self.latency_ms,
+                "speedup": self.latency_ms / outcome.latency.median_ms}
 
 
 def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
           on_epoch: Callable[[int, float], None] | None = None) -> float:
-    """Train in place with AdamW; returns the last epoch's mean loss.
+    """Train in place with AdamW for ``cfg.epochs`` (0: no optimiser step, NaN loss); returns the last epoch's
+    mean loss.
 
     Each step holds ``lock.shared()`` so that a latency measurement of another
     trial on this machine can claim the device between steps.
@@ -41,6 +73,8 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     from gatesearch.objectives import task_loss
 
     lock = lock or NoLock()
+    if cfg.epochs == 0:  # a gate without parameters, on trained weights: its knobs act at inference only
+        return float("nan")
     policy = build_policy(cfg.gate, **cfg.knobs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(clips["label"]) / cfg.batch_size)
@@ -101,10 +135,11 @@ def stream_quality(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], eval
 @torch.inference_mode()
 def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation: EvalConfig, *, batch: int = 8,
              lock=None, latency_threads: int | None = None, meter=None) -> TrialOutcome:
-    """Stream held-out clips through the gated model: quality, MACs, densities, latency.
+    """Stream held-out clips through the gated model: per-clip quality, MACs, densities, latency.
 
-    Latency is measured by ``meter`` (``search.target``): by default here, holding the device alone
-    (``lock.exclusive``) with ``latency_threads`` torch threads, so the deployed model gets the whole device.
+    Latency is measured over the first ``evaluation.latency_clips`` clips by ``meter`` (``search.target``): by
+    default here, holding the device alone (``lock.exclusive``) with ``latency_threads`` torch threads, so the
+    deployed model gets the whole device.
     """
     from gatesearch.objectives import mac_report, reset_stats
 
@@ -113,36 +148,40 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
     lock = lock or NoLock()
     reset_every = evaluation.reset_every(cfg.clip_length)
     reset_stats(model)
-    quality = float(stream_quality(model, cfg, clips, evaluation, batch=batch, lock=lock).mean())
+    per_clip = stream_quality(model, cfg, clips, evaluation, batch=batch, lock=lock)  # (N,)
     frame_shape = tuple(clips["clip"].shape[2:])
     macs = mac_report(model, frame_shape)
     meter = meter or LocalMeter(lock, latency_threads)
-    measured = meter.measure(model, clips["clip"][:1], reset_every=reset_every, warmup=evaluation.latency_warmup,
-                             repeats=evaluation.latency_repeats)
+    measured = meter.measure(model, clips["clip"][: evaluation.latency_clips], reset_every=reset_every,
+                             warmup=evaluation.latency_warmup, repeats=evaluation.latency_repeats)
     reset_stats(model)
     metrics = {
-        "quality": quality,
+        "quality": float(per_clip.mean()),
         **measured.metrics(),
         "macs": macs.effective,
         "dense_macs": macs.dense,
         "mac_reduction": macs.reduction,
         "mean_density": macs.mean_density,
     }
-    return TrialOutcome(metrics=metrics, model=model, layer_density={n: lm.density for n, lm in macs.layers.items()})
+    return TrialOutcome(metrics=metrics, model=model, per_clip=per_clip, latency=measured.stats,
+                        layer_density={n: lm.density for n, lm in macs.layers.items()})
 
 
-def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, lock=None,
-              latency_threads: int | None = None, meter=None,
+def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, start: dict | None = None,
+              baseline: Baseline | None = None, lock=None, latency_threads: int | None = None, meter=None,
               on_epoch: Callable[[int, dict[str, float]], None] | None = None, probe_clips: int = 0) -> TrialOutcome:
-    """Build, train and evaluate one candidate; metrics include wall-clock phases. After each epoch ``on_epoch``
-    gets the epoch (0-based) and its metrics: the training loss and, with ``probe_clips``, quality and MACs on that
-    many held-out clips (``search.probe``: what early stopping ranks)."""
+    """Build (from the dense state dict ``start``, or from random weights), train ``cfg.epochs`` (none: no
+    optimiser step at all), evaluate, and compare with ``baseline``; metrics include wall-clock phases. After each
+    epoch ``on_epoch`` gets the epoch (0-based) and its metrics: the training loss and, with ``probe_clips``,
+    quality and MACs on that many held-out clips (``search.probe``: what early stopping ranks)."""
     t0 = time.perf_counter()
-    train_clips = load_clips(data, frames=cfg.clip_length, count=data.train_clips, split="train")
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
+    # a trial that does not train reads only the few training clips a gate calibrates on
+    count = data.train_clips if cfg.epochs else min(CALIBRATION_CLIPS, data.train_clips)
+    train_clips = load_clips(data, frames=cfg.clip_length, count=count, split="train")
     if cfg.task == "heatmap" and "heatmap" not in train_clips:
         raise ValueError("task 'heatmap' needs per-frame centre annotations, and this data has none")
-    model = build_model(cfg, num_classes(data))
+    model = build_model(cfg, num_classes(data), state=start)
     t1 = time.perf_counter()
     epoch_hook = None
     if on_epoch is not None:
@@ -156,9 +195,12 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, loc
     t2 = time.perf_counter()
     outcome = evaluate(model, cfg, val_clips, evaluation, lock=lock, latency_threads=latency_threads, meter=meter)
     t3 = time.perf_counter()
-    outcome.metrics.update(train_loss=loss, data_s=t1 - t0, train_s=t2 - t1, eval_s=t3 - t2)
+    outcome.metrics.update(data_s=t1 - t0, train_s=t2 - t1, eval_s=t3 - t2)
+    if cfg.epochs:
+        outcome.metrics["train_loss"] = loss
+    if baseline is not None:
+        outcome.metrics.update(baseline.compare(outcome, seed=cfg.seed))
     return outcome
 
 
-__all__ = ["TrialOutcome", "evaluate", "run_trial", "stream_quality", "train"]
-
+__all__ = ["Baseline", "TrialOutcome", "evaluate", "run_trial", "stream_quality", "train"]

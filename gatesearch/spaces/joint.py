@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .params import Choice, Domain, Fixed, Param, SpaceError
+from .model import ModelConfig
+from .params import Choice, Domain, Fixed, Param, Range, SpaceError
 from .trial import TrialConfig
 
 #: the parameters every trial has, whatever its gate, with what a search samples when the YAML does not say
@@ -33,6 +34,8 @@ SHARED: dict[str, Param] = {
 }
 #: the gate (policy registry name); its knobs are declared by the gate's policy
 GATE = Param(name="gate", kind=str, doc="policy registry name")
+#: shared parameters that only matter to a trial that trains
+TRAINING = ("lr", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,19 @@ class Space:
     shared: dict[str, Domain] = field(default_factory=dict)
     gate_params: dict[str, dict[str, Domain]] = field(default_factory=dict)  # gate -> param -> domain
     seed: int = 0
+    #: trials start from shared trained weights and train this many epochs per gate (``ModelConfig.trial_epochs``);
+    #: None: every trial trains from scratch for the sampled ``epochs``
+    epochs_by_gate: dict[str, int] | None = None
 
     def suggest(self, trial) -> TrialConfig:
-        """Define-by-run sampling; no side effects beyond the trial's own record."""
+        """Define-by-run sampling; no side effects beyond the trial's own record. A trial that does not train
+        samples no training knob (learning rate, batch size): they would mean nothing."""
         gate = self.gate.suggest(trial, "gate")
-        values = {name: dom.suggest(trial, name) for name, dom in self.shared.items()}
+        epochs = None if self.epochs_by_gate is None else self.epochs_by_gate[gate]
+        values = {name: dom.suggest(trial, name) for name, dom in self.shared.items()
+                  if not (epochs == 0 and name in TRAINING)}
+        if epochs is not None:
+            values["epochs"] = epochs
         knobs = {name: dom.suggest(trial, f"{gate}.{name}") for name, dom in self.gate_params[gate].items()}
         return TrialConfig(gate=gate, seed=self.seed, knobs=knobs, **values)
 
@@ -88,11 +99,13 @@ class Space:
         out: dict[str, Any] = {"gate": self.gate.to_yaml()}
         out.update({k: d.to_yaml() for k, d in self.shared.items()})
         out["gates"] = {g: {k: d.to_yaml() for k, d in ps.items()} for g, ps in self.gate_params.items() if ps}
-        return out
+        return out  # epochs_by_gate follows from the model: section
 
 
-def parse_space(raw: Any, *, seed: int = 0) -> Space:
-    """Validate the ``space:`` section of a search YAML into a Space."""
+def parse_space(raw: Any, *, seed: int = 0, model: ModelConfig | None = None) -> Space:
+    """Validate the ``space:`` section of a search YAML into a Space. With ``model`` (the search's ``model:``
+    section, unless it trains from scratch) trials start from shared trained weights: the epochs a trial trains
+    follow from its gate, and the backbone and width must take finitely many values (one dense network each)."""
     from gatesearch.backbones import BACKBONES
     from gatesearch.policies import POLICIES
 
@@ -105,6 +118,10 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
     if not isinstance(per_gate, dict):
         raise SpaceError("space.gates: expected a mapping of gate name -> parameters")
 
+    shared_weights = model is not None and not model.from_scratch
+    if shared_weights and "epochs" in raw:
+        raise SpaceError("space.epochs: trials start from the trained dense network; set model.finetune_epochs "
+                         "(or model.from_scratch: true to train every trial from random weights)")
     gate_given = "gate" in raw
     gate_dom = GATE.domain(raw.pop("gate", list(POLICIES)), "space.gate")
     gates = gate_dom.values if isinstance(gate_dom, Choice) else (gate_dom.value,)
@@ -162,7 +179,14 @@ def parse_space(raw: Any, *, seed: int = 0) -> Space:
         gate_params[g] = doms
     gates = _compatible_gates(gates, shared, strict=gate_given)
     gate_params = {g: gate_params[g] for g in gates}
-    return Space(gate=Choice(gates), shared=shared, gate_params=gate_params, seed=seed)
+    epochs_by_gate = None
+    if shared_weights:
+        if isinstance(shared["width"], Range):
+            raise SpaceError("space.width: trials share one trained network per width, so give a value or a list, "
+                             "not a range (or model.from_scratch: true)")
+        del shared["epochs"]
+        epochs_by_gate = {g: model.trial_epochs(POLICIES.get(g).fine_tunes) for g in gates}
+    return Space(gate=Choice(gates), shared=shared, gate_params=gate_params, seed=seed, epochs_by_gate=epochs_by_gate)
 
 
 def _compatible_gates(gates: tuple, shared: dict[str, Domain], *, strict: bool) -> tuple:

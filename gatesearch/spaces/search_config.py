@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .joint import Space, parse_space
+from .model import ModelConfig, parse_model
 from .objectives import (
     Constraints,
     EarlyStopping,
@@ -57,7 +58,8 @@ class DataConfig:
 class EvalConfig:
     frames: int = 16  # frames of each held-out clip, streamed one by one
     latency_warmup: int = 2  # untimed passes before timing (kernel selection, calibration)
-    latency_repeats: int = 10  # timed passes; the median is reported, with the spread
+    latency_repeats: int = 10  # timed passes over each latency clip; the median is reported, with the spread
+    latency_clips: int = 4  # held-out clips latency is measured on (a gated model's speed depends on content)
     # T_test (Skip-Conv Table 4): dense reference frame every N frames; 0 = first frame only
     reference_every: int | str = "clip_length"
 
@@ -77,6 +79,8 @@ class SearchConfig:
     sampler: str = "tpe"  # Optuna multi-objective sampler
     # failed trials (crash, NaN, out of memory) tolerated before the search stops; None: no bound but the budget
     max_failures: int | None = None
+    plugins: tuple[str, ...] = ()  # user modules (.py files or module names) registering backbones or gates
+    model: ModelConfig = field(default_factory=ModelConfig)  # the trained weights trials start from
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     space: Space = None  # type: ignore[assignment]  # filled by load/parse
@@ -99,17 +103,19 @@ class SearchConfig:
         ref = self.hypervolume_reference  # its cost is named as the objective reports it
         out["hypervolume_reference"] = {k: v for k, v in (("quality", ref.quality), (self.cost_key, ref.cost))
                                         if v is not None}
+        out["plugins"] = list(self.plugins)
         out["space"] = self.space.to_yaml()
         out["warm_start"] = list(self.warm_start)
         return out
 
 
 #: the sections of a search YAML that are dataclasses of their own, and how each is parsed
-SECTIONS = ("data", "evaluation", "early_stopping", "constraints", "latency", "hypervolume_reference")
+SECTIONS = ("model", "data", "evaluation", "early_stopping", "constraints", "latency", "hypervolume_reference")
 
 
-def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
-    """Read and validate a search YAML; ``overrides`` replace top-level keys (CLI flags)."""
+def load_search_config(path: str | Path, *, plugins: tuple[str, ...] = (), **overrides: Any) -> SearchConfig:
+    """Read and validate a search YAML; ``overrides`` replace top-level keys (CLI flags), ``plugins`` add to the
+    YAML's (``--plugin``)."""
     import yaml
 
     path = Path(path)
@@ -126,12 +132,18 @@ def load_search_config(path: str | Path, **overrides: Any) -> SearchConfig:
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if plugins:
+        listed = raw.get("plugins") or []
+        raw["plugins"] = [*(listed if isinstance(listed, list) else [listed]), *plugins]
     return parse_search_config(raw)
 
 
 def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
+    """Validate a whole search. Plugins are imported first, so the space may name what they register."""
+    from gatesearch.plugins import load_plugins
+
     raw = dict(raw)
-    nested = {*SECTIONS, "space", "warm_start"}
+    nested = {*SECTIONS, "plugins", "space", "warm_start"}
     simple = {f.name: f for f in dataclasses.fields(SearchConfig) if f.name not in nested}
     known = set(simple) | nested
     for key in raw:
@@ -171,7 +183,9 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         minimum = 0 if f.name == "latency_warmup" else 1
         if getattr(evaluation, f.name) < minimum:
             raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
-    space = parse_space(raw.get("space"), seed=cfg.seed)
+    plugins = load_plugins(raw.get("plugins"))  # before the space, which may name what they register
+    model = parse_model(raw.get("model"))
+    space = parse_space(raw.get("space"), seed=cfg.seed, model=model)
     warm = raw.get("warm_start") or []
     if not isinstance(warm, list):
         raise SpaceError(f"warm_start: expected a list of configurations, got {type(warm).__name__}")
@@ -179,7 +193,7 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         space.enqueue_params(point, f"warm_start[{i}]")  # checked here, enqueued by the searcher
     warm_start = tuple(dict(point) for point in warm)
     return dataclasses.replace(
-        cfg, data=data, evaluation=evaluation, space=space, warm_start=warm_start,
+        cfg, plugins=plugins, model=model, data=data, evaluation=evaluation, space=space, warm_start=warm_start,
         early_stopping=parse_early_stopping(raw.get("early_stopping")),
         constraints=parse_constraints(raw.get("constraints")),
         latency=parse_latency(raw.get("latency")),

@@ -19,14 +19,25 @@ def pyplot():
 
 
 def plot_front(rows: list[dict], front_ids: set[str], path: Path, *, cost_key: str, cost_label: str,
-               title: str = "") -> None:
-    """Scatter every trial in its gate's colour, circle the Pareto front, draw its staircase."""
+               title: str = "", dense: list[dict] | None = None) -> None:
+    """Scatter every trial in its gate's colour with its 95 % interval (the drop's, around the trial's quality),
+    circle the Pareto front, draw its staircase, and mark each dense baseline (``dense``: {quality, cost_key})."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for gate in sorted({r["gate"] for r in rows}):
         pts = [r for r in rows if r["gate"] == gate]
         ax.scatter([r[cost_key] for r in pts], [r["quality"] for r in pts], label=gate, alpha=0.8, s=28,
                    color=gate_colour(gate))
+        ci = [r for r in pts if r.get("quality_drop_ci")]
+        if ci:  # quality = dense − drop, so the drop's interval [low, high] maps to [q − (high − drop), q + ...]
+            yerr = [[max(0.0, r["quality_drop_ci"][1] - r["quality_drop"]) for r in ci],
+                    [max(0.0, r["quality_drop"] - r["quality_drop_ci"][0]) for r in ci]]
+            ax.errorbar([r[cost_key] for r in ci], [r["quality"] for r in ci], yerr=yerr, fmt="none",
+                        ecolor=gate_colour(gate), alpha=0.5, lw=1)
+    for i, base in enumerate(dense or []):
+        ax.axhline(base["quality"], color="grey", ls="--", lw=0.8, label="dense" if i == 0 else None)
+        if base.get(cost_key) is not None:
+            ax.axvline(base[cost_key], color="grey", ls=":", lw=0.8)
     front = sorted((r for r in rows if r["trial_id"] in front_ids), key=lambda r: r[cost_key])
     if front:
         ax.step([r[cost_key] for r in front], [r["quality"] for r in front], where="post", color="black", lw=1)

@@ -117,6 +117,7 @@ class DStep(Policy):
     )
     requires = (RESIDUAL_BLOCKS,)
     trains_gates = True
+    fine_tunes = True
 
     def __init__(self, *, settings: DStepSettings = DStepSettings(), **knobs) -> None:
         super().__init__(**knobs)

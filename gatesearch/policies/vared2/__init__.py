@@ -182,6 +182,7 @@ class VaRed2(Policy):
     requires = (BACKBONE_CONVS,)
     # the gates train in the ordinary batched forward: no frame-by-frame state to stream through
     trains_gates = False
+    fine_tunes = True
     #: share of a trial's epochs trained without L_e: VA-RED² fine-tunes a trained dynamic model with the
     #: efficiency loss (Section 4.3: 40 of 160 epochs on Mini-Kinetics); a short trial splits its epochs
     warmup_fraction = 0.5
