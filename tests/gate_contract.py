@@ -151,6 +151,17 @@ def check_macs(backbone: str, gate: str, batch: dict) -> None:
     assert report.effective >= report.dense
 
 
+def check_fine_tunes(backbone: str, gate: str, batch: dict) -> None:
+    """The gate declares ``fine_tunes`` exactly when it adds parameters of its own: a trial that starts from the
+    search's trained dense weights fine-tunes those, and a gate without any does no optimiser step (its knobs act
+    at inference)."""
+    task = tasks_of(backbone)[0]
+    own = sum(p.numel() for p in gated_model(backbone, gate, task).parameters())
+    dense = sum(p.numel() for p in gated_model(backbone, "dense", task).parameters())
+    assert POLICIES.get(gate).fine_tunes == (own > dense), f"fine_tunes is {POLICIES.get(gate).fine_tunes}, " \
+        f"and the gate adds {own - dense} parameters"
+
+
 def check_export(backbone: str, gate: str, batch: dict, folder) -> None:
     """A trained-looking model (every parameter and BN statistic moved off its seeded init) saved as an artifact
     loads back to the same trial and gives exactly the same stream."""

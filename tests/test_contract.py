@@ -14,6 +14,7 @@ from gate_contract import (
     accepted_gates,
     check_backward,
     check_export,
+    check_fine_tunes,
     check_forward,
     check_keep_all,
     check_macs,
@@ -67,6 +68,11 @@ def test_keep_all_is_the_dense_network(backbone, gate, batch, short_batch):
 @pytest.mark.parametrize(("backbone", "gate"), SMALL)
 def test_mac_accounting(backbone, gate, batch):
     check_macs(backbone, gate, batch)
+
+
+@pytest.mark.parametrize(("backbone", "gate"), SMALL)
+def test_fine_tunes_when_it_adds_parameters(backbone, gate, batch):
+    check_fine_tunes(backbone, gate, batch)
 
 
 @pytest.mark.parametrize(("backbone", "gate"), SMALL)

@@ -13,7 +13,15 @@ import sys
 
 import pytest
 import torch
-from gate_contract import check_backward, check_export, check_forward, check_keep_all, check_macs, make_batch
+from gate_contract import (
+    check_backward,
+    check_export,
+    check_fine_tunes,
+    check_forward,
+    check_keep_all,
+    check_macs,
+    make_batch,
+)
 from torch import nn
 
 from gatesearch.policies import POLICIES, Policy, register_policy
@@ -75,7 +83,7 @@ def batch():
     return make_batch(clips=2, frames=3, size=32)
 
 
-@pytest.mark.parametrize("check", [check_forward, check_backward, check_keep_all, check_macs])
+@pytest.mark.parametrize("check", [check_forward, check_backward, check_keep_all, check_macs, check_fine_tunes])
 def test_contract(check, batch):
     check("tiny", NAME, batch)
 
@@ -131,7 +139,8 @@ def test_search_export_and_run(tmp_path, monkeypatch, ray_session):
         "name": "toy", "trials": 1, "max_concurrent": 1,
         "data": {"train_clips": 8, "val_clips": 4, "synthetic": {"height": 32, "width": 32}},
         "evaluation": {"frames": 4, "latency_warmup": 0, "latency_repeats": 1},
-        "space": {"gate": NAME, "gates": {NAME: {"gain": 0.9}}, "epochs": 1, "clip_length": 2},
+        "model": {"train": {"epochs": 1}},
+        "space": {"gate": NAME, "gates": {NAME: {"gain": 0.9}}, "clip_length": 2},
     })
     try:
         summary = run_search(cfg, RunOptions(workdir=tmp_path / "runs"), echo=lambda line: None)
