@@ -418,14 +418,16 @@ def video_fps(path: Path) -> float:
 @click.option("--layer-size", type=int, default=56, show_default=True, help="--layer: feature map size.")
 @click.option("--kernel", type=int, default=3, show_default=True, help="--layer: kernel size.")
 @click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
+@plugin_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @user_errors
 def bench(backbone, gate, task, threshold, block_size, params, target_density, target_error, sweep, plot, streams,
           workers, artifact, video, frames, size, width_mult, reset_every, threads, repeats, layer, channels,
-          layer_size, kernel, density, as_json):
+          layer_size, kernel, density, plugins, as_json):
     """Time the gated model against the dense one, side by side on the same clip, and say how far its output is."""
     from gatesearch.bench import BenchConfig, gate_knobs, lines, parse_values, run_bench
 
+    _load_plugins(plugins)
     if layer:
         import os
 
