@@ -500,7 +500,7 @@ def fidelity(quick, profile_name, out, video, only, seed, workdir, tracking_uri)
 
 @main.group()
 def data():
-    """Datasets: write the synthetic one to disk."""
+    """Datasets: write the synthetic one to disk, or cut real videos into a video folder."""
 
 
 @data.command()
@@ -527,6 +527,30 @@ def synth(out_dir, clips_per_class, frames, height, width, shapes, directions, s
     with click.progressbar(length=total, label=f"writing {total} videos", file=sys.stderr) as bar:
         write_synthetic_folder(out_dir, cfg, clips_per_class=clips_per_class, on_video=lambda _: bar.update(1))
     click.echo(f"wrote {total} videos in {cfg.num_classes} classes to {out_dir}")
+
+
+@data.command()
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The video folder to write (one sub-folder per class).")
+@click.option("--class", "classes", multiple=True, metavar="NAME",
+              help="The class of each video, in order (repeatable; default: the video's file name).")
+@click.option("--frames", type=click.IntRange(min=2), default=16, show_default=True, help="Frames per segment.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep one frame in N (lowers the frame rate).")
+@click.option("--short-side", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Resize segments so that their shorter side is this.")
+@click.option("--max-segments", type=click.IntRange(min=1), help="At most this many segments per video.")
+@user_errors
+def cut(videos, out_dir, classes, frames, every, short_side, max_segments):
+    """Cut long VIDEOS into consecutive short segments, a video folder a search can read (data.kind: video_folder)."""
+    from gatesearch.data.cut import CutPlan, cut_videos
+
+    plan = CutPlan(frames=frames, every=every, short_side=short_side, max_segments=max_segments)
+    written = cut_videos(list(videos), out_dir, plan, classes=list(classes) or None)
+    for name, n in written.items():
+        click.echo(f"{name}: {n} segments of {frames} frames")
+    click.echo(f"wrote {sum(written.values())} videos in {len(written)} classes to {out_dir}")
 
 
 @main.command(name="list")
