@@ -37,6 +37,7 @@ def search_config(args, *, early: bool):
         "seed": args.seed,
         "objective": args.objective,
         "sampler": "tpe",
+        "model": {"from_scratch": True},  # every trial trains from random weights for space.epochs
         "data": {"train_clips": args.train_clips, "val_clips": args.val_clips,
                  "synthetic": {"height": 32, "width": 32}},
         "evaluation": {"frames": 8, "latency_warmup": 1, "latency_repeats": 3},

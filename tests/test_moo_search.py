@@ -16,6 +16,7 @@ CONFIG = {
     "max_concurrent": 1,  # the trials reach the rung in the order they were enqueued
     "seed": 0,
     "objective": "macs",
+    "model": {"from_scratch": True},  # trials train from random weights for space.epochs: rungs to stop at
     "data": {"train_clips": 32, "val_clips": 16, "synthetic": {"height": 32, "width": 32}},
     "evaluation": {"frames": 8, "latency_repeats": 2},
     "space": {"gate": ["dense", "input_norm"], "clip_length": 2, "epochs": 3, "block_size": 2,

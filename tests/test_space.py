@@ -163,6 +163,7 @@ def test_reference_every():
 
 def test_warm_start_points_become_the_optuna_params_of_their_configuration():
     cfg = parse_search_config({"space": {"gate": ["dense", "input_norm"], "block_size": [2, 4]},
+                               "model": {"finetune_all": True},  # so that lr is sampled for a norm gate too
                                "warm_start": [{"gate": "dense"},
                                               {"gate": "input_norm", "threshold": 1.0, "block_size": 4, "lr": 0.005}]})
     assert cfg.warm_start[1] == {"gate": "input_norm", "threshold": 1.0, "block_size": 4, "lr": 0.005}

@@ -25,6 +25,7 @@ CONFIG = {
     "name": "target",
     "trials": 2,
     "max_concurrent": 2,
+    "model": {"from_scratch": True},
     "data": {"train_clips": 16, "val_clips": 4, "synthetic": {"height": 32, "width": 32}},
     "evaluation": {"frames": 4, "latency_repeats": 2},
     "space": {"gate": ["dense", "input_norm"], "clip_length": 2, "epochs": 1, "block_size": 2},
