@@ -109,7 +109,7 @@ def test_a_trial_calibrates_its_gate_and_the_search_samples_the_target():
     from gatesearch.search.trial import run_trial
     from gatesearch.spaces import DataConfig, EvalConfig, parse_search_config
 
-    cfg = parse_search_config({"space": {"gate": "input_norm", "epochs": 1, "clip_length": 4, "block_size": 2,
+    cfg = parse_search_config({"space": {"gate": "input_norm", "clip_length": 4, "block_size": 2,
                                          "gates": {"input_norm": {"calibrate": "density",
                                                                   "threshold": {"low": 0.2, "high": 0.4}}}}})
     trial = cfg.space.suggest(optuna.create_study().ask())

@@ -26,6 +26,7 @@ trials: {trials}
 max_concurrent: 1
 seed: {seed}
 {extra}
+model: {{from_scratch: true}}  # every trial trains for space.epochs: a trial is running when the search is stopped
 data: {{train_clips: {clips}, val_clips: 8, synthetic: {{height: 32, width: 32}}}}
 evaluation: {{frames: 8, latency_repeats: 2}}
 space:
