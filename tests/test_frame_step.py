@@ -188,3 +188,35 @@ def test_frames_of_a_new_size_start_a_new_reference():
             out = model.stream(x)
             expected = layer_by_layer(model).stream(x)
             assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("crossover", [0.0, 1.0])
+def test_the_calibrated_fallback_to_dense_keeps_the_frames(monkeypatch, crossover):
+    """The machine's crossover (injected here) picks per layer between the sparse step and the dense conv masked to
+    the active blocks: either way the frames are the per-layer path's and the masked formulation's."""
+    from gatesearch.ops import crossover as calibration
+
+    monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: {"crossover": crossover, "stable": False})
+    calibration.clear_cache()
+    model = gated("resnet18_tiny", task="classification", threshold=0.03, block_size=4, reference="block",
+                  per_value=True)
+    masked = layer_by_layer(model)
+    for layer in skip_layers(masked):
+        layer.path = "dense"
+    x = clip(frames=6)
+    with torch.inference_mode():
+        model.stream(x)
+        plan = model.frame_runner._program.plan
+        plan.set_profiling(True)
+        out = model.stream(x)
+        plan.set_profiling(False)
+        expected = layer_by_layer(model).stream(x)
+        reference = masked.stream(x)
+    calibration.clear_cache()
+    scale = max(1.0, expected.abs().max().item())
+    assert (out - expected).abs().max().item() <= 1e-5 * scale
+    assert (out - reference).abs().max().item() <= 1e-4 * scale
+    spent = plan.timings()
+    sparse = spent["gather"] + spent["fused"]
+    assert spent["dense"] > 0 and (sparse > 0 if crossover else spent["gather"] == 0)
