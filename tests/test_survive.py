@@ -277,6 +277,21 @@ def failing_gates(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
 
 
+def test_a_second_ctrl_c_exits_at_once_and_leaves_no_ray_behind(tmp_path, searches):
+    cfg = write_config(tmp_path, trials=3, epochs=2, clips=48)
+    s = searches("search", cfg)
+    s.wait_for("started")
+    pids = ray_pids(only_record(tmp_path))
+    s.proc.send_signal(signal.SIGINT)
+    s.wait_for("press Ctrl-C again to exit at once")
+    t0 = time.monotonic()
+    s.proc.send_signal(signal.SIGINT)
+    code, _, lines = s.finish(timeout=30)
+    assert time.monotonic() - t0 <= 5
+    assert code == 128 + signal.SIGINT and "exiting at once" in lines[-1]
+    assert [p for p in pids if alive(p)] == []
+
+
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, searches, failing_gates):
     """Trials that diverge (NaN) or run out of memory are FAILED with their reason in both stores; the search
     goes on and the other trials complete."""
@@ -311,3 +326,42 @@ def test_max_failures_stops_the_search_with_one_line(tmp_path, searches, failing
     assert "stopped: 2 trials failed, more than max_failures (1)" in lines[-1], "\n".join(lines)
     assert "gatesearch resume" in lines[-1]
     assert_settled(only_record(tmp_path), completed=0, parent_status="FAILED")
+
+
+def test_a_long_trial_killed_mid_training_continues_from_its_checkpoint(tmp_path, searches):
+    """SIGKILL after a trial checkpointed two of its epochs: the resumed search runs its parameters from epoch 2
+    under a new trial id (tagged with the one it continues) instead of training it again."""
+    import optuna
+
+    from gatesearch.search.checkpoint import LONG_TRIAL_EPOCHS, TrainState
+
+    cfg = write_config(tmp_path, trials=2, epochs=LONG_TRIAL_EPOCHS, clips=64)
+    s = searches("search", cfg)
+    s.wait_for("started")
+    first = s.lines[-1].split()[0]
+    state = tmp_path / "gatesearch_runs" / "ray"
+    deadline = time.monotonic() + 300
+    while not list(state.glob(f"*/{first}/checkpoint_000001/state.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    s.proc.kill()
+    s.proc.wait(timeout=30)
+    states = [TrainState.load(p.parent) for p in state.glob(f"*/{first}/checkpoint_*/state.json")]
+    saved = max(s.epoch for s in states if s is not None)  # (one being written as the driver died reads as None)
+    assert saved >= 2
+
+    code, out, lines = searches("resume", "--json").finish()
+    assert code == 0, "\n".join(lines)
+    assert any(f"trial {first} continues from its checkpoint after epoch {saved}" in line for line in lines)
+    assert json.loads(out.strip().splitlines()[-1])["trials_completed"] == 2
+    trials, children = assert_settled(only_record(tmp_path), completed=2, parent_status="FINISHED")
+    killed = next(t for t in trials if t.user_attrs["tune_trial_id"] == first)
+    heir = next(t for t in trials if t.user_attrs.get("continues") == first)
+    assert killed.state == optuna.trial.TrialState.FAIL and killed.user_attrs["reason"] == "interrupted"
+    assert heir.state == optuna.trial.TrialState.COMPLETE and heir.params == killed.params
+    run = next(r for r in children if r.data.tags["gatesearch.trial_id"] == heir.user_attrs["tune_trial_id"])
+    assert run.data.tags["gatesearch.continues"] == first
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(only_record(tmp_path).tracking_uri).get_metric_history(run.info.run_id,
+                                                                                                "train_loss")]
+    assert steps == list(range(saved + 1, LONG_TRIAL_EPOCHS + 1))  # only the epochs after the checkpoint ran

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,7 +46,7 @@ from .record import SearchRecord
 from .recorder import Recorder, tune_callback
 from .searcher import COST, make_searcher, pareto_from_study
 from .stopping import StopRequest, handle_signals, stopper
-from .study import INTERRUPTED, StudyLedger
+from .study import INTERRUPTED, RESUME_FROM, StudyLedger
 from .target import check_resource
 from .tracking import TRIAL_TAG, Tracker, default_tracking_uri
 
@@ -108,6 +110,7 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     from gatesearch.objectives.device import DeviceLock
     from gatesearch.plugins import load_plugins
     from gatesearch.policies import adopt
+    from gatesearch.search.checkpoint import LONG_TRIAL_EPOCHS, TrainState
     from gatesearch.search.target import TargetMeter, artifact_files
     from gatesearch.search.trial import run_trial
 
@@ -128,12 +131,32 @@ def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, th
     if latency.resource:
         meter = TargetMeter(latency.resource, lambda model: artifact_files(model, meta({})), threads=latency.threads,
                             gates=gates)
+    # a trial continuing an interrupted one starts from its last epoch (from scratch if that state is unreadable)
+    resume = TrainState.load(Path(config[RESUME_FROM])) if config.get(RESUME_FROM) else None
+    saved: list[Path] = []  # the state the next per-epoch report carries as its checkpoint
+
+    def save_state(state: TrainState) -> None:
+        saved.append(Path(tempfile.mkdtemp(prefix="gatesearch-state-")))
+        state.save(saved[-1])
+
+    def report_epoch(epoch: int, metrics: dict) -> None:
+        report = {EPOCH: epoch + 1, EPOCHS: trial.epochs, **metrics}
+        if not saved:
+            tune.report(report)
+            return
+        folder = saved.pop()
+        try:
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     lock = DeviceLock()
     try:
         outcome = run_trial(trial, data, evaluation, start=shared.state if shared else None,
                             baseline=start.baseline if start else None, lock=lock,
                             latency_threads=len(os.sched_getaffinity(0)), meter=meter, probe_clips=probe_clips,
-                            on_epoch=lambda epoch, m: tune.report({EPOCH: epoch + 1, EPOCHS: trial.epochs, **m}))
+                            on_epoch=report_epoch, resume=resume,
+                            save_state=save_state if trial.epochs >= LONG_TRIAL_EPOCHS else None)
     finally:
         lock.close()
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,7 +206,7 @@ def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, ech
     with records.hold(workdir, rec.search_id):
         rec = records.load(workdir, rec.search_id)  # as its last driver left it
         tracker = Tracker(rec.tracking_uri)
-        _recover(rec, tracker, echo)
+        _recover(rec, tracker, workdir, echo)
         rec = dataclasses.replace(rec, state="running", attempts=rec.attempts + 1, ray_address=ray_address,
                                   driver_pid=os.getpid(), updated=time.time(), message="")
         records.save(workdir, rec)
@@ -192,16 +215,31 @@ def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, ech
         return _drive(rec, cfg, plans, tracker, dataclasses.replace(opts, ray_address=ray_address), echo, progress)
 
 
-def _recover(rec: SearchRecord, tracker: Tracker, echo: Callable[[str], None]) -> None:
-    """What the last driver left: its local Ray's processes, trials still RUNNING in Optuna or MLflow."""
+def _recover(rec: SearchRecord, tracker: Tracker, workdir: Path, echo: Callable[[str], None]) -> None:
+    """What the last driver left: its local Ray's processes, trials still RUNNING in Optuna or MLflow, and long
+    trials to continue from their last checkpoint."""
     if rec.ray_temp_dir:
         left = clean_up(Path(rec.ray_temp_dir), rec.ray_pids)
         if left:
             echo(f"stopped {len(left)} process(es) left by the search's previous Ray")
-    running = StudyLedger(rec.storage_url, rec.study_name).fail_running(INTERRUPTED)
+    ledger = StudyLedger(rec.storage_url, rec.study_name)
+    running = ledger.fail_running(INTERRUPTED)
     tracker.kill_running_trials(rec.search_id, INTERRUPTED)
     if running:
         echo(f"{len(running)} trial(s) interrupted: {', '.join(t for t, _ in running)}; their budget is given back")
+    for tune_id, folder, epoch in ledger.requeue_interrupted(lambda tid: _last_state(workdir, tid)):
+        echo(f"trial {tune_id} continues from its checkpoint after epoch {epoch} ({folder})")
+
+
+def _last_state(workdir: Path, tune_id: str) -> tuple[Path, int] | None:
+    """The last complete training state a trial checkpointed (its folder is named by its id) and its epoch."""
+    from .checkpoint import latest_checkpoint
+
+    for trial_dir in (workdir / "ray").glob(f"*/{tune_id}"):
+        found = latest_checkpoint(trial_dir)
+        if found is not None:
+            return found[0], found[1].epoch
+    return None
 
 
 def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], tracker: Tracker, opts: RunOptions,
@@ -227,6 +265,8 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], t
         handle = held.get("ray")
         if handle is not None and handle.temp_dir:
             kill_now(Path(handle.temp_dir), handle.pids)
+        if sys.stderr.isatty():
+            sys.stderr.write("\x1b[?25h")  # a live display hid the cursor; nothing will show it again
         echo(f"exiting at once; continue the search with: {resume_hint}")
 
     with handle_signals(on_first=first, on_second=second) as stop:
@@ -306,6 +346,7 @@ def _fit(cfg: SearchConfig, rec: SearchRecord, workdir: Path, recorder: Recorder
             verbose=0,
             callbacks=[tune_callback(recorder)],
             stop=stopper(),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # a last one cut short leaves the one before
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

@@ -27,7 +27,7 @@ from .hypervolume import HypervolumeHistory
 from .pareto import pareto_indices
 from .progress import PlainProgress, Progress, Running, SearchState
 from .stopping import StopRequest
-from .study import INTERRUPTED, StudyLedger, Tally
+from .study import CONTINUES, INTERRUPTED, StudyLedger, Tally
 from .tracking import FEASIBLE_TAG, LATENCY_NODE_TAG, PRUNED_TAG, Tracker, now_ms
 
 
@@ -119,18 +119,21 @@ class Recorder:
             self.progress.stop()
 
     # -- Tune's events ------------------------------------------------------------------------------------------
-    def started(self, trial_id: str, trial_cfg: dict, *, start_ms: int | None = None) -> None:
+    def started(self, trial_id: str, trial_cfg: dict, *, start_ms: int | None = None,
+                continues: str | None = None) -> None:
+        """``continues``: the interrupted trial this one takes over from its last checkpoint."""
         if trial_id in self._open:  # Tune restarting a trial it had started: the same run goes on
             return
         params = trial_params(trial_cfg)
         self.runs[trial_id] = self.tracker.start_trial(self.parent, self.search_id, trial_id, params,
-                                                       start_ms=start_ms)
+                                                       start_ms=start_ms, continues=continues)
         self._open.add(trial_id)
         self.state.running[trial_id] = Running(trial_id=trial_id, gate=params["gate"],
                                                epochs=int(params.get("epochs") or 0))
         knobs = {k: v for k, v in params.items() if k not in ("backbone", "width", "task", "gate", "epochs",
                                                                "batch_size", "seed")}
-        self.progress.line(f"{trial_id} started: {params['gate']} {format_params(knobs)}")
+        then = f" (continues {continues})" if continues else ""
+        self.progress.line(f"{trial_id} started: {params['gate']} {format_params(knobs)}{then}")
         self.progress.refresh()
 
     def epoch(self, trial_id: str, epoch: int, metrics: dict[str, Any], *, timestamp_ms: int | None = None) -> None:
@@ -286,7 +289,8 @@ def tune_callback(recorder: Recorder):
 
     class RecorderCallback(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            recorder.started(trial.trial_id, trial.config["trial"], start_ms=now_ms())
+            recorder.started(trial.trial_id, trial.config["trial"], start_ms=now_ms(),
+                             continues=trial.config.get(CONTINUES))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "epoch" in result:

@@ -12,7 +12,7 @@ from typing import Any
 
 from gatesearch.spaces import SearchConfig
 
-from .study import CONFIG, METRICS, TUNE_ID
+from .study import CONFIG, CONTINUES, METRICS, RESUME_FROM, TUNE_ID
 
 RUN_ID = "mlflow_run_id"  # user attribute: the trial's MLflow run
 STOPPED_AT = "stopped_at_epoch"  # user attribute of a trial early stopping pruned: the rung's epoch
@@ -66,6 +66,9 @@ def make_searcher(cfg: SearchConfig, storage_url: str, study_name: str, *, stopp
             ot_trial = self._ot_trials[trial_id]
             ot_trial.set_user_attr(TUNE_ID, trial_id)
             ot_trial.set_user_attr(CONFIG, params["trial"])
+            if ot_trial.user_attrs.get(RESUME_FROM):  # queued to continue an interrupted trial
+                params[RESUME_FROM] = ot_trial.user_attrs[RESUME_FROM]
+                params[CONTINUES] = ot_trial.user_attrs.get(CONTINUES)
             return params
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):

@@ -9,7 +9,9 @@ does not count against the budget (a resumed search runs another in its place).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gatesearch.spaces.objectives import Constraints
@@ -19,6 +21,8 @@ TUNE_ID = "tune_trial_id"
 CONFIG = "trial_config"
 METRICS = "metrics"
 REASON = "reason"
+CONTINUES = "continues"  # on a trial queued to continue an interrupted one: that trial's Tune id
+RESUME_FROM = "resume_from"  # ... and the training state it starts from (also the key in the Tune config)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,34 @@ class StudyLedger:
         tid = self._trial_id(trial)
         self.storage.set_trial_user_attr(tid, REASON, reason[:1000])
         self.storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
+
+    def requeue_interrupted(self, last_state: Callable[[str], tuple[Path, int] | None]) -> list[tuple[str, Path, int]]:
+        """Queue each interrupted trial that left a training state (``last_state(tune id)``: folder, epoch) and is
+        not queued yet: the next trial the sampler asks for gets its parameters and starts from that state.
+        A continuation interrupted before its own first checkpoint passes on the state it started from.
+        Returns (Tune id, folder, epoch) of each trial queued."""
+        import optuna
+
+        from .checkpoint import TrainState
+
+        trials = self._trials()
+        queued = {t.user_attrs.get(CONTINUES) for t in trials}
+        out = []
+        for t in trials:
+            tune_id = t.user_attrs.get(TUNE_ID)
+            if t.state != optuna.trial.TrialState.FAIL or t.user_attrs.get(REASON) != INTERRUPTED or tune_id in queued:
+                continue
+            found = last_state(tune_id)
+            if found is None and t.user_attrs.get(RESUME_FROM):
+                state = TrainState.load(Path(t.user_attrs[RESUME_FROM]))
+                found = (Path(t.user_attrs[RESUME_FROM]), state.epoch) if state is not None else None
+            if found is None:
+                continue
+            folder, epoch = found
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            study.enqueue_trial(t.params, user_attrs={CONTINUES: tune_id, RESUME_FROM: str(folder)})
+            out.append((tune_id, folder, epoch))
+        return out
 
     def tally(self, constraints: Constraints | None = None) -> Tally:
         """What the study holds so far: completed rows (``feasible`` under ``constraints``), failed, pruned and

@@ -30,6 +30,7 @@ PARETO_TAG = "gatesearch.pareto"  # "true" / "false" on every trial
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "gatesearch.error"  # a failed trial's traceback (its end)
 REASON_TAG = "gatesearch.reason"  # one line: why a trial failed or was killed ("interrupted")
+CONTINUES_TAG = "gatesearch.continues"  # the interrupted trial a trial took over from its checkpoint
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"  # MLflow's experiment kind for model training (runs table first)
 VIEW_KEY = "gatesearch"
@@ -146,11 +147,14 @@ class Tracker:
 
     # -- a trial --------------------------------------------------------------------------------------------------
     def start_trial(self, parent: str, search_id: str, trial_id: str, params: dict[str, Any], *,
-                    start_ms: int | None = None) -> str:
-        """Open the trial's child run as the trial starts; ``params``: the trial's own (None values dropped)."""
+                    start_ms: int | None = None, continues: str | None = None) -> str:
+        """Open the trial's child run as the trial starts; ``params``: the trial's own (None values dropped);
+        ``continues``: the interrupted trial it takes over from its last checkpoint."""
         exp_id = self.client.get_run(parent).info.experiment_id
         tags = {SEARCH_TAG: search_id, TRIAL_TAG: trial_id, KIND_TAG: "trial", PARENT_TAG: parent,
                 PARETO_TAG: "false"}
+        if continues:
+            tags[CONTINUES_TAG] = continues
         run = self.client.create_run(exp_id, start_time=start_ms or now_ms(), run_name=trial_id, tags=tags)
         self._log_params(run.info.run_id, params)
         return run.info.run_id

@@ -23,6 +23,8 @@ from gatesearch.objectives.latency import LatencyStats
 from gatesearch.policies import build_policy
 from gatesearch.spaces import DataConfig, EvalConfig, TrialConfig
 
+from .checkpoint import TrainState
+
 CALIBRATION_CLIPS = 8  # training clips a gate calibrates on after training (Policy.calibrate)
 
 
@@ -63,12 +65,15 @@ class Baseline:
 
 
 def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
-          on_epoch: Callable[[int, float], None] | None = None) -> float:
+          on_epoch: Callable[[int, float], None] | None = None,
+          save_state: Callable[[TrainState], None] | None = None, resume: TrainState | None = None) -> float:
     """Train in place with AdamW for ``cfg.epochs`` (0: no optimiser step, NaN loss); returns the last epoch's
     mean loss.
 
     Each step holds ``lock.shared()`` so that a latency measurement of another
-    trial on this machine can claim the device between steps.
+    trial on this machine can claim the device between steps. ``save_state``
+    gets the training state after each epoch but the last (before ``on_epoch``);
+    ``resume`` continues from such a state as if training had never stopped.
     """
     from gatesearch.objectives import task_loss
 
@@ -81,8 +86,11 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    mean = float("nan")
-    for epoch in range(cfg.epochs):
+    mean, first = float("nan"), 0
+    if resume is not None:
+        resume.restore(model=model, optimizer=opt, scheduler=sched, generator=gen)
+        mean, first = resume.loss, resume.epoch
+    for epoch in range(first, cfg.epochs):
         policy.on_epoch(model, epoch, cfg.epochs)
         stream = policy.streams(epoch, cfg.epochs)
         order = torch.randperm(len(clips["label"]), generator=gen)
@@ -104,6 +112,9 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
         mean = total / len(order)
         if not math.isfinite(mean):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {mean}); lower the learning rate")
+        if save_state and epoch + 1 < cfg.epochs:
+            save_state(TrainState.capture(epoch=epoch + 1, loss=mean, model=model, optimizer=opt, scheduler=sched,
+                                          generator=gen))
         if on_epoch:
             on_epoch(epoch, mean)
     return mean
@@ -169,11 +180,13 @@ def evaluate(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], evaluation
 
 def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, start: dict | None = None,
               baseline: Baseline | None = None, lock=None, latency_threads: int | None = None, meter=None,
-              on_epoch: Callable[[int, dict[str, float]], None] | None = None, probe_clips: int = 0) -> TrialOutcome:
+              on_epoch: Callable[[int, dict[str, float]], None] | None = None, probe_clips: int = 0,
+              save_state: Callable[[TrainState], None] | None = None, resume: TrainState | None = None) -> TrialOutcome:
     """Build (from the dense state dict ``start``, or from random weights), train ``cfg.epochs`` (none: no
-    optimiser step at all), evaluate, and compare with ``baseline``; metrics include wall-clock phases. After each
-    epoch ``on_epoch`` gets the epoch (0-based) and its metrics: the training loss and, with ``probe_clips``,
-    quality and MACs on that many held-out clips (``search.probe``: what early stopping ranks)."""
+    optimiser step at all; continuing from ``resume`` if given), evaluate, and compare with ``baseline``; metrics
+    include wall-clock phases. After each epoch ``on_epoch`` gets the epoch (0-based) and its metrics: the training
+    loss and, with ``probe_clips``, quality and MACs on that many held-out clips (``search.probe``: what early
+    stopping ranks); ``save_state`` gets the training state (``search.checkpoint``) after each epoch but the last."""
     t0 = time.perf_counter()
     val_clips = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     # a trial that does not train reads only the few training clips a gate calibrates on
@@ -189,7 +202,7 @@ def run_trial(cfg: TrialConfig, data: DataConfig, evaluation: EvalConfig, *, sta
 
         probe = EpochProbe(model, cfg, val_clips, evaluation, count=probe_clips, lock=lock) if probe_clips else dict
         epoch_hook = lambda epoch, loss: on_epoch(epoch, {"train_loss": loss, **probe()})
-    loss = train(model, cfg, train_clips, lock=lock, on_epoch=epoch_hook)
+    loss = train(model, cfg, train_clips, lock=lock, on_epoch=epoch_hook, save_state=save_state, resume=resume)
     with (lock or NoLock()).shared():  # a gate that sets itself from data (per-layer ε)
         build_policy(cfg.gate, **cfg.knobs).calibrate(model, train_clips["clip"][:CALIBRATION_CLIPS])
     t2 = time.perf_counter()

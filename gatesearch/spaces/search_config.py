@@ -72,7 +72,7 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     name: str = "search"  # MLflow experiment name and prefix of the search id
-    trials: int = 12  # number of trials to run
+    trials: int = 12  # trials that end, completed or failed (an interrupted trial does not count)
     max_concurrent: int = 2  # trials running at once (each gets cpus / max_concurrent threads)
     seed: int = 0  # sampler seed and trial seed
     objective: str = "latency"  # second objective beside quality: "latency" or "macs"
