@@ -126,18 +126,11 @@ def only_record(tmp_path: Path) -> record.SearchRecord:
 def ray_pids(rec: record.SearchRecord) -> set[int]:
     """The processes of the search's local Ray: those it recorded, and whatever holds files in its temp dir."""
     assert rec.ray_temp_dir and rec.ray_pids
-    found = set(rec.ray_pids)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(rec.ray_temp_dir + "/") for fd in fds):
-                found.add(int(pid))
-        except OSError:
-            continue
-    return found
+    return set(rec.ray_pids) | set(localray.ray_processes(Path(rec.ray_temp_dir)))
 
 
 def alive(pid: int) -> bool:
+    """Running, by its state in /proc (a zombie nobody reaped yet is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
