@@ -57,10 +57,12 @@ def machine_tag() -> str:
 
 @functools.lru_cache(maxsize=1)
 def build_tag() -> str:
-    """Digest of the kernel source, torch version and CPU: names the build and keys timing caches."""
+    """Digest of the kernel source and its path, torch version and CPU: names the build and keys timing caches."""
     key = hashlib.sha1()
+    # The checkout's path too: torch's build.ninja names sources by absolute path, so two checkouts of the same
+    # source sharing one folder would rebuild it for each other, minutes at a time.
     for part in (*(src.read_bytes() for src in (*_SOURCES, *_HEADERS)), torch.__version__.encode(),
-                 _cpu_tag().encode()):
+                 _cpu_tag().encode(), str(_CSRC.resolve()).encode()):
         key.update(part)
     return key.hexdigest()[:12]
 
