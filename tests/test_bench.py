@@ -166,6 +166,8 @@ def test_run_compare_dense(cli, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
     assert out["rel_error_max"] <= 1e-5 and out["agreement"] == 1.0 and out["dense_latency_ms_per_frame"] > 0
+    # the speedup is the ratio of the medians printed beside it, not of sums a slow first frame decides
+    assert out["speedup"] == pytest.approx(out["dense_latency_ms_per_frame"] / out["latency_ms_per_frame"])
     r = cli("run", "art", "--frames", "3", "--compare-dense")
     assert r.exit_code == 0 and "dense twin:" in r.output and "top1 agreement 1.000" in r.output
 
