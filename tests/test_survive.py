@@ -199,10 +199,10 @@ def test_sigkill_then_resume_completes_the_budget(tmp_path, searches):
     assert code == 0 and "finished" in out and "nothing to resume" in out
 
 
-def test_sigint_stops_cleanly_then_resumes(tmp_path, searches):
+def test_sigint_stops_cleanly_then_resumes(tmp_path, searches, test_gates):
     import optuna
 
-    cfg = write_config(tmp_path, trials=3, epochs=2, clips=48)  # trials of several seconds: one is running
+    cfg = write_config(tmp_path, trials=3, gate="[test_slow]", epochs=2, clips=48)  # seconds a trial: one runs
     s = searches("search", cfg)
     s.wait_for("done 1/3")
     time.sleep(1)
@@ -229,8 +229,8 @@ def test_sigint_stops_cleanly_then_resumes(tmp_path, searches):
     assert_settled(only_record(tmp_path), completed=3, parent_status="FINISHED")
 
 
-FAILING_GATES = '''
-"""Gates that fail the way real trials fail, registered in the driver and in every Ray worker."""
+TEST_GATES = '''
+"""Gates that fail the way real trials fail (and one that is slow), registered in the driver and every Ray worker."""
 import torch
 
 from gatesearch.policies.base import Policy, register_policy
@@ -248,6 +248,22 @@ class Diverges(Policy):
         return torch.tensor(float("nan"))
 
 
+@register_policy("test_slow")
+class Slow(Policy):
+    """Test gate: every training step takes at least 0.3 s, so a trial is surely running when the search is
+    stopped, however fast the machine."""
+
+    @classmethod
+    def keep_all(cls):
+        return {}
+
+    def loss(self, model, *, output=None, batch=None):
+        import time
+
+        time.sleep(0.3)
+        return torch.zeros(())
+
+
 @register_policy("test_out_of_memory")
 class OutOfMemory(Policy):
     """Test gate: training runs out of memory."""
@@ -262,16 +278,16 @@ class OutOfMemory(Policy):
 
 
 @pytest.fixture
-def failing_gates(tmp_path, monkeypatch):
+def test_gates(tmp_path, monkeypatch):
     """Every Python process of the test's searches (Ray workers too) registers the failing gates at start-up."""
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(FAILING_GATES)
+    (site / "sitecustomize.py").write_text(TEST_GATES)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
 
 
-def test_a_second_ctrl_c_exits_at_once_and_leaves_no_ray_behind(tmp_path, searches):
-    cfg = write_config(tmp_path, trials=3, epochs=2, clips=48)
+def test_a_second_ctrl_c_exits_at_once_and_leaves_no_ray_behind(tmp_path, searches, test_gates):
+    cfg = write_config(tmp_path, trials=3, gate="[test_slow]", epochs=2, clips=48)
     s = searches("search", cfg)
     s.wait_for("started")
     pids = ray_pids(only_record(tmp_path))
@@ -285,7 +301,7 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_no_ray_behind(tmp_path, search
     assert [p for p in pids if alive(p)] == []
 
 
-def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, searches, failing_gates):
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, searches, test_gates):
     """Trials that diverge (NaN) or run out of memory are FAILED with their reason in both stores; the search
     goes on and the other trials complete."""
     import optuna
@@ -312,7 +328,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, searches, 
             assert run.data.tags["gatesearch.reason"] == t.user_attrs["reason"]
 
 
-def test_max_failures_stops_the_search_with_one_line(tmp_path, searches, failing_gates):
+def test_max_failures_stops_the_search_with_one_line(tmp_path, searches, test_gates):
     cfg = write_config(tmp_path, trials=4, gate="test_diverges", extra="max_failures: 1")
     code, _, lines = searches("search", cfg).finish()
     assert code == 1
