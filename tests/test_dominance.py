@@ -62,7 +62,7 @@ def test_milestones_and_config():
     ({"reduction_factor": 1}, "early_stopping.reduction_factor: must be > 1"),
     ({"grace_period": 0}, "early_stopping.grace_period: must be >= 1"),
     ({"grace": 1}, "early_stopping.grace: unknown key"),
-    ({"rungs": 1.5}, "early_stopping.rungs: expected an integer"),
+    ({"rungs": 1.5}, "early_stopping.rungs: expected int"),
     ([1], "early_stopping: expected a mapping"),
 ])
 def test_bad_early_stopping_is_one_line_naming_the_key(raw, message):

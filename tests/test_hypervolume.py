@@ -70,5 +70,5 @@ def test_constraints_values_and_feasibility():
         parse_constraints({"max_macs": -1})
     with pytest.raises(SpaceError, match="constraints.max_flops: unknown key"):
         parse_constraints({"max_flops": 1})
-    with pytest.raises(SpaceError, match="constraints.max_macs: expected a number, got '5e6'"):
+    with pytest.raises(SpaceError, match="constraints.max_macs: expected float, got '5e6'"):
         parse_constraints({"max_macs": "5e6"})

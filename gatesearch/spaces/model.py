@@ -10,11 +10,13 @@ all, gates with parameters of their own (Gumbel gates, D-STEP's policy networks,
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .params import SpaceError
+from .sections import at_least, section, typed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,10 +77,11 @@ def parse_model(raw: Any) -> ModelConfig:
         raise SpaceError("model.prefix_map: only used with model.weights")
     values["prefix_map"] = dict(prefix_map)
     values["train"] = _dense_training(raw.get("train"))
-    for key, kind, minimum in (("finetune_epochs", int, 0), ("finetune_all", bool, None),
-                               ("from_scratch", bool, None)):
+    hints = typing.get_type_hints(ModelConfig)
+    for key in ("finetune_epochs", "finetune_all", "from_scratch"):
         if key in raw:
-            values[key] = _checked(raw[key], kind, f"model.{key}", minimum)
+            values[key] = typed(raw[key], hints[key], f"model.{key}")
+    at_least(values.get("finetune_epochs", 0), 0, "model.finetune_epochs")
     cfg = ModelConfig(**values)
     if cfg.from_scratch and cfg.weights:
         raise SpaceError("model.from_scratch: trials train from random weights, so model.weights would be unused")
@@ -86,34 +89,12 @@ def parse_model(raw: Any) -> ModelConfig:
 
 
 def _dense_training(raw: Any) -> DenseTraining:
-    if raw is None:
-        return DenseTraining()
-    if not isinstance(raw, dict):
-        raise SpaceError(f"model.train: expected a mapping, got {type(raw).__name__}")
-    defaults = DenseTraining()
-    values = {}
-    for key, value in raw.items():
-        if not hasattr(defaults, key):
-            known = ", ".join(f.name for f in dataclasses.fields(DenseTraining))
-            raise SpaceError(f"model.train.{key}: unknown key; known: {known}")
-        kind = type(getattr(defaults, key))
-        values[key] = _checked(value, kind, f"model.train.{key}", 0.0 if kind is float else 1)
-    if "lr" in values and values["lr"] <= 0:
-        raise SpaceError(f"model.train.lr: must be > 0, got {values['lr']}")
-    if values.get("clip_length", 2) < 2:
+    train = section(DenseTraining, raw, "model.train", minimum={"epochs": 1, "batch_size": 1})
+    if train.lr <= 0:
+        raise SpaceError(f"model.train.lr: must be > 0, got {train.lr}")
+    if train.clip_length < 2:
         raise SpaceError("model.train.clip_length: must be >= 2 (motion needs two frames)")
-    return DenseTraining(**values)
-
-
-def _checked(value: Any, kind: type, where: str, minimum: float | None) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        expected = "true or false" if kind is bool else kind.__name__
-        raise SpaceError(f"{where}: expected {expected}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpaceError(f"{where}: must be >= {minimum}, got {value!r}")
-    return value
+    return train
 
 
 __all__ = ["DenseTraining", "ModelConfig", "parse_model"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .params import SpaceError
+from .sections import section, typed
 
 STOPPING_KINDS = ("off", "dominance")
 
@@ -98,22 +99,16 @@ class HypervolumeReference:
 
 
 def parse_early_stopping(raw: Any) -> EarlyStopping:
-    es = _section(EarlyStopping, raw, "early_stopping")
+    es = section(EarlyStopping, raw, "early_stopping", minimum={"grace_period": 1, "rungs": 0, "probe_clips": 1})
     if es.kind not in STOPPING_KINDS:
         raise SpaceError(f"early_stopping.kind: {es.kind!r} is not one of {', '.join(STOPPING_KINDS)}")
-    if es.grace_period < 1:
-        raise SpaceError(f"early_stopping.grace_period: must be >= 1, got {es.grace_period}")
     if not es.reduction_factor > 1:
         raise SpaceError(f"early_stopping.reduction_factor: must be > 1, got {es.reduction_factor}")
-    if es.rungs < 0:
-        raise SpaceError(f"early_stopping.rungs: must be >= 0, got {es.rungs}")
-    if es.probe_clips < 1:
-        raise SpaceError(f"early_stopping.probe_clips: must be >= 1, got {es.probe_clips}")
     return es
 
 
 def parse_constraints(raw: Any) -> Constraints:
-    c = _section(Constraints, raw, "constraints")
+    c = section(Constraints, raw, "constraints")
     for name, bound in c.named().items():
         if not math.isfinite(bound) or bound < 0:
             raise SpaceError(f"constraints.{name}: must be a finite number >= 0, got {bound}")
@@ -121,11 +116,9 @@ def parse_constraints(raw: Any) -> Constraints:
 
 
 def parse_latency(raw: Any) -> LatencyTarget:
-    target = _section(LatencyTarget, raw, "latency")
+    target = section(LatencyTarget, raw, "latency", minimum={"threads": 1})
     if target.resource is not None and not target.resource.strip():
         raise SpaceError("latency.resource: must name a Ray custom resource, got an empty name")
-    if target.threads is not None and target.threads < 1:
-        raise SpaceError(f"latency.threads: must be >= 1, got {target.threads}")
     return target
 
 
@@ -139,33 +132,5 @@ def parse_hypervolume_reference(raw: Any, cost_key: str) -> HypervolumeReference
         if key not in ("quality", cost_key):
             raise SpaceError(f"hypervolume_reference.{key}: unknown key; known: quality, {cost_key} "
                              f"(the cost as the search's objective reports it)")
-    values = {k: _number(v, f"hypervolume_reference.{k}") for k, v in raw.items()}
+    values = {k: typed(v, float, f"hypervolume_reference.{k}") for k, v in raw.items()}
     return HypervolumeReference(quality=values.get("quality"), cost=values.get(cost_key))
-
-
-def _section(cls, raw: Any, where: str):
-    """A frozen dataclass from a YAML mapping: known keys only, each of its field's type."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise SpaceError(f"{where}.{key}: unknown key; known: {', '.join(fields)}")
-        kind = str(fields[key].type)
-        if "float" in kind:
-            value = _number(value, f"{where}.{key}")
-        elif "int" in kind and (not isinstance(value, int) or isinstance(value, bool)):
-            raise SpaceError(f"{where}.{key}: expected an integer, got {value!r}")
-        elif "str" in kind and not isinstance(value, str):
-            raise SpaceError(f"{where}.{key}: expected a string, got {value!r}")
-        values[key] = value
-    return cls(**values)
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpaceError(f"{where}: expected a number, got {value!r}")
-    return float(value)

@@ -7,6 +7,7 @@ e.g. ``space.gates.input_norm.threshold.low: must be >= 0.0, got -1``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from .objectives import (
     parse_latency,
 )
 from .params import SpaceError
+from .sections import section, typed
 
 #: second objective (the first is always quality) -> the trial metric it is
 OBJECTIVES = {"latency": "latency_ms", "macs": "macs"}
 SAMPLERS = ("tpe", "nsga2", "random")
-OPTIONAL_INTS = ("max_failures",)  # top-level keys that may be null
 
 
 DATA_KINDS = ("synthetic", "video_folder")
@@ -150,9 +151,10 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         if key not in known:
             raise SpaceError(f"{key}: unknown key; known: {', '.join(sorted(known))}")
     values: dict[str, Any] = {}
+    hints = typing.get_type_hints(SearchConfig)
     for key in simple:
-        if key in raw and not (key in OPTIONAL_INTS and raw[key] is None):
-            values[key] = _typed(raw[key], int if key in OPTIONAL_INTS else type(getattr(SearchConfig(), key)), key)
+        if key in raw:
+            values[key] = typed(raw[key], hints[key], key)
     cfg = SearchConfig(**values)
     if cfg.trials < 1:
         raise SpaceError(f"trials: must be >= 1, got {cfg.trials}")
@@ -166,23 +168,16 @@ def parse_search_config(raw: dict[str, Any]) -> SearchConfig:
         raise SpaceError(f"sampler: {cfg.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise SpaceError(f"name: must be non-empty without spaces or slashes, got {cfg.name!r}")
-    data = _section(DataConfig, raw.get("data"), "data")
+    data = section(DataConfig, raw.get("data"), "data", minimum={"train_clips": 1, "val_clips": 1})
     if data.kind not in DATA_KINDS:
         raise SpaceError(f"data.kind: {data.kind!r} is not one of {', '.join(DATA_KINDS)}")
     data = _check_data_source(data)
-    for key in ("train_clips", "val_clips"):
-        if getattr(data, key) < 1:
-            raise SpaceError(f"data.{key}: must be >= 1, got {getattr(data, key)}")
-    evaluation = _section(EvalConfig, raw.get("evaluation"), "evaluation")
+    minimum = {f.name: 0 if f.name == "latency_warmup" else 1 for f in dataclasses.fields(EvalConfig)
+               if f.name != "reference_every"}
+    evaluation = section(EvalConfig, raw.get("evaluation"), "evaluation", minimum=minimum)
     ref = evaluation.reference_every
     if ref != "clip_length" and not (isinstance(ref, int) and not isinstance(ref, bool) and ref >= 0):
         raise SpaceError(f"evaluation.reference_every: expected clip_length or an int >= 0, got {ref!r}")
-    for f in dataclasses.fields(EvalConfig):
-        if f.name == "reference_every":
-            continue
-        minimum = 0 if f.name == "latency_warmup" else 1
-        if getattr(evaluation, f.name) < minimum:
-            raise SpaceError(f"evaluation.{f.name}: must be >= {minimum}, got {getattr(evaluation, f.name)}")
     plugins = load_plugins(raw.get("plugins"))  # before the space, which may name what they register
     model = parse_model(raw.get("model"))
     space = parse_space(raw.get("space"), seed=cfg.seed, model=model)
@@ -221,27 +216,3 @@ def _check_data_source(data: DataConfig) -> DataConfig:
     if not root.is_dir():
         raise SpaceError(f"data.folder.root: {root} is not a folder")
     return dataclasses.replace(data, folder={**data.folder, "root": str(root.resolve())})
-
-
-def _section(cls, raw: Any, where: str):
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    defaults = cls()
-    values = {}
-    for key, value in raw.items():
-        if not hasattr(defaults, key):
-            known = ", ".join(f.name for f in dataclasses.fields(cls))
-            raise SpaceError(f"{where}.{key}: unknown key; known: {known}")
-        default = getattr(defaults, key)
-        values[key] = value if key == "reference_every" else _typed(value, type(default), f"{where}.{key}")
-    return cls(**values)
-
-
-def _typed(value: Any, kind: type, where: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise SpaceError(f"{where}: expected {kind.__name__}, got {value!r}")
-    return value
