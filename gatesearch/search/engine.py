@@ -1,9 +1,9 @@
 """A search's lifecycle: ``run_search`` starts one, ``resume_search`` continues one that stopped or was killed.
 
 Ray Tune runs the trials, Optuna samples them (``searcher``) and keeps the ledger of what ended (``study``),
-MLflow records them (``recorder``). Each trial runs ``tune_trainable`` in a Ray worker and reports its metrics
-with its model files as the checkpoint; the Tune trial id tags the trial's Optuna trial and its MLflow child run,
-which holds those files for ``export``. The front, its plot and the summary go on the search's parent run.
+MLflow records them (``recorder``). Each trial runs ``trainable.tune_trainable`` in a Ray worker and reports its
+metrics with its model files as the checkpoint; the Tune trial id tags the trial's Optuna trial and its MLflow
+child run, which holds those files for ``export``. The front, its plot and the summary go on the search's parent run.
 
 Around that run: services are checked before anything is written (``preflight``), the search's own record
 (``record``) says how to continue it, Ctrl-C / SIGTERM stop it cleanly (``stopping``) and a local Ray started
@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gatesearch.spaces import DataConfig, EvalConfig, SearchConfig, TrialConfig, parse_search_config
-from gatesearch.spaces.objectives import LatencyTarget
+from gatesearch.spaces import SearchConfig, parse_search_config
 
 from . import dense
 from . import record as records
-from .dense import DenseStart, model_key
-from .dominance import EPOCH, EPOCHS, Rungs, dominance_scheduler
+from .dense import DenseStart
+from .dominance import Rungs, dominance_scheduler
 from .hypervolume import HypervolumeHistory
 from .localray import RayHandle, clean_up, kill_now, start_ray, stop_ray, temp_dir_for
 from .preflight import check_services
@@ -46,9 +43,10 @@ from .record import SearchRecord
 from .recorder import Recorder, tune_callback
 from .searcher import COST, make_searcher, pareto_from_study
 from .stopping import StopRequest, handle_signals, stopper
-from .study import INTERRUPTED, RESUME_FROM, StudyLedger
+from .study import INTERRUPTED, StudyLedger
 from .target import check_resource
 from .tracking import TRIAL_TAG, Tracker, default_tracking_uri
+from .trainable import last_state, trial_dirname, tune_trainable
 
 ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -90,78 +88,6 @@ class SearchStopped(Exception):
 
 class NothingToResume(Exception):
     """``resume`` was asked for a search that finished (one line; not an error)."""
-
-
-def tune_trainable(config: dict, *, data: DataConfig, evaluation: EvalConfig, threads: int,
-                   starts: dict[str, DenseStart], share_weights: bool, plugins: tuple[str, ...],
-                   gates: dict[str, type] | None = None, search_id: str | None = None,
-                   latency: LatencyTarget = LatencyTarget(), probe_clips: int = 0) -> None:
-    """Runs inside a Ray worker: one trial from the search's dense start; a report per epoch it trains
-    (``epoch``, ``epochs``, ``train_loss`` and, with ``probe_clips``, what early stopping ranks), then a final
-    report holding every objective (with the quality drop and speedup against the dense baseline) and the model
-    files as its checkpoint. ``gates`` are the searched gates' classes, registered here when the worker does not
-    know them (a gate defined in the driver's script); ``latency.resource`` names the Ray node the latency is
-    measured on."""
-    import torch
-    from ray import tune
-
-    from gatesearch.data.source import frame_shape, num_classes
-    from gatesearch.export import trial_meta, write_files
-    from gatesearch.objectives.device import DeviceLock
-    from gatesearch.plugins import load_plugins
-    from gatesearch.policies import adopt
-    from gatesearch.search.checkpoint import LONG_TRIAL_EPOCHS, TrainState
-    from gatesearch.search.target import TargetMeter, artifact_files
-    from gatesearch.search.trial import run_trial
-
-    load_plugins(plugins)  # before the config is read: a plugin may register the trial's backbone or gate
-    adopt(gates or {})
-    torch.set_num_threads(threads)
-    trial = TrialConfig.from_dict(config["trial"])
-    trial_id = tune.get_context().get_trial_id()
-    start = starts.get(model_key(trial.backbone, trial.width))
-    shared = start if start and share_weights else None
-
-    def meta(metrics: dict) -> dict:
-        return trial_meta(trial, metrics=metrics, data=data, num_classes=num_classes(data),
-                          frame_shape=frame_shape(data), trial_id=trial_id, search_id=search_id,
-                          weights=shared.source if shared else None, plugins=plugins)
-
-    meter = None
-    if latency.resource:
-        meter = TargetMeter(latency.resource, lambda model: artifact_files(model, meta({})), threads=latency.threads,
-                            gates=gates)
-    # a trial continuing an interrupted one starts from its last epoch (from scratch if that state is unreadable)
-    resume = TrainState.load(Path(config[RESUME_FROM])) if config.get(RESUME_FROM) else None
-    saved: list[Path] = []  # the state the next per-epoch report carries as its checkpoint
-
-    def save_state(state: TrainState) -> None:
-        saved.append(Path(tempfile.mkdtemp(prefix="gatesearch-state-")))
-        state.save(saved[-1])
-
-    def report_epoch(epoch: int, metrics: dict) -> None:
-        report = {EPOCH: epoch + 1, EPOCHS: trial.epochs, **metrics}
-        if not saved:
-            tune.report(report)
-            return
-        folder = saved.pop()
-        try:
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    lock = DeviceLock()
-    try:
-        outcome = run_trial(trial, data, evaluation, start=shared.state if shared else None,
-                            baseline=start.baseline if start else None, lock=lock,
-                            latency_threads=len(os.sched_getaffinity(0)), meter=meter, probe_clips=probe_clips,
-                            on_epoch=report_epoch, resume=resume,
-                            save_state=save_state if trial.epochs >= LONG_TRIAL_EPOCHS else None)
-    finally:
-        lock.close()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_files(Path(tmp), outcome.model, meta(outcome.metrics))
-        tune.report(outcome.metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def run_search(cfg: SearchConfig, opts: RunOptions = RunOptions(), *, echo: Callable[[str], None] = print,
@@ -227,19 +153,8 @@ def _recover(rec: SearchRecord, tracker: Tracker, workdir: Path, echo: Callable[
     tracker.kill_running_trials(rec.search_id, INTERRUPTED)
     if running:
         echo(f"{len(running)} trial(s) interrupted: {', '.join(t for t, _ in running)}; their budget is given back")
-    for tune_id, folder, epoch in ledger.requeue_interrupted(lambda tid: _last_state(workdir, tid)):
+    for tune_id, folder, epoch in ledger.requeue_interrupted(lambda tid: last_state(workdir, tid)):
         echo(f"trial {tune_id} continues from its checkpoint after epoch {epoch} ({folder})")
-
-
-def _last_state(workdir: Path, tune_id: str) -> tuple[Path, int] | None:
-    """The last complete training state a trial checkpointed (its folder is named by its id) and its epoch."""
-    from .checkpoint import latest_checkpoint
-
-    for trial_dir in (workdir / "ray").glob(f"*/{tune_id}"):
-        found = latest_checkpoint(trial_dir)
-        if found is not None:
-            return found[0], found[1].epoch
-    return None
 
 
 def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], tracker: Tracker, opts: RunOptions,
@@ -351,11 +266,6 @@ def _fit(cfg: SearchConfig, rec: SearchRecord, workdir: Path, recorder: Recorder
         ),
     )
     tuner.fit()
-
-
-def trial_dirname(trial) -> str:
-    """A trial's folder is named by its id alone, so its checkpoints are found again from the id."""
-    return trial.trial_id
 
 
 def _finish(rec: SearchRecord, cfg: SearchConfig, tracker: Tracker, recorder: Recorder, stop: StopRequest,
@@ -476,4 +386,4 @@ def _resume_hint(search_id: str, workdir: Path) -> str:
 
 
 __all__ = ["NothingToResume", "RunOptions", "SearchStopped", "resume_search", "run_search",
-           "set_env_defaults", "tune_trainable"]
+           "set_env_defaults"]
