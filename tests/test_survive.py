@@ -4,6 +4,7 @@ Each search runs as its own ``gatesearch`` process with its own local Ray (bound
 the fixture stops the driver and the processes of its Ray by pid.
 """
 
+import dataclasses
 import json
 import os
 import queue
@@ -181,6 +182,8 @@ def test_sigkill_then_resume_completes_the_budget(tmp_path, searches):
     s.proc.wait(timeout=30)
     killed = record.load(tmp_path / "gatesearch_runs", rec.search_id)
     assert killed.state == "running"  # as the killed driver left it
+    # as if it had been killed before it recorded its Ray: resume finds that Ray by the search's own name
+    record.save(tmp_path / "gatesearch_runs", dataclasses.replace(killed, ray_temp_dir=None, ray_pids=()))
 
     r = searches("resume", "--json")
     code, out, lines = r.finish()
@@ -188,6 +191,7 @@ def test_sigkill_then_resume_completes_the_budget(tmp_path, searches):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["search_id"] == rec.search_id and summary["state"] == "finished"
     assert summary["trials_completed"] == 4 and summary["trials_failed"] == 0 and summary["attempts"] == 2
+    assert any("left by the search's previous Ray" in line for line in lines)  # stopped before trials ran
     assert [p for p in pids if alive(p)] == []  # no process of the killed Ray instance is left
     after = only_record(tmp_path)
     assert after.state == "finished" and after.parent_run_id == rec.parent_run_id
@@ -299,6 +303,9 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_no_ray_behind(tmp_path, search
     assert time.monotonic() - t0 <= 5
     assert code == 128 + signal.SIGINT and "exiting at once" in lines[-1]
     assert [p for p in pids if alive(p)] == []
+    _, parents, children = stores(only_record(tmp_path))  # MLflow shows it stopped, not RUNNING
+    assert parents[0].info.status == "KILLED"
+    assert [r.info.run_name for r in children if r.info.status == "RUNNING"] == []
 
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, searches, test_gates):

@@ -144,8 +144,10 @@ def resume_search(search_id: str | None, opts: RunOptions = RunOptions(), *, ech
 def _recover(rec: SearchRecord, tracker: Tracker, workdir: Path, echo: Callable[[str], None]) -> None:
     """What the last driver left: its local Ray's processes, trials still RUNNING in Optuna or MLflow, and long
     trials to continue from their last checkpoint."""
-    if rec.ray_temp_dir:
-        left = clean_up(Path(rec.ray_temp_dir), rec.ray_pids)
+    # a driver killed before it recorded its Ray's folder still started it where temp_dir_for says
+    temp_dir = rec.ray_temp_dir or (None if rec.ray_address else str(_ray_temp_dir(workdir, rec.search_id)))
+    if temp_dir:
+        left = clean_up(Path(temp_dir), rec.ray_pids)
         if left:
             echo(f"stopped {len(left)} process(es) left by the search's previous Ray")
     ledger = StudyLedger(rec.storage_url, rec.study_name)
@@ -180,6 +182,7 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], t
         handle = held.get("ray")
         if handle is not None and handle.temp_dir:
             kill_now(Path(handle.temp_dir), handle.pids)
+        _record_killed(tracker, rec, timeout_s=3.0)
         if sys.stderr.isatty():
             sys.stderr.write("\x1b[?25h")  # a live display hid the cursor; nothing will show it again
         echo(f"exiting at once; continue the search with: {resume_hint}")
@@ -195,7 +198,7 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], t
         starts: dict[str, DenseStart] = {}
         try:
             held["ray"] = handle = start_ray(address=opts.ray_address, cpus=opts.cpus or os.cpu_count() or 1,
-                                             temp_dir=temp_dir_for(f"{workdir}/{rec.search_id}"))
+                                             temp_dir=_ray_temp_dir(workdir, rec.search_id))
             rec = dataclasses.replace(rec, ray_temp_dir=handle.temp_dir, ray_pids=handle.pids, updated=time.time())
             records.save(workdir, rec)
             if cfg.latency.resource:
@@ -223,6 +226,24 @@ def _drive(rec: SearchRecord, cfg: SearchConfig, plans: list[dense.DensePlan], t
     if stopped is not None:
         raise stopped
     return summary
+
+
+def _ray_temp_dir(workdir: Path, search_id: str) -> Path:
+    return temp_dir_for(f"{workdir}/{search_id}")
+
+
+def _record_killed(tracker: Tracker, rec: SearchRecord, *, timeout_s: float) -> None:
+    """On the way out after a second Ctrl-C: the parent and its running trials KILLED in MLflow, if the store
+    answers within ``timeout_s`` (the user asked to exit at once; ``resume`` repairs whatever is left)."""
+    import threading
+
+    def record() -> None:
+        tracker.kill_running_trials(rec.search_id, INTERRUPTED)
+        tracker.client.set_terminated(rec.parent_run_id, status="KILLED")
+
+    worker = threading.Thread(target=record, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
 
 
 def _fit(cfg: SearchConfig, rec: SearchRecord, workdir: Path, recorder: Recorder, rungs: Rungs,
