@@ -1,5 +1,6 @@
 """The Skip-Conv Gumbel gate (Eq. 8) and its MAC-weighted loss (Eq. 9)."""
 
+import copy
 import math
 import time
 
@@ -96,18 +97,60 @@ def test_gate_is_one_channel_conv_with_the_layers_geometry():
     assert not [n for n, _ in layer.gate.named_modules() if n], "the gate holds bare parameters, no Conv2d to convert"
 
 
-def test_starts_open_and_inference_rounds_the_sigmoid():
-    """Initial bias +3: every gate open at the start; at inference g = round(σ(f)) = [f > 0] (Eq. 8)."""
+def test_starts_open_where_anything_changed_and_inference_rounds_the_sigmoid():
+    """At the start (w ≥ 0, b = 0) every changed position is open and every still one closed; at inference
+    g = round(σ(f)) = [f > 0] (Eq. 8), f a conv on |r|."""
     model = toy().eval()
     layer = skip_layers(model)[0]
     r = torch.randn(2, 3, 16, 16) * 0.1
     assert layer.gate.block_mask(r, layer).all()
-    set_logit(layer.gate, 0.0)
+    r[:, :, :8] = 0  # the top half still: its outputs whose support lies in it see no change at all
+    assert not layer.gate.block_mask(r, layer)[:, :7].any() and layer.gate.block_mask(r, layer)[:, 8:].all()
+    set_logit(layer.gate, -0.05)
     with torch.no_grad():
-        layer.gate.weight[0, 0, 1, 1] = 1.0  # f = r[:, 0] at the centre tap
+        layer.gate.weight[0, 0, 1, 1] = 1.0  # f = |r[:, 0]| - 0.05 at the centre tap
     m1, m2 = layer.gate.block_mask(r, layer), layer.gate.block_mask(r, layer)
     assert torch.equal(m1, m2), "inference is deterministic"
-    assert torch.equal(m1, torch.sigmoid(r[:, 0]).round() > 0)
+    assert torch.equal(m1, torch.sigmoid(r[:, 0].abs() - 0.05).round() > 0)
+
+
+def test_a_change_is_gated_by_its_size_not_its_sign():
+    """The defect of a gate linear in r (docs/fidelity.md finding 2, before): whatever its weights, a gate that
+    keeps a change keeps the opposite change too, and never keeps a still position it would skip when moving."""
+    model = toy().eval()
+    layer = skip_layers(model)[0]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer.gate.weight.normal_()  # signed weights, as training may leave them
+        layer.gate.bias.fill_(-2.0 / layer.gate.settings.bias_gain)
+    r = torch.randn(4, 3, 16, 16)
+    mask = layer.gate.block_mask(r, layer)
+    assert 0 < mask.float().mean() < 1
+    assert torch.equal(mask, layer.gate.block_mask(-r, layer))
+    with torch.no_grad():
+        layer.gate.weight.abs_()  # as at the start: a larger change at every tap never closes a position
+    small, large = layer.gate.block_mask(0.1 * r, layer), layer.gate.block_mask(0.2 * r, layer)
+    assert (large >= small).all() and large.sum() > small.sum() and 0 < small.float().mean() < 1
+    assert not layer.gate.block_mask(torch.zeros_like(r), layer).any(), "f = b < 0 where nothing changed"
+
+
+def test_untrained_gate_computes_the_dense_network_and_skips_what_stands_still():
+    """Converted and not trained, the gated network is the dense one (Eq. 2: only zero residuals skipped), yet
+    it skips the still part of a clip: fine-tuning starts from the dense network's accuracy."""
+    from gatesearch.backbones import build
+    from gatesearch.objectives import reset_stats
+
+    torch.manual_seed(0)
+    dense = build("tiny", task="heatmap", num_classes=4).eval()
+    model = build_policy("gumbel", beta=1.0, block_size=1).apply(copy.deepcopy(dense)).eval()
+    clip = torch.rand(2, 1, 3, 32, 32).repeat(1, 6, 1, 1, 1)
+    clip[:, :, :, 20:, 20:] += torch.rand(2, 6, 3, 12, 12)  # one corner moves, the rest stands still
+    reset_stats(model)
+    with torch.inference_mode():
+        want, got = dense(clip), model.stream(clip, reset_every=3)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    first = skip_layers(model)[0]
+    assert first.density < 0.75, "the still three quarters of the first layer's outputs are skipped"
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
@@ -169,7 +212,8 @@ def test_inference_plan_reads_the_pair_and_matches_the_gate_on_the_residual(conv
         pytest.skip("C++ kernels unavailable")
     torch.manual_seed(0)
     layer = SkipConv2d(conv, GumbelGate(conv), block_size=block).eval()
-    layer.gate.bias.data.fill_(0.0)  # f = w * r: about half the moving blocks open, the still ones closed
+    layer.gate.weight.data.normal_()  # signed weights, as training may leave them: f = w * |r| is of either sign
+    layer.gate.bias.data.fill_(0.0)  # about half the moving blocks open, the still ones closed
     x_prev, x = (torch.randn(2, conv.in_channels, size, size).contiguous(memory_format=torch.channels_last)
                  for _ in range(2))
     x[:, :, : size // 2] = x_prev[:, :, : size // 2]  # a still half: those blocks see a zero residual

@@ -113,9 +113,9 @@ def input_norm_mask(r, conv, threshold, b):
 
 
 def gumbel_mask(r, conv, gate, b):
-    """Independent Eq. 8 at inference: round(σ(f)) = f > 0, f a 1-channel conv with the layer's geometry."""
+    """Independent Eq. 8 at inference: round(σ(f)) = f > 0, f a 1-channel conv on |r| with the layer's geometry."""
     bias = gate.bias * gate.settings.bias_gain
-    f = F.conv2d(r, gate.weight, bias, conv.stride, conv.padding, conv.dilation)  # (N, 1, Ho, Wo)
+    f = F.conv2d(r.abs(), gate.weight, bias, conv.stride, conv.padding, conv.dilation)  # (N, 1, Ho, Wo)
     active = (f > 0).float()
     return F.max_pool2d(active, b, b, ceil_mode=True).squeeze(1) > 0 if b > 1 else active.squeeze(1) > 0
 
@@ -146,7 +146,7 @@ def test_skipping_gate_equals_masked_dense_formulation(variant, gate, block_size
         model, dense = converted(variant, GumbelGate, block_size)
         layer = skip_layers(model)[0]
         with torch.no_grad():
-            # f = w * r - 0.3: background residuals (noise) stay closed, the moving patch opens some
+            # f = w * |r| - 0.3: background residuals (noise) stay closed, the moving patch opens some
             layer.gate.bias.fill_(-0.3 / layer.gate.settings.bias_gain)
         conv = layer.conv
         mask_fn = lambda r: gumbel_mask(r, conv, layer.gate, block_size)

@@ -13,6 +13,21 @@ monotone), and in training one Bernoulli is drawn per block, so a block closes
 once its largest f falls below 0 rather than only when b² independent samples
 all come out 0 (which would need f far below 0 for b = 8).
 
+The conv reads the residual's magnitude |r_t| (Eq. 8 names only "a
+convolution with a single output channel" on r_t; |r_t| is our choice). A conv
+linear in the signed r_t cannot tell a large change from none: wherever w * r_t
+falls below -b it skips, and the larger the change of that sign the surer the
+skip, while a still position (r_t = 0, which adds nothing) is computed whenever
+b > 0. Fine-tuned from a trained HRNet-small that gate computed 0.98-1.00 of the
+dense MACs and lost 25 points of PCK (docs/fidelity.md, finding 2): it skipped
+the moving keypoints and kept the static background. On |r_t| with w ≥ 0 at
+the start f grows with the change at every tap, as a weighted Input-Norm gate
+(Eq. 5, -b playing ε) whose weights and ε are learned; training may still make
+a weight negative where a change does not matter (the paper's "big changes in
+background"). With b = 0 at the start a position is skipped exactly when its
+residual is zero, so the untrained gated network computes the dense one (Eq. 2)
+and fine-tuning moves from there.
+
 Training minimises L_task + β·L_gate, with L_gate the MAC-weighted expected
 fraction of computed positions over the residual frames of a clip (Eq. 9),
 the per-layer weights m_l being layer MACs normalised by their sum (footnote 2).
@@ -48,7 +63,8 @@ class GumbelSettings:
     """Constants of the gate; not searched (β and b are)."""
 
     temperature: float = 2 / 3  # τ of the Gumbel-sigmoid relaxation (only shapes the backward pass)
-    init_bias: float = 1.0  # σ(1) ≈ 0.73: gates start mostly open, yet not so saturated that they cannot learn
+    init_bias: float = 0.0  # f = w * |r| + b with w ≥ 0: at b = 0 every changed position is open and every still
+    #                         one (which adds nothing) closed at inference: the untrained gate is exact (Eq. 2)
     warmup: float = 0.5  # fraction of the epochs trained densely (frames batched, gates idle) before the gates join
     bias_gain: float = 30.0  # f = w * r + gain·b̃: with Adam every parameter moves ~lr a step, so the
     #                          stored bias b̃ = b / gain moves the operating point gain× faster than the
@@ -69,7 +85,8 @@ class GumbelGate(Gate):
         self.settings = settings
         kh, kw = conv.kernel_size
         weight = torch.empty(1, conv.in_channels, kh, kw)  # groups = 1: the gate sees every input channel
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default init
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default scale, made ≥ 0: f grows with |r|
+        weight.abs_()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.full((1,), settings.init_bias / settings.bias_gain))
         self.force_open = False
@@ -77,8 +94,9 @@ class GumbelGate(Gate):
         self.out_hw: tuple[int, int] | None = None  # output size seen last, for m_l
 
     def logits(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:  # (N, Ci, H, W) -> (N, 1, Ho, Wo)
+        """f(r_t; φ_l): the layer-shaped one-channel conv on |r_t| (the module docstring says why the magnitude)."""
         c = layer.conv
-        return F.conv2d(r, self.weight, self.bias * self.settings.bias_gain, c.stride, c.padding, c.dilation)
+        return F.conv2d(r.abs(), self.weight, self.bias * self.settings.bias_gain, c.stride, c.padding, c.dilation)
 
     def block_logits(self, r: torch.Tensor, layer: SkipConv2d) -> torch.Tensor:  # -> (N, Hb, Wb)
         """Max-pool b of f: round(σ(·)) commutes with max, so a block is kept iff any of its positions is."""
@@ -106,8 +124,9 @@ class GumbelGate(Gate):
         return hard > 0  # (N, Hb, Wb)
 
     def plan(self, layer: SkipConv2d, x: torch.Tensor, out_hw, reference=None):
-        """Inference, once per clip: f > 0 (Eq. 8) read from the pair (x, x_prev) by the C++ kernel, no residual
-        tensor and no full-frame conv; anything else (training, forced open, other layouts) takes the generic path."""
+        """Inference, once per clip: f > 0 (Eq. 8) read from the pair (x, x_prev) by the C++ kernel (on |x - x_prev|),
+        no residual tensor and no full-frame conv; anything else (training, forced open, other layouts) takes the
+        generic path."""
         from gatesearch.ops import _native
         from gatesearch.ops.geometry import is_dense, resolve_geometry
 

@@ -176,11 +176,12 @@ at::Tensor gate_block_ref(const at::Tensor& x_in, const at::Tensor& ref_t, c10::
   return out;
 }
 
-// Learned linear gate (Skip-Convolutions Eq. 8 at inference): a block is active
-// when one of its outputs has f = bias + sum_{taps, c} w[tap][c] * (x - x_prev)
-// over its support above 0. w is packed (kh, kw, Ci). Per block the residual
-// halo (ph, pw, Ci) is formed once; with dilation 1 a kernel row then meets one
-// contiguous run of kw*Ci halo floats, so f is kh dot products of that length.
+// Learned gate (Skip-Convolutions Eq. 8 at inference, on the residual's magnitude:
+// policies/gumbel.py says why): a block is active when one of its outputs has
+// f = bias + sum_{taps, c} w[tap][c] * |x - x_prev| over its support above 0.
+// w is packed (kh, kw, Ci). Per block the residual halo (ph, pw, Ci) is formed
+// once; with dilation 1 a kernel row then meets one contiguous run of kw*Ci halo
+// floats, so f is kh dot products of that length.
 at::Tensor gate_block_linear(const at::Tensor& x_in, const at::Tensor& x_prev, const at::Tensor& wpack, double bias,
                              c10::IntArrayRef geom) {
   const Geometry g = Geometry::parse(geom);
@@ -205,8 +206,8 @@ at::Tensor gate_block_linear(const at::Tensor& x_in, const at::Tensor& x_prev, c
     read_halo(old_x, bl, g, old);
     const int64_t n = ph * pw * Ci;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) store16(r + i, load16(r + i) - load16(old + i));
-    for (; i < n; ++i) r[i] -= old[i];
+    for (; i + 16 <= n; i += 16) store16(r + i, abs16(load16(r + i) - load16(old + i)));
+    for (; i < n; ++i) r[i] = std::fabs(r[i] - old[i]);
     bool active = false;
     for (int64_t oy = bl.oy0; oy < bl.oy1 && !active; ++oy)
       for (int64_t ox = bl.ox0; ox < bl.ox1 && !active; ++ox) {
