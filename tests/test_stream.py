@@ -40,7 +40,7 @@ def run_json(*args):
 
 @pytest.mark.parametrize("trial", [
     INPUT_NORM,
-    TrialConfig(gate="output_norm", knobs={"threshold": 50.0, "block_size": 4}, clip_length=3, task="heatmap"),
+    TrialConfig(gate="output_norm", knobs={"threshold": 1.5, "block_size": 4}, clip_length=3, task="heatmap"),
     TrialConfig(backbone="r2plus1d_tiny", gate="vared2", knobs={"search_space_size": 2, "lambda_e": 1.0},
                 clip_length=4),
 ], ids=["classification", "heatmap", "clip-windows"])
@@ -86,7 +86,7 @@ def test_stream_steps_numpy_frames_and_resets(tmp_path, clip_file):
 
 @pytest.mark.parametrize("trial", [
     INPUT_NORM,
-    TrialConfig(gate="output_norm", knobs={"threshold": 20.0, "block_size": 1}, clip_length=4),
+    TrialConfig(gate="output_norm", knobs={"threshold": 0.6, "block_size": 1}, clip_length=4),
     TrialConfig(gate="input_norm", knobs={"threshold": 0.05, "block_size": 4, "reference": "block",
                                           "per_value": True}, clip_length=4),
     TrialConfig(gate="gumbel", knobs={"beta": 1.0, "block_size": 2}, clip_length=4),

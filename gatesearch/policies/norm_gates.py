@@ -2,9 +2,16 @@
 
 Input-Norm gate (Skip-Convolutions, Eq. 5): a position is recomputed when the
 l1 norm of the residual over its kernel support exceeds ε. Output-Norm gate
-(Eq. 7): the same norm times ‖w‖₁ (over all four weight dimensions), a Young's
-inequality bound on the norm of w * r (Eq. 6). One ε is shared by all layers;
-round(σ(s - ε)) is 1 exactly when s > ε.
+(Eq. 7): the same norm times ‖w‖₁ / C_out, a Young's inequality bound (Eq. 6)
+on the change of the layer's output at that position, Σ_c |(w * r)_c| / C_out:
+the mean over its output channels, where Eq. 4 and 7 take the norm over all of
+them (‖w‖₁ over all four weight dimensions). One ε is shared by all layers and
+round(σ(s - ε)) is 1 exactly when s > ε, so ε must mean the same in every layer:
+summed over the channels, the bound grows with C_out, and a 1-channel heatmap
+head (‖w‖₁ ≈ 2 beside 60-2500 for HRNet-small's other convs) froze first: at ε
+42 it computed no residual at all while the rest computed 0.93 of their MACs,
+and every prediction was the reference frame's (PCK 0.971 -> 0.621,
+docs/fidelity.md finding 2). Per output channel, the head skips with the rest.
 
 Two options go beyond the paper. ``per_value``: ε is per input value, so a
 layer's threshold is ε × C_in·k_h·k_w, the size of the support the norm sums
@@ -41,7 +48,7 @@ class NormGate(Gate):
 
     def _args(self, layer: SkipConv2d) -> dict:
         c = layer.conv
-        scale = float(c.weight.detach().abs().sum()) if self.output_norm else 1.0
+        scale = float(c.weight.detach().abs().sum()) / c.out_channels if self.output_norm else 1.0
         support = c.in_channels * c.kernel_size[0] * c.kernel_size[1] if self.per_value else 1
         return dict(kernel_size=c.kernel_size, stride=c.stride, padding=c.padding, dilation=c.dilation,
                     block_size=layer.block_size, threshold=-1.0 if self.force_open else self.threshold * support,
@@ -136,7 +143,7 @@ class InputNorm(_NormPolicy):
 
 @register_policy("output_norm")
 class OutputNorm(_NormPolicy):
-    """Skip-Conv output-norm gate (Eq. 7): recompute where ‖w‖₁·‖r_t‖₁ > ε."""
+    """Skip-Conv output-norm gate (Eq. 7): recompute where ‖w‖₁/C_out·‖r_t‖₁ > ε."""
 
-    params = (dataclasses.replace(THRESHOLD, default={"low": 1.0, "high": 1000.0, "log": True}), BLOCK_SIZE)
+    params = (dataclasses.replace(THRESHOLD, default={"low": 0.05, "high": 100.0, "log": True}), BLOCK_SIZE)
     output_norm = True
