@@ -459,7 +459,8 @@ def bench(backbone, gate, task, threshold, block_size, params, target_density, t
               help="Run size: full (hours; the report in docs/fidelity.md), quick, or smoke (every finding at toy "
                    "sizes in a few minutes, for tests; its numbers mean little).  [default: full]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Report folder (must not hold files). Default: WORKDIR/fidelity/<profile>-<date>.")
+              help="Report folder: a new one, or the folder of an interrupted run (same profile, seed and video) "
+                   "to continue it. Default: WORKDIR/fidelity/<profile>-<date>.")
 @click.option("--video", type=click.Path(dir_okay=False, path_type=Path),
               help="A real clip to time the gates on (findings 3 and 7: wall-clock on real motion).")
 @click.option("--only", help="Comma-separated findings to run (and what they need), e.g. keep_all,dstep_target.")

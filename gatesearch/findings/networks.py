@@ -1,9 +1,10 @@
-"""The trained dense networks the findings share: each is trained once per report and every gate starts from it.
+"""The trained dense networks the findings share: each is trained once and every gate starts from it.
 
 All three papers gate a trained network (Skip-Convolutions' norm gates need no training at all; its Gumbel gates,
 D-STEP and VA-RED² fine-tune it), so every finding about one network starts from the same weights: a difference
-between two gates is then the gates', not two trainings'. ``train_dense`` is the one place such a network is
-trained; the search's train-once cache (issue 15) can take its place without any finding changing.
+between two gates is then the gates', not two trainings'. The training is the search's (issue 15,
+``search.dense.cached_dense``): cached in ``<workdir>/dense/<key>/`` under a key of everything the weights depend
+on, so a second report, or a report after a search on the same settings, loads the network instead of training it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,15 +62,12 @@ def build_dense(spec: NetworkSpec) -> nn.Module:
     return build_model(spec.trial(), num_classes(spec.data()))
 
 
-def train_dense(spec: NetworkSpec, *, on_epoch=None) -> dict[str, torch.Tensor]:
-    """Train the dense network of ``spec`` once; returns its state dict (what every gate of a finding starts from)."""
-    from gatesearch.data.source import load_clips
-    from gatesearch.search.trial import train
+def trained_dense(spec: NetworkSpec, workdir: Path):
+    """The trained dense network of ``spec``: from the work folder's train-once cache, or trained now and stored
+    there (``search.dense.CachedDense``: the state, its cache entry, whether it was trained just now)."""
+    from gatesearch.search.dense import DenseCache, cached_dense
 
-    model = build_dense(spec)
-    clips = load_clips(spec.data(), split="train", frames=spec.clip_length, count=spec.train_clips)
-    train(model, spec.trial(), clips, on_epoch=on_epoch)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return cached_dense(spec.trial(), spec.data(), DenseCache(Path(workdir) / "dense"))
 
 
 def convert(dense: nn.Module, gate: str, knobs: dict[str, Any], *, seed: int = 0) -> nn.Module:
@@ -80,4 +79,4 @@ def convert(dense: nn.Module, gate: str, knobs: dict[str, Any], *, seed: int = 0
     return build_policy(gate, **knobs).apply(copy.deepcopy(dense))
 
 
-__all__ = ["NetworkSpec", "build_dense", "convert", "train_dense"]
+__all__ = ["NetworkSpec", "build_dense", "convert", "trained_dense"]

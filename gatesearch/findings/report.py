@@ -8,12 +8,21 @@ from typing import Any
 
 from .progress import clock
 from .registry import NOT_REPRODUCED, REPRODUCED
+from .saved import MODELS
 
 EXPERIMENT = "gatesearch-fidelity"
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _sessions(report) -> str:
+    """How an interrupted run was continued: each session's start and time (empty for a run done in one go)."""
+    if len(report.sessions) < 2:
+        return ""
+    parts = [f"{x['started']} for {clock(x['wall_s'])}" for x in report.sessions]
+    return f" over {len(report.sessions)} sessions ({'; '.join(parts)})"
 
 
 def markdown(report) -> str:
@@ -24,7 +33,8 @@ def markdown(report) -> str:
     lines = [
         "# gatesearch fidelity report",
         "",
-        f"`{o.command}` — profile **{o.profile.name}**, started {report.started}, took {clock(report.wall_s)}.",
+        f"`{o.command}` — profile **{o.profile.name}**, started {report.started}, took {clock(report.wall_s)}"
+        f"{_sessions(report)}.",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
         f"Seed {o.profile.seed} for every training, gate initialisation and data order; the synthetic clips are fixed "
         "by their index. Sizes are under each finding; the whole profile is in `report.json`.",
@@ -43,7 +53,8 @@ def markdown(report) -> str:
         lines.append(f"| {out.spec.number} | {_cell(c.statement)} | {_cell(c.paper)} | {_cell(c.ours)} | {verdict} |")
     for out in report.outcomes:
         s, f = out.spec, out.finding
-        lines += ["", f"## {s.number}. {s.title}", "", f"*{s.source}* — {clock(out.seconds)}.", ""]
+        session = f" (session {out.session})" if len(report.sessions) > 1 else ""
+        lines += ["", f"## {s.number}. {s.title}", "", f"*{s.source}* — {clock(out.seconds)}{session}.", ""]
         if out.error:
             lines += [f"The experiment failed: `{_cell(out.error)}` (traceback in `{s.key}.error.txt`).", ""]
         if f.setup:
@@ -64,11 +75,12 @@ def as_json(report) -> dict[str, Any]:
         "started": report.started,
         "complete": len(report.outcomes) == report.planned,
         "wall_s": report.wall_s,
+        "sessions": list(report.sessions),
         "machine": report.machine,
         "video": str(o.video) if o.video else None,
         "findings": [
             {"number": out.spec.number, "key": out.spec.key, "title": out.spec.title, "source": out.spec.source,
-             "seconds": out.seconds, "error": out.error, "setup": out.finding.setup,
+             "seconds": out.seconds, "session": out.session, "error": out.error, "setup": out.finding.setup,
              "claims": [{"statement": c.statement, "paper": c.paper, "ours": c.ours, "verdict": c.verdict,
                          "rule": c.rule} for c in out.finding.claims],
              "numbers": out.finding.numbers, "plots": list(out.finding.plots)}
@@ -78,9 +90,11 @@ def as_json(report) -> dict[str, Any]:
 
 
 def write(report) -> None:
+    from .saved import write_atomic
+
     out = report.options.out
-    (out / "report.md").write_text(markdown(report))
-    (out / "report.json").write_text(json.dumps(as_json(report), indent=2, default=str))
+    write_atomic(out / "report.md", markdown(report))
+    write_atomic(out / "report.json", json.dumps(as_json(report), indent=2, default=str))
 
 
 def log_mlflow(report) -> str:
@@ -110,7 +124,13 @@ def log_mlflow(report) -> str:
     try:
         tracker._log_params(rid, _flatten({"profile": o.profile.to_dict(), "video": str(o.video or "")}))
         tracker.log_metrics(rid, metrics, step=0)
-        tracker.client.log_artifacts(rid, str(o.out), "report")
+        for path in sorted(o.out.iterdir()):  # the fine-tuned models stay in the folder (megabytes each)
+            if path.name.startswith(".") or path.name == MODELS:
+                continue
+            if path.is_dir():
+                tracker.client.log_artifacts(rid, str(path), f"report/{path.name}")
+            else:
+                tracker.client.log_artifact(rid, str(path), "report")
     except BaseException:
         tracker.client.set_terminated(rid, status="FAILED")
         raise

@@ -1,8 +1,10 @@
 """One fidelity run: the shared networks and clips (built once, on first use), the findings in order, the report.
 
-``Context`` is what a finding sees. It trains each shared network once per run and fine-tunes each (gate, knobs,
-clip length) once, so findings that need the same model measure the same model ("from the same runs"), and it
-holds the device lock while anything is timed.
+``Context`` is what a finding sees. It takes each shared network from the train-once cache (trained there once),
+fine-tunes each (gate, knobs, clip length) once, so findings that need the same model measure the same model
+("from the same runs"), and it holds the device lock while anything is timed. Each finished finding and each
+fine-tuned model is saved in the report folder (``saved``): the same command with the same ``--out`` continues an
+interrupted run, skipping what is there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import os
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +23,17 @@ import torch
 from torch import nn
 
 from .measure import Score, score, side_by_side
-from .networks import NetworkSpec, build_dense, convert, train_dense
+from .networks import NetworkSpec, build_dense, convert, trained_dense
 from .profiles import Profile
 from .progress import Progress, clock
-from .registry import Claim, Finding, FindingSpec, ordered
+from .registry import FINDINGS, Claim, Finding, FindingSpec, ordered
+from .saved import RunFolder
 
 
 @dataclass(frozen=True, kw_only=True)
 class FidelityOptions:
     profile: Profile
-    out: Path  # report folder (created; must not hold files already)
+    out: Path  # report folder (created; or a run of the same profile, seed and clip to continue)
     workdir: Path = Path("gatesearch_runs")  # its MLflow store gets the run
     tracking_uri: str | None = None  # an MLflow server instead of the work folder's store
     video: Path | None = None  # a real clip to time on (findings about real motion)
@@ -55,8 +59,12 @@ class Context:
     options: FidelityOptions
     progress: Progress
     lock: Any  # objectives.device.DeviceLock
+    folder: RunFolder | None = None  # where finished findings and fine-tuned models are saved (None: nowhere)
     candidates: dict[str, Candidate] = field(default_factory=dict)  # family -> the model finding 7 times
+    networks: dict[str, dict] = field(default_factory=dict)  # backbone -> where its dense weights came from
     _cache: dict[Any, Any] = field(default_factory=dict)
+    # how each gated model handed out was made (what a saved candidate is rebuilt from)
+    _recipes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     @property
     def profile(self) -> Profile:
@@ -106,11 +114,16 @@ class Context:
     def dense(self, spec: NetworkSpec) -> nn.Module:
         """The trained dense network of ``spec`` (trained once per run). Findings convert copies of it."""
         def make() -> nn.Module:
-            start = time.perf_counter()
+            got = trained_dense(spec, self.options.workdir)
             model = build_dense(spec)
-            model.load_state_dict(train_dense(spec))
-            self.step(f"trained the dense {spec.backbone} once ({spec.epochs} epochs, "
-                      f"{clock(time.perf_counter() - start)})")
+            model.load_state_dict(got.state)
+            self.networks[spec.backbone] = {"cache_entry": str(got.entry), "trained_now": got.trained,
+                                            "train_s": got.seconds}
+            if got.trained:
+                self.step(f"trained the dense {spec.backbone} once ({spec.epochs} epochs, {clock(got.seconds)}; "
+                          f"cached in {got.entry})")
+            else:
+                self.step(f"the dense {spec.backbone}: trained earlier on these settings, loaded from {got.entry}")
             return model.eval()
 
         return self._once(("dense", spec), make)
@@ -122,7 +135,9 @@ class Context:
 
     def gated(self, spec: NetworkSpec, gate: str, knobs: dict[str, Any]) -> nn.Module:
         """A fresh copy of the shared network converted by ``gate`` (no training: norm gates)."""
-        return convert(self.dense(spec), gate, knobs, seed=spec.seed).eval()
+        model = convert(self.dense(spec), gate, knobs, seed=spec.seed).eval()
+        self._recipes[model] = {"kind": "gated", "gate": gate, "knobs": dict(knobs)}
+        return model
 
     def finetuned(self, spec: NetworkSpec, gate: str, knobs: dict[str, Any], *, clip_length: int | None = None,
                   epochs: int | None = None) -> nn.Module:
@@ -133,16 +148,58 @@ class Context:
         t = clip_length or spec.clip_length
         n = epochs or self.profile.finetune_epochs
 
+        recipe = {"kind": "finetuned", "gate": gate, "knobs": dict(knobs), "clip_length": t, "epochs": n,
+                  "lr": self.profile.finetune_lr, "spec": dataclasses.asdict(spec)}
+        knob_text = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in knobs.items())
+
         def make() -> nn.Module:
             start = time.perf_counter()
             model = convert(self.dense(spec), gate, knobs, seed=spec.seed)
-            cfg = spec.trial(gate, knobs, clip_length=t, epochs=n, lr=self.profile.finetune_lr)
-            train(model, cfg, self.clips(spec, split="train", frames=t, count=spec.train_clips))
-            knob_text = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in knobs.items())
-            self.step(f"fine-tuned {gate} ({knob_text}, T {t}, {n} epochs) in {clock(time.perf_counter() - start)}")
+            saved = self.folder.load_model(recipe) if self.folder is not None else None
+            if saved is not None:  # fine-tuned by an earlier session of this run
+                model.load_state_dict(saved, strict=True)
+                self.step(f"fine-tuned {gate} ({knob_text}, T {t}, {n} epochs): loaded, saved by an earlier session")
+            else:
+                cfg = spec.trial(gate, knobs, clip_length=t, epochs=n, lr=self.profile.finetune_lr)
+                train(model, cfg, self.clips(spec, split="train", frames=t, count=spec.train_clips))
+                if self.folder is not None:
+                    self.folder.save_model(recipe, model)
+                self.step(f"fine-tuned {gate} ({knob_text}, T {t}, {n} epochs) in "
+                          f"{clock(time.perf_counter() - start)}")
+            self._recipes[model] = recipe
             return model.eval()
 
         return self._once(("finetuned", spec, gate, tuple(sorted(knobs.items())), t, n), make)
+
+    # -- what finding 7 times, across sessions -------------------------------------------------------
+    def candidate_records(self, families: list[str]) -> list[dict[str, Any]]:
+        """The candidates of ``families`` as JSON: labels, scores, and the recipe of the gated model."""
+        out = []
+        for family in families:
+            c = self.candidates[family]
+            recipe = self._recipes.get(c.gated)
+            if recipe is None:  # a model the finding made itself: finding 7 cannot time it after a restart
+                continue
+            out.append({"family": c.family, "label": c.label, "spec": dataclasses.asdict(c.spec), "recipe": recipe,
+                        "score": dataclasses.asdict(c.score), "dense_score": dataclasses.asdict(c.dense_score)})
+        return out
+
+    def restore_candidate(self, record: dict[str, Any]) -> None:
+        """A candidate saved by an earlier session, its gated model rebuilt (converted, or the saved fine-tuning)."""
+        spec = NetworkSpec(**record["spec"])
+        r = record["recipe"]
+        if r["kind"] == "gated":
+            gated = self.gated(spec, r["gate"], r["knobs"])
+        else:
+            gated = self.finetuned(spec, r["gate"], r["knobs"], clip_length=r["clip_length"], epochs=r["epochs"])
+
+        def as_score(d: dict[str, Any]) -> Score:
+            return Score(quality=d["quality"], per_clip=tuple(d["per_clip"]), macs=d["macs"],
+                         dense_macs=d["dense_macs"])
+
+        self.candidates[record["family"]] = Candidate(
+            family=record["family"], label=record["label"], spec=spec, dense=self.dense(spec), gated=gated,
+            score=as_score(record["score"]), dense_score=as_score(record["dense_score"]))
 
     # -- timing ------------------------------------------------------------------------------------
     def threads(self) -> int:
@@ -160,6 +217,7 @@ class Outcome:
     finding: Finding
     seconds: float
     error: str | None = None  # the exception that stopped the finding (its claims then say so)
+    session: int = 1  # which session of the run measured it (1: the first)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,10 +225,11 @@ class Report:
     options: FidelityOptions
     outcomes: tuple[Outcome, ...]
     planned: int  # findings the run set out to measure (more than outcomes: the report of a run still going)
-    started: str  # local date and time
-    wall_s: float
+    started: str  # local date and time the run (its first session) started
+    wall_s: float  # every session's time together
     machine: dict[str, Any]
     mlflow_run_id: str | None = None
+    sessions: tuple[dict[str, Any], ...] = ()  # each session: started, wall_s, findings measured, commit
 
 
 def failed(spec: FindingSpec, error: BaseException) -> Finding:
@@ -194,55 +253,110 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def check_options(options: FidelityOptions) -> None:
-    """Refuse bad input before anything runs (one line each): a used report folder, an unreadable clip."""
+def check_options(options: FidelityOptions) -> RunFolder | None:
+    """Refuse bad input before anything runs (one line each): an unreadable clip, a report folder holding other
+    files or a run of another profile, seed or clip. Returns the run to continue (None: a new run)."""
     from gatesearch.data import read_frames
 
-    out = options.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; give another --out")
+    from .saved import identity, open_folder
+
     if options.video is not None:
         read_frames(options.video, max_frames=2, size=(32, 32))  # VideoDecodeError names the file
+    return open_folder(options.out, identity(options.profile, options.video))
+
+
+def saved_outcomes(folder: RunFolder) -> dict[str, tuple[Outcome, list[dict[str, Any]]]]:
+    """Findings an earlier session finished, with the candidates they left for finding 7 (unknown keys: left out)."""
+    from .saved import finding_from_dict
+
+    out = {}
+    for key, data in folder.results().items():
+        if key not in FINDINGS:
+            continue
+        outcome = Outcome(spec=FINDINGS.get(key), finding=finding_from_dict(data["finding"]), seconds=data["seconds"],
+                          error=data["error"], session=data.get("session", 1))
+        out[key] = (outcome, data.get("candidates", []))
+    return out
 
 
 def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = print, live: bool = False) -> Report:
     """Run the findings of ``options.profile`` (or ``options.only``), write the report, log it to MLflow.
-    ``live``: also redraw a status line in place (rich; on a terminal)."""
+    A report folder of the same run continues it: findings finished there are not run again, and the report is
+    rebuilt from all of them. ``live``: also redraw a status line in place (rich; on a terminal)."""
     from gatesearch.objectives.device import DeviceLock
 
     from . import report as report_mod
+    from .saved import commit, identity, new_folder
 
-    check_options(options)
+    folder = check_options(options)
+    if folder is None:
+        folder = new_folder(options.out, identity(options.profile, options.video), options.command)
+    earlier = saved_outcomes(folder)
+    done = {k: v for k, v in earlier.items() if v[0].error is None}  # a finding that failed runs again
     specs = ordered(list(options.only) or None)
-    estimates = {s.key: options.profile.estimate_s.get(s.key, 60.0) for s in specs}
+    todo = [s for s in specs if s.key not in done]
+    keys = {s.key for s in specs} | set(done)
+    estimates = {s.key: options.profile.estimate_s.get(s.key, 60.0) for s in todo}
+    session = len(folder.sessions) + 1
     started = time.strftime("%Y-%m-%d %H:%M")
-    echo(f"fidelity ({options.profile.name}): {len(specs)} findings, about {clock(sum(estimates.values()))} on "
-         f"2 quiet cores; report in {options.out}")
-    options.out.mkdir(parents=True, exist_ok=True)
+    folder.sessions.append({"started": started, "wall_s": 0.0, "commit": commit(), "measured": []})
+    folder.save_record()
+    if done:
+        echo(f"continuing the run in {options.out} (session {session}): "
+             f"{', '.join(k for k in sorted(done, key=lambda k: FINDINGS.get(k).number))} finished earlier, "
+             "not run again")
+    for key, (outcome, _) in earlier.items():
+        if outcome.error is not None and key in {s.key for s in todo}:
+            echo(f"{key} failed in session {outcome.session} ({outcome.error}); running it again")
+    echo(f"fidelity ({options.profile.name}): {len(todo)} findings to run, about {clock(sum(estimates.values()))} "
+         f"on 2 quiet cores; report in {options.out}")
     progress = Progress(estimates, echo, live=live)
     lock = DeviceLock()
-    ctx = Context(options=options, progress=progress, lock=lock)
-    outcomes = []
+    ctx = Context(options=options, progress=progress, lock=lock, folder=folder)
+    outcomes = {k: v[0] for k, v in done.items()}
+    first_started = folder.sessions[0]["started"]
+
+    def report_now() -> Report:
+        folder.sessions[-1]["wall_s"] = progress.elapsed()
+        folder.save_record()
+        return Report(options=options, outcomes=tuple(sorted(outcomes.values(), key=lambda o: o.spec.number)),
+                      planned=len(keys), started=first_started, wall_s=sum(x["wall_s"] for x in folder.sessions),
+                      machine=machine(), sessions=tuple(folder.sessions))
+
     try:
-        for spec in specs:
+        if todo:
+            for key, (_, records) in done.items():  # the gated models later findings time
+                if any(key in s.requires for s in todo):
+                    for record in records:
+                        ctx.restore_candidate(record)
+        for spec in todo:
             progress.begin(spec.key, f"{spec.number}. {spec.title} ({spec.source})")
             start, error = time.perf_counter(), None
+            before = {f: c.gated for f, c in ctx.candidates.items()}
             try:
                 finding = spec.run(ctx)
             except Exception as e:  # the report says which finding failed and why; the others still run
                 (options.out / f"{spec.key}.error.txt").write_text(traceback.format_exc())
                 finding, error = failed(spec, e), f"{type(e).__name__}: {e}"
-            outcomes.append(Outcome(spec=spec, finding=finding, seconds=time.perf_counter() - start, error=error))
+            seconds = time.perf_counter() - start
+            outcomes[spec.key] = Outcome(spec=spec, finding=finding, seconds=seconds, error=error, session=session)
+            added = [f for f, c in ctx.candidates.items() if before.get(f) is not c.gated]
+            folder.save_result(spec.key, seconds=seconds, error=error, finding=finding,
+                               candidates=ctx.candidate_records(added))
+            folder.sessions[-1]["measured"].append(spec.key)
             verdicts = ", ".join(c.verdict for c in finding.claims)
             progress.end(spec.key, f"{spec.key}: {verdicts}")
             # the report so far, so that a run stopped midway leaves what it measured
-            report_mod.write(Report(options=options, outcomes=tuple(outcomes), planned=len(specs), started=started,
-                                    wall_s=progress.elapsed(), machine=machine()))
+            report_mod.write(report_now())
+    except KeyboardInterrupt:
+        report_mod.write(report_now())
+        echo(f"stopped: {len(outcomes)} of {len(keys)} findings saved in {options.out}; the same command with "
+             f"--out {options.out} continues the run")
+        raise
     finally:
         lock.close()
         progress.stop()
-    report = Report(options=options, outcomes=tuple(outcomes), planned=len(specs), started=started,
-                    wall_s=progress.elapsed(), machine=machine())
+    report = report_now()
     report_mod.write(report)
     run_id = report_mod.log_mlflow(report)
     return dataclasses.replace(report, mlflow_run_id=run_id)

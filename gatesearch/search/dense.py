@@ -108,7 +108,7 @@ def plan(cfg: SearchConfig) -> list[DensePlan]:
         key = None
         if train:
             key = cache_key(trial, cfg.data, classes, init_source=source, prefix_map=cfg.model.prefix_map,
-                            signature=_signature(model))
+                            signature=signature(model))
         plans.append(DensePlan(key=model_key(backbone, width), trial=trial, init=init, init_source=source,
                                train=train, cache_key=key))
     return plans
@@ -120,7 +120,8 @@ def _has_head(path: str, prefix_map: dict) -> bool:
     return any(k.startswith("backbone.") for k in rename(read_state_dict(path), prefix_map or {}))
 
 
-def _signature(model: torch.nn.Module) -> list:
+def signature(model: torch.nn.Module) -> list:
+    """The architecture as the cache key sees it: every parameter and buffer name with its shape."""
     return [[k, list(v.shape)] for k, v in model.state_dict().items()]
 
 
@@ -142,6 +143,10 @@ def cache_key(trial: TrialConfig, data: DataConfig, classes: int, *, init_source
 def _data_identity(data: DataConfig) -> dict[str, Any]:
     """The training data: its config, and for a folder of videos each file's name, size and modification time."""
     out = {"kind": data.kind, "train_clips": data.train_clips, "synthetic": data.synthetic, "folder": data.folder}
+    if data.kind == "synthetic":  # every generator field, defaults filled in ({} and the defaults spelled out agree)
+        full = dataclasses.asdict(data.synthetic_config(frames=2))
+        full.pop("frames")  # clips are generated at the length the training asks for (the trial's clip_length)
+        out["synthetic"] = full
     if data.kind == "video_folder":
         root = Path(data.folder["root"])
         out["files"] = sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
@@ -203,7 +208,7 @@ def train_and_evaluate(plan_: DensePlan, cached: dict[str, torch.Tensor] | None,
     from gatesearch.objectives.device import DeviceLock
     from gatesearch.plugins import load_plugins
 
-    from .trial import evaluate, train
+    from .trial import evaluate
 
     load_plugins(plugins)  # a plugin backbone must be registered in this worker too
     torch.set_num_threads(threads)
@@ -211,13 +216,11 @@ def train_and_evaluate(plan_: DensePlan, cached: dict[str, torch.Tensor] | None,
     state = cached if cached is not None else plan_.init
     trained = False
     loss = None
-    model = build_model(plan_.trial, num_classes(data), state=state)
     if plan_.train and cached is None:
-        clips = load_clips(data, frames=plan_.trial.clip_length, count=data.train_clips, split="train")
-        if plan_.trial.task == "heatmap" and "heatmap" not in clips:
-            raise ValueError("task 'heatmap' needs per-frame centre annotations, and this data has none")
-        loss = train(model, plan_.trial, clips)
+        model, loss = train_dense(plan_.trial, data, init=plan_.init)
         trained = True
+    else:
+        model = build_model(plan_.trial, num_classes(data), state=state)
     t1 = time.perf_counter()
     val = load_clips(data, frames=evaluation.frames, count=data.val_clips, split="val")
     lock = DeviceLock()
@@ -229,6 +232,69 @@ def train_and_evaluate(plan_: DensePlan, cached: dict[str, torch.Tensor] | None,
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "trained": trained,
             "train_loss": loss, "train_s": t1 - t0, "per_clip": outcome.per_clip.tolist(),
             "metrics": outcome.metrics}
+
+
+def train_dense(trial: TrialConfig, data: DataConfig, *,
+                init: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, float]:
+    """Train the dense network of ``trial`` on ``data``'s training clips, from ``init`` (the user's weights) or
+    random weights seeded by ``trial.seed``: the one place a dense start is trained (a search's Ray task and
+    ``gatesearch fidelity`` both come here). Returns the trained model and its last epoch's mean loss."""
+    from gatesearch.data.source import load_clips, num_classes
+    from gatesearch.models import build_model
+
+    from .trial import train
+
+    model = build_model(trial, num_classes(data), state=init)
+    clips = load_clips(data, frames=trial.clip_length, count=data.train_clips, split="train")
+    if trial.task == "heatmap" and "heatmap" not in clips:
+        raise ValueError("task 'heatmap' needs per-frame centre annotations, and this data has none")
+    loss = train(model, trial, clips)
+    return model, loss
+
+
+def record(trial: TrialConfig, data: DataConfig, *, init_source: dict | None, prefix_map: dict | None,
+           loss: float | None, seconds: float) -> dict[str, Any]:
+    """What ``dense.json`` says of a cached training (beside its key): what it was trained on, its loss, time."""
+    return {"trained_on": {"trial": trial.to_dict(), "data": dataclasses.asdict(data), "init": init_source,
+                           "prefix_map": prefix_map},
+            "train_loss": loss, "train_s": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def untrained_key(trial: TrialConfig, data: DataConfig) -> str:
+    """The cache key of the dense network of ``trial`` trained from random weights on ``data`` (what ``plan``
+    computes for a search without ``model.weights``)."""
+    from gatesearch.backbones import build
+    from gatesearch.data.source import num_classes
+
+    classes = num_classes(data)
+    model = build(trial.backbone, task=trial.task, num_classes=classes, width=trial.width)
+    return cache_key(trial, data, classes, init_source=None, prefix_map={}, signature=signature(model))
+
+
+@dataclass(frozen=True)
+class CachedDense:
+    """Dense weights from ``cached_dense``: the state, its cache entry, and whether they were trained just now."""
+
+    state: dict[str, torch.Tensor]
+    entry: Path  # <workdir>/dense/<key>/
+    key: str
+    trained: bool
+    seconds: float  # training (0 when loaded)
+
+
+def cached_dense(trial: TrialConfig, data: DataConfig, cache: DenseCache) -> CachedDense:
+    """The dense network of ``trial`` trained once from random weights on ``data``: loaded from ``cache`` when a
+    search or an earlier run trained it on the same settings, else trained now (in this process) and stored."""
+    key = untrained_key(trial, data)
+    state = cache.load(key)
+    if state is not None:
+        return CachedDense(state=state, entry=cache.path(key), key=key, trained=False, seconds=0.0)
+    start = time.perf_counter()
+    model, loss = train_dense(trial, data)
+    seconds = time.perf_counter() - start
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    entry = cache.store(key, state, record(trial, data, init_source=None, prefix_map={}, loss=loss, seconds=seconds))
+    return CachedDense(state=state, entry=entry, key=key, trained=True, seconds=seconds)
 
 
 def prepare(cfg: SearchConfig, plans: list[DensePlan], cache: DenseCache, *, cpus: int, echo) -> dict[str, DenseStart]:
@@ -249,11 +315,9 @@ def prepare(cfg: SearchConfig, plans: list[DensePlan], cache: DenseCache, *, cpu
         source: dict[str, Any] = {"init": p.init_source}
         if p.train:
             if out["trained"]:
-                record = {"trained_on": {"trial": p.trial.to_dict(), "data": dataclasses.asdict(cfg.data),
-                                         "init": p.init_source, "prefix_map": cfg.model.prefix_map},
-                          "train_loss": out["train_loss"], "train_s": out["train_s"],
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                cache.store(p.cache_key, out["state"], record)
+                cache.store(p.cache_key, out["state"], record(p.trial, cfg.data, init_source=p.init_source,
+                                                              prefix_map=cfg.model.prefix_map,
+                                                              loss=out["train_loss"], seconds=out["train_s"]))
             entry = cache.path(p.cache_key) / WEIGHTS
             source.update(path=str(entry), sha256=sha256_file(entry), cache_key=p.cache_key, trained=out["trained"])
         else:
@@ -267,5 +331,6 @@ def prepare(cfg: SearchConfig, plans: list[DensePlan], cache: DenseCache, *, cpu
     return starts
 
 
-__all__ = ["DenseCache", "DensePlan", "DenseStart", "cache_key", "model_key", "model_pairs", "plan", "prepare",
-           "sha256_file", "train_and_evaluate"]
+__all__ = ["CachedDense", "DenseCache", "DensePlan", "DenseStart", "cache_key", "cached_dense", "model_key",
+           "model_pairs", "plan", "prepare", "record", "sha256_file", "signature", "train_and_evaluate", "train_dense",
+           "untrained_key"]
