@@ -54,6 +54,10 @@ class Profile:
     vared2_sizes: tuple[int, ...] = (2, 3)  # S of Table 4.1
     vared2_lambda: float = 0.1  # λ_e of Eq. 3.6
     vared2_epochs: int = 4  # fine-tuning epochs from the dense clip network
+    # torch threads of every training and quality measurement (timing has its own): these networks' ops are too
+    # small to share between cores, and a second thread stalls whenever another process takes a core (measured on
+    # this 2-core machine under load: a Gumbel fine-tuning epoch 1.7 s on 1 thread, 11-141 s on 2)
+    work_threads: int = 1
     timing: Timing = field(default_factory=Timing)
     estimate_s: dict[str, float] = field(default_factory=dict)  # expected seconds per finding (2 quiet cores)
 

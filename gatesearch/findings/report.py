@@ -35,7 +35,9 @@ def markdown(report) -> str:
         "",
         f"`{o.command}` — profile **{o.profile.name}**, started {report.started}, took {clock(report.wall_s)}"
         f"{_sessions(report)}.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}; trainings and quality "
+        f"measurements on {o.profile.work_threads} torch thread{'s' if o.profile.work_threads > 1 else ''}, timings "
+        f"on {o.profile.timing.threads or m['cores']}.",
         f"Seed {o.profile.seed} for every training, gate initialisation and data order; the synthetic clips are fixed "
         "by their index. Sizes are under each finding; the whole profile is in `report.json`.",
         "",

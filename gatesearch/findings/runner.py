@@ -283,7 +283,7 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
     """Run the findings of ``options.profile`` (or ``options.only``), write the report, log it to MLflow.
     A report folder of the same run continues it: findings finished there are not run again, and the report is
     rebuilt from all of them. ``live``: also redraw a status line in place (rich; on a terminal)."""
-    from gatesearch.objectives.device import DeviceLock
+    from gatesearch.objectives.device import DeviceLock, torch_threads
 
     from . import report as report_mod
     from .saved import commit, identity, new_folder
@@ -309,7 +309,8 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
         if outcome.error is not None and key in {s.key for s in todo}:
             echo(f"{key} failed in session {outcome.session} ({outcome.error}); running it again")
     echo(f"fidelity ({options.profile.name}): {len(todo)} findings to run, about {clock(sum(estimates.values()))} "
-         f"on 2 quiet cores; report in {options.out}")
+         f"on 2 quiet cores; report in {options.out} (each finding is saved when it finishes: if the run stops, "
+         f"the same command with --out {options.out} continues it)")
     progress = Progress(estimates, echo, live=live)
     lock = DeviceLock()
     ctx = Context(options=options, progress=progress, lock=lock, folder=folder)
@@ -324,30 +325,31 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
                       machine=machine(), sessions=tuple(folder.sessions))
 
     try:
-        if todo:
-            for key, (_, records) in done.items():  # the gated models later findings time
-                if any(key in s.requires for s in todo):
-                    for record in records:
-                        ctx.restore_candidate(record)
-        for spec in todo:
-            progress.begin(spec.key, f"{spec.number}. {spec.title} ({spec.source})")
-            start, error = time.perf_counter(), None
-            before = {f: c.gated for f, c in ctx.candidates.items()}
-            try:
-                finding = spec.run(ctx)
-            except Exception as e:  # the report says which finding failed and why; the others still run
-                (options.out / f"{spec.key}.error.txt").write_text(traceback.format_exc())
-                finding, error = failed(spec, e), f"{type(e).__name__}: {e}"
-            seconds = time.perf_counter() - start
-            outcomes[spec.key] = Outcome(spec=spec, finding=finding, seconds=seconds, error=error, session=session)
-            added = [f for f, c in ctx.candidates.items() if before.get(f) is not c.gated]
-            folder.save_result(spec.key, seconds=seconds, error=error, finding=finding,
-                               candidates=ctx.candidate_records(added))
-            folder.sessions[-1]["measured"].append(spec.key)
-            verdicts = ", ".join(c.verdict for c in finding.claims)
-            progress.end(spec.key, f"{spec.key}: {verdicts}")
-            # the report so far, so that a run stopped midway leaves what it measured
-            report_mod.write(report_now())
+        with torch_threads(options.profile.work_threads):
+            if todo:
+                for key, (_, records) in done.items():  # the gated models later findings time
+                    if any(key in s.requires for s in todo):
+                        for record in records:
+                            ctx.restore_candidate(record)
+            for spec in todo:
+                progress.begin(spec.key, f"{spec.number}. {spec.title} ({spec.source})")
+                start, error = time.perf_counter(), None
+                before = {f: c.gated for f, c in ctx.candidates.items()}
+                try:
+                    finding = spec.run(ctx)
+                except Exception as e:  # the report says which finding failed and why; the others still run
+                    (options.out / f"{spec.key}.error.txt").write_text(traceback.format_exc())
+                    finding, error = failed(spec, e), f"{type(e).__name__}: {e}"
+                seconds = time.perf_counter() - start
+                outcomes[spec.key] = Outcome(spec=spec, finding=finding, seconds=seconds, error=error, session=session)
+                added = [f for f, c in ctx.candidates.items() if before.get(f) is not c.gated]
+                folder.save_result(spec.key, seconds=seconds, error=error, finding=finding,
+                                   candidates=ctx.candidate_records(added))
+                folder.sessions[-1]["measured"].append(spec.key)
+                verdicts = ", ".join(c.verdict for c in finding.claims)
+                progress.end(spec.key, f"{spec.key}: {verdicts}")
+                # the report so far, so that a run stopped midway leaves what it measured
+                report_mod.write(report_now())
     except KeyboardInterrupt:
         report_mod.write(report_now())
         echo(f"stopped: {len(outcomes)} of {len(keys)} findings saved in {options.out}; the same command with "
