@@ -119,6 +119,15 @@ def test_fidelity_command_writes_a_complete_report(cli, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["gatesearch.kind"] == "fidelity"
     assert {a.path for a in client.list_artifacts(run_id, "report")} >= {"report/report.md", "report/report.json"}
+    assert "dense" in {p.name for p in (tmp_path / "wd").iterdir()}  # the networks are in the train-once cache
+
+    # the same command again: every finding is saved, none runs again, the report is rebuilt from what was saved
+    again = cli("fidelity", "--profile", "smoke", "--out", str(out), "--workdir", str(tmp_path / "wd"))
+    assert again.exit_code == 0, again.output
+    assert "not run again" in again.output and "0 findings to run" in again.output
+    rebuilt = json.loads((out / "report.json").read_text())
+    assert [f["claims"] for f in rebuilt["findings"]] == [f["claims"] for f in data["findings"]]
+    assert len(rebuilt["sessions"]) == 2 and rebuilt["complete"]
 
 
 TINY = NetworkSpec(backbone="tiny", task="classification", size=32, train_clips=4, epochs=1, clip_length=2,
