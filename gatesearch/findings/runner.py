@@ -295,7 +295,9 @@ def run_fidelity(options: FidelityOptions, *, echo: Callable[[str], None] = prin
     done = {k: v for k, v in earlier.items() if v[0].error is None}  # a finding that failed runs again
     specs = ordered(list(options.only) or None)
     todo = [s for s in specs if s.key not in done]
-    keys = {s.key for s in specs} | set(done)
+    # what the run set out to measure, over its sessions (a later --only does not shrink it)
+    keys = {s.key for s in specs} | set(done) | {k for k in folder.record.get("planned", []) if k in FINDINGS}
+    folder.record["planned"] = sorted(keys)
     estimates = {s.key: options.profile.estimate_s.get(s.key, 60.0) for s in todo}
     session = len(folder.sessions) + 1
     started = time.strftime("%Y-%m-%d %H:%M")
