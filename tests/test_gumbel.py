@@ -62,7 +62,7 @@ def test_registered_with_beta_and_block_size():
     assert cls.trains_gates
     takes = cls.takes()
     assert list(takes) == ["beta", "block_size"]
-    assert takes["beta"].default == {"low": 1e-3, "high": 10.0, "log": True}
+    assert takes["beta"].default == {"low": 1e-3, "high": 1.0, "log": True}
     assert takes["block_size"].default == [1, 2, 4, 8]
 
 

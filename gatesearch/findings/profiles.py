@@ -40,7 +40,7 @@ class Profile:
     sweep_points: int = 6  # thresholds per norm-gate sweep (log-spaced over the span where MACs move)
     calibration_clips: int = 4  # training clips that find a norm gate's threshold span
     bisect_steps: int = 10  # bisection steps to a common MAC fraction on the timed clip (Table 3's timing)
-    betas: tuple[float, ...] = (1.0, 3.0, 10.0)  # Gumbel β of the Fig. 7 sweep
+    betas: tuple[float, ...] = (0.03, 0.1, 0.3)  # Gumbel β of the Fig. 7 sweep (the gate on |r|: β ≥ 1 closes all)
     finetune_epochs: int = 3  # epochs of every gate fine-tuning from the shared network (Gumbel, D-STEP)
     finetune_lr: float = 1e-3
     block_sizes: tuple[int, ...] = (1, 2, 4, 8)  # Table 3
@@ -48,7 +48,7 @@ class Profile:
     clip_lengths: tuple[int, ...] = (4, 8)  # T_train of Table 4
     reference_periods: tuple[int, ...] = (4, 8, 0)  # T_test of Table 4 (0: the first frame only, T = ∞)
     long_frames: int = 32  # frames of the Table 4 test streams
-    clip_length_beta: float = 3.0  # β of the Table 4 Gumbel gates (one of ``betas``: the T = 4 model is shared)
+    clip_length_beta: float = 0.1  # β of the Table 4 Gumbel gates (one of ``betas``: the T = 4 model is shared)
     dstep_targets: tuple[float, ...] = (0.4, 0.6, 0.8)  # D of Table 1
     dstep_tile: int = 2  # tile side p
     vared2_sizes: tuple[int, ...] = (2, 3)  # S of Table 4.1
@@ -78,9 +78,9 @@ PROFILES: dict[str, Profile] = {
         equivalence_backbones=("hrnet_small", "resnet18_tiny", "r2plus1d_tiny"),  # every gate, 2D and 3D
         frame_net=dataclasses.replace(FRAME_NET, size=32, train_clips=16, epochs=1, val_clips=4, val_frames=8),
         clip_net=dataclasses.replace(CLIP_NET, size=32, train_clips=16, epochs=1, val_clips=8, val_frames=8),
-        sweep_points=3, calibration_clips=2, bisect_steps=5, betas=(3.0,), finetune_epochs=1, block_sizes=(1, 4),
+        sweep_points=3, calibration_clips=2, bisect_steps=5, betas=(0.1,), finetune_epochs=1, block_sizes=(1, 4),
         clip_lengths=(2, 4),
-        reference_periods=(2, 4, 0), long_frames=8, clip_length_beta=3.0, dstep_targets=(0.4, 0.8), vared2_epochs=1,
+        reference_periods=(2, 4, 0), long_frames=8, clip_length_beta=0.1, dstep_targets=(0.4, 0.8), vared2_epochs=1,
         vared2_sizes=(2, 3), timing=Timing(frames=8, repeats=2),
         estimate_s={"keep_all": 20, "gate_fronts": 20, "block_size": 10, "clip_length": 10, "dstep_target": 10,
                     "vared2_space": 20, "wallclock": 10},
@@ -94,7 +94,7 @@ PROFILES: dict[str, Profile] = {
         name="full", equivalence_size=64, equivalence_frames=4, equivalence_width=1.0,
         frame_net=dataclasses.replace(FRAME_NET, size=128, train_clips=512, epochs=8, val_clips=96),
         clip_net=dataclasses.replace(CLIP_NET, size=64, train_clips=640, epochs=10, val_clips=240),
-        sweep_points=10, betas=(0.3, 1.0, 3.0, 10.0, 30.0), finetune_epochs=6, long_frames=48,
+        sweep_points=10, betas=(0.01, 0.03, 0.1, 0.3, 1.0), finetune_epochs=6, long_frames=48,
         vared2_epochs=6, timing=Timing(frames=64, repeats=20),
         estimate_s={"keep_all": 300, "gate_fronts": 2400, "block_size": 900, "clip_length": 900,
                     "dstep_target": 1200, "vared2_space": 2400, "wallclock": 300},

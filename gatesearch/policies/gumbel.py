@@ -201,7 +201,7 @@ class Gumbel(Policy):
     """Skip-Conv Gumbel gate (Eq. 8-9): a learned 1-channel conv on r_t, trained on L_task + β·L_gate."""
 
     params = (
-        Param(name="beta", kind=float, low=0.0, default={"low": 1e-3, "high": 10.0, "log": True},
+        Param(name="beta", kind=float, low=0.0, default={"low": 1e-3, "high": 1.0, "log": True},
               doc="β: weight of the gate loss, trading MACs for accuracy (Eq. 9)"),
         BLOCK_SIZE,
     )
