@@ -1,7 +1,9 @@
 """How big a fidelity run is: the sizes, sweeps and seeds of every finding, one frozen profile per run length.
 
-``quick`` is meant to finish in about 15 minutes on 2 quiet CPU cores (``estimate_s``; every report states how long
-it took, and on what), ``full`` is the long run (hours; larger networks, sweeps and timings), ``smoke`` is the
+``quick`` must finish in 15 minutes on 2 CPU cores (measured 5:37 on 2 quiet cores, both dense networks trained;
+``estimate_s`` holds that run's times per finding, and every report states how long it took, and on what),
+``full`` is the long run (about 2 hours, extrapolated from the quick run by its sizes; never measured whole),
+``smoke`` is the
 smallest run that still exercises every finding (the slow test uses it: its numbers mean little). The report prints
 the whole profile, so a reader can re-run any figure.
 """
@@ -87,8 +89,9 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick", frame_net=FRAME_NET, clip_net=CLIP_NET,
-        estimate_s={"keep_all": 300, "gate_fronts": 300, "block_size": 60, "clip_length": 60, "dstep_target": 60,
-                    "vared2_space": 200, "wallclock": 60},
+        # measured on 2 quiet cores (docs/fidelity.md, 2026-12-06 08:13): 0:14, 1:12, 0:32, 0:41, 0:49, 1:48, 0:14
+        estimate_s={"keep_all": 15, "gate_fronts": 75, "block_size": 35, "clip_length": 45, "dstep_target": 50,
+                    "vared2_space": 110, "wallclock": 15},
     ),
     "full": Profile(
         name="full", equivalence_size=64, equivalence_frames=4, equivalence_width=1.0,
@@ -96,8 +99,10 @@ PROFILES: dict[str, Profile] = {
         clip_net=dataclasses.replace(CLIP_NET, size=64, train_clips=640, epochs=10, val_clips=240),
         sweep_points=10, betas=(0.01, 0.03, 0.1, 0.3, 1.0), finetune_epochs=6, long_frames=48,
         vared2_epochs=6, timing=Timing(frames=64, repeats=20),
-        estimate_s={"keep_all": 300, "gate_fronts": 2400, "block_size": 900, "clip_length": 900,
-                    "dstep_target": 1200, "vared2_space": 2400, "wallclock": 300},
+        # the quick run's times scaled by what grows: a dense training of the frame net ×14 (4× pixels, 2.7× clips,
+        # 8/6 epochs), a fine-tuning ×21 (and 5 β), a score ×12, the clip net's training ×10, a timing ×16
+        estimate_s={"keep_all": 600, "gate_fronts": 2100, "block_size": 900, "clip_length": 900,
+                    "dstep_target": 1200, "vared2_space": 1200, "wallclock": 300},
     ),
 }
 
