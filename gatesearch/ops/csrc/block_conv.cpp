@@ -71,29 +71,30 @@ void rows_kernel(const float* const* a, const int64_t* tap_off, int64_t taps, in
 }
 
 template <int R>
-void rows_all_panels(const float* const* a, const int64_t* tap_off, int64_t taps, int64_t C, const PanelWeight& w,
-                     float* const* z) {
-  int64_t p = 0;
-  for (; p + 2 <= w.panels; p += 2) rows_kernel<R, 2>(a, tap_off, taps, C, w, p, z);
-  if (p < w.panels) rows_kernel<R, 1>(a, tap_off, taps, C, w, p, z);
+void rows_panels(const float* const* a, const int64_t* tap_off, int64_t taps, int64_t C, const PanelWeight& w,
+                 int64_t p0, int64_t p1, float* const* z) {
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) rows_kernel<R, 2>(a, tap_off, taps, C, w, p, z);
+  if (p < p1) rows_kernel<R, 1>(a, tap_off, taps, C, w, p, z);
 }
 
-using RowsFn = void (*)(const float* const*, const int64_t*, int64_t, int64_t, const PanelWeight&, float* const*);
+using RowsFn = void (*)(const float* const*, const int64_t*, int64_t, int64_t, const PanelWeight&, int64_t, int64_t,
+                        float* const*);
 constexpr int kMaxRows = 8;
 constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,
-                                        rows_all_panels<1>,
-                                        rows_all_panels<2>,
-                                        rows_all_panels<3>,
-                                        rows_all_panels<4>,
-                                        rows_all_panels<5>,
-                                        rows_all_panels<6>,
-                                        rows_all_panels<7>,
-                                        rows_all_panels<8>};
+                                        rows_panels<1>,
+                                        rows_panels<2>,
+                                        rows_panels<3>,
+                                        rows_panels<4>,
+                                        rows_panels<5>,
+                                        rows_panels<6>,
+                                        rows_panels<7>,
+                                        rows_panels<8>};
 
 }  // namespace
 
 void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
-                const PanelWeight& w, float* zp, const Strides& zs) {
+                const PanelWeight& w, float* zp, const Strides& zs, int64_t p0, int64_t p1) {
   const int64_t taps = g.taps();
   int64_t tap_off[64];
   std::vector<int64_t> tap_heap;
@@ -112,11 +113,11 @@ void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, co
       a[r] = halo + ((oy - bl.oy0) * g.sh * h.pw + (ox - bl.ox0) * g.sw) * C;
       z[r] = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
       if (++r == kMaxRows) {
-        kRows[r](a, offs, taps, C, w, z);
+        kRows[r](a, offs, taps, C, w, p0, p1, z);
         r = 0;
       }
     }
-  if (r) kRows[r](a, offs, taps, C, w, z);
+  if (r) kRows[r](a, offs, taps, C, w, p0, p1, z);
 }
 
 }  // namespace gs

@@ -270,9 +270,10 @@ struct PanelWeight {
 
 PanelWeight pack_panels(const at::Tensor& wpack);  // from the (1, K, N) GEMM packing of ops/packing.py
 
-// z += conv of one block from its residual halo (channel-minor, C channels; K = taps * C rows of w) (block_conv.cpp).
+// z += conv of one block from its residual halo (channel-minor, C channels; K = taps * C rows of w), output
+// channels of panels [p0, p1) only (block_conv.cpp). Threads may share one block by splitting its panels.
 void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
-                const PanelWeight& w, float* zp, const Strides& zs);
+                const PanelWeight& w, float* zp, const Strides& zs, int64_t p0, int64_t p1);
 
 // ---------------------------------------------------------------------------
 // Gates (gate.cpp).
