@@ -152,7 +152,7 @@ void ConvStep::per_block_step(const Slot& x, Slot& z, bool* mask) {
   }
   if (timing) {
     profile->gate += gated;
-    if (!dense) profile->fused += seconds_since(t0) - gated;
+    if (!dense && rows > 0) profile->fused += seconds_since(t0) - gated;
   }
   if (dense && rows > 0) dense_step(x, z, blocks, true);
 }
