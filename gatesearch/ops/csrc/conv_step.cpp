@@ -167,18 +167,21 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
   const Halo h = g.halo(bl);
   const int64_t n = h.ph * h.pw * C;
   float* ref_slot = nullptr;
-  if (reference == kBlock) {  // r = x - ref
+  if (reference == kBlock) {  // r = x - ref, formed in the thread's (cached) scratch
     ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
     s.x.resize(n);
+    s.r.resize(n);
     read_halo(in_x, bl, g, s.x.data());
     const float* xv = s.x.data();
-    for (int64_t i = 0; i < n; ++i) r[i] = xv[i] - ref_slot[i];
+    float* rv = s.r.data();
+    for (int64_t i = 0; i < n; ++i) rv[i] = xv[i] - ref_slot[i];
   } else {  // r = x - x_prev
     load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
-    std::memcpy(r, s.r.data(), n * sizeof(float));
   }
   s.work.resize(n + 2 * h.ph * h.pw);
-  if (!block_fires(r, nullptr, h, C, bl, g, threshold, scale, s.work.data(), reference == kBlock)) return false;
+  if (!block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(), reference == kBlock))
+    return false;
+  std::memcpy(r, s.r.data(), n * sizeof(float));  // only fired blocks reach phase 2
   if (ref_slot) std::memcpy(ref_slot, s.x.data(), n * sizeof(float));
   return true;
 }
