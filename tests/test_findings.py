@@ -244,6 +244,16 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
         assert torch.equal(load_file(str(out / "uses.safetensors"))["out"],
                            load_file(str(tmp_path / "fresh" / "uses.safetensors"))["out"])
 
+        # a saved fine-tuning that no longer fits the gate (its code changed between sessions) is redone
+        (saved,) = (out / "models").glob("*.safetensors")
+        save_file({"not_a_parameter": torch.zeros(1)}, str(saved))
+        (out / "results" / "uses_for_test.json").unlink()
+        (out / "results" / "tuned_for_test.json").unlink()
+        lines.clear()
+        run_fidelity(options, echo=lines.append)
+        assert any("does not fit this version of the gate" in line for line in lines)
+        assert load_file(str(saved)).keys() != {"not_a_parameter"}  # saved again, whole
+
         before = (out / "report.md").read_text()
         other = dataclasses.replace(options, profile=dataclasses.replace(tiny_profile(), seed=1))
         with pytest.raises(RunFolderError, match="holds a fidelity run of profile smoke, seed 0") as e:

@@ -61,7 +61,6 @@ class Context:
     lock: Any  # objectives.device.DeviceLock
     folder: RunFolder | None = None  # where finished findings and fine-tuned models are saved (None: nowhere)
     candidates: dict[str, Candidate] = field(default_factory=dict)  # family -> the model finding 7 times
-    networks: dict[str, dict] = field(default_factory=dict)  # backbone -> where its dense weights came from
     _cache: dict[Any, Any] = field(default_factory=dict)
     # how each gated model handed out was made (what a saved candidate is rebuilt from)
     _recipes: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
@@ -117,8 +116,6 @@ class Context:
             got = trained_dense(spec, self.options.workdir)
             model = build_dense(spec)
             model.load_state_dict(got.state)
-            self.networks[spec.backbone] = {"cache_entry": str(got.entry), "trained_now": got.trained,
-                                            "train_s": got.seconds}
             if got.trained:
                 self.step(f"trained the dense {spec.backbone} once ({spec.epochs} epochs, {clock(got.seconds)}; "
                           f"cached in {got.entry})")
@@ -157,9 +154,16 @@ class Context:
             model = convert(self.dense(spec), gate, knobs, seed=spec.seed)
             saved = self.folder.load_model(recipe) if self.folder is not None else None
             if saved is not None:  # fine-tuned by an earlier session of this run
-                model.load_state_dict(saved, strict=True)
-                self.step(f"fine-tuned {gate} ({knob_text}, T {t}, {n} epochs): loaded, saved by an earlier session")
-            else:
+                try:
+                    model.load_state_dict(saved, strict=True)
+                except RuntimeError:  # the gate's code changed since: its parameters differ, fine-tune again
+                    model, saved = convert(self.dense(spec), gate, knobs, seed=spec.seed), None
+                    self.step(f"fine-tuned {gate} ({knob_text}) saved by an earlier session does not fit this "
+                              "version of the gate: fine-tuning it again")
+                else:
+                    self.step(f"fine-tuned {gate} ({knob_text}, T {t}, {n} epochs): loaded, saved by an earlier "
+                              "session")
+            if saved is None:
                 cfg = spec.trial(gate, knobs, clip_length=t, epochs=n, lr=self.profile.finetune_lr)
                 train(model, cfg, self.clips(spec, split="train", frames=t, count=spec.train_clips))
                 if self.folder is not None:
