@@ -32,7 +32,7 @@ from gatesearch.backbones.base import Add, contiguous
 
 from .skipconv import FoldedBatchNorm2d, SkipConv2d, skip_layers
 
-#: residual against the previous frame (Eq. 3) / against each block's reference (csrc/frame.cpp: Reference)
+#: residual against the previous frame (Eq. 3) / against each block's reference (csrc/frame.h: Reference)
 REFERENCE_MODES = {"frame": 0, "block": 1}
 _INF = math.inf
 _FUSED = object()  # a node planned together with its only user

@@ -1,5 +1,5 @@
 // One output block's conv straight from its residual halo into z: the
-// per-block step of a native frame (frame.cpp) for layers whose weight stays
+// per-block step of a native frame (conv_step.cpp) for layers whose weight stays
 // in cache.
 //
 // The gather -> GEMM -> scatter path (gather_gemm.cpp) writes every active
