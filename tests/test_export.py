@@ -128,3 +128,37 @@ def test_run_stream_summary(tmp_path, static_clip):
     assert 0 <= summary["mean_density"] <= 1
     assert summary["macs_per_frame"] <= summary["dense_macs_per_frame"] * 1.1
     assert summary["latency_ms_per_frame"] > 0 and "predicted_class" in summary
+
+
+def as_format_1(out):
+    meta = json.loads((out / "gatesearch.json").read_text())
+    meta["format"] = "gatesearch-model/1"
+    (out / "gatesearch.json").write_text(json.dumps(meta))
+
+
+def test_an_output_norm_artifact_of_format_1_keeps_its_decisions(tmp_path):
+    """Format /1 bounded ‖w‖₁·‖r‖₁ summed over the output channels; read per channel, each layer's ε is ε / C_out."""
+    from gatesearch.policies.calibration import norm_layers
+
+    trial = TrialConfig(gate="output_norm", knobs={"threshold": 40.0, "block_size": 1}, clip_length=4)
+    model = build_model(trial, 12).eval()
+    out = save_artifact(tmp_path / "old", model, trial_meta(trial, metrics={}, data=DATA, num_classes=12,
+                                                            frame_shape=(3, 32, 32)))
+    now = {name: layer.gate.threshold for name, layer in norm_layers(load_artifact(out).model).items()}
+    assert set(now.values()) == {40.0}
+    as_format_1(out)
+    then = norm_layers(load_artifact(out).model)
+    assert {name: layer.gate.threshold for name, layer in then.items()} == {
+        name: 40.0 / layer.conv.out_channels for name, layer in then.items()}
+
+
+def test_a_gumbel_artifact_of_format_1_is_refused_in_one_line(tmp_path):
+    trial = TrialConfig(gate="gumbel", knobs={"beta": 0.1, "block_size": 1}, clip_length=4)
+    model = build_model(trial, 12).eval()
+    out = save_artifact(tmp_path / "old", model, trial_meta(trial, metrics={}, data=DATA, num_classes=12,
+                                                            frame_shape=(3, 32, 32)))
+    load_artifact(out)
+    as_format_1(out)
+    with pytest.raises(ArtifactError, match="Gumbel gate exported in gatesearch-model/1.*search again") as e:
+        load_artifact(out)
+    assert "\n" not in str(e.value)

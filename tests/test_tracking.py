@@ -156,7 +156,7 @@ def test_register_puts_the_logged_model_in_the_registry(recorded):
     assert tracker.client.get_model_version("gated-net", "1").source == f"models:/{recorder.models['t_input']}"
     assert str(tracker.register(run, "gated-net").version) == "2"
     model = mlflow.pyfunc.load_model("models:/gated-net/2", suppress_warnings=True)
-    assert model.metadata.flavors["gatesearch"]["format"] == "gatesearch-model/1"
+    assert model.metadata.flavors["gatesearch"]["format"] == "gatesearch-model/2"
 
 
 def test_download_model_gives_the_artifact_folder(recorded, tmp_path, static_clip):

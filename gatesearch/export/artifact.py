@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-FORMAT = "gatesearch-model/1"
+FORMAT = "gatesearch-model/2"
+#: what format /1 means differently (both changed in /2): an output-norm ε bounded ‖w‖₁·‖r‖₁ summed over the
+#: output channels, now per output channel (policies/norm_gates.py); a Gumbel gate read the signed residual, now |r|
+FORMAT_1 = "gatesearch-model/1"
 WEIGHTS = "model.safetensors"
 META = "gatesearch.json"
 
@@ -96,7 +99,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError(f"{meta_path}: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_1):
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ArtifactError(f"{meta_path}: foreign format {found!r}, expected {FORMAT!r}")
     if not (folder / WEIGHTS).is_file():
@@ -142,8 +145,25 @@ def load_artifact(folder: Path) -> Artifact:
             set_layer_thresholds(model, meta["layer_thresholds"])
         except ValueError as e:
             raise ArtifactError(f"{Path(folder) / META}: {e}") from None
+    if meta["format"] == FORMAT_1:
+        _from_format_1(model, trial, Path(folder) / META)
     model.eval()
     return Artifact(model=model, trial=trial, meta=meta)
+
+
+def _from_format_1(model: torch.nn.Module, trial, meta_path: Path) -> None:
+    """An artifact written before /2 runs as it did then: each output-norm layer's ε divided by its C_out gives the
+    same decisions under the per-channel bound; a Gumbel gate's weights were learned on the signed residual and do
+    not carry over to the gate on |r|, so that model is refused."""
+    from gatesearch.policies.calibration import norm_layers
+
+    if trial.gate == "gumbel":
+        raise ArtifactError(f"{meta_path}: a Gumbel gate exported in {FORMAT_1} (it gated the signed residual; "
+                            "the gate now reads |r_t|): its gate weights do not carry over, search again")
+    for layer in norm_layers(model).values():
+        if layer.gate.output_norm:
+            layer.gate.threshold /= layer.conv.out_channels
+            layer.reset_state()
 
 
 def dense_twin(artifact: Artifact) -> torch.nn.Module:
