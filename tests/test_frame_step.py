@@ -222,3 +222,98 @@ def test_the_calibrated_fallback_to_dense_keeps_the_frames(monkeypatch, crossove
     spent = plan.timings()
     sparse = spent["gather"] + spent["fused"]
     assert spent["dense"] > 0 and (sparse > 0 if crossover else sparse == 0)
+
+
+def gumbel(backbone, *, bias, task="heatmap", block=4):
+    """A Gumbel-gated model at inference (Eq. 8: f > 0 on |r|), its gates' bias set so some blocks skip."""
+    model = gated(backbone, task=task, gate="gumbel", beta=0.1, block_size=block)
+    for layer in skip_layers(model):
+        layer.gate.bias.data.fill_(bias)
+    return model
+
+
+@pytest.mark.parametrize(("gate", "task"), [("input_norm", "heatmap"), ("input_norm", "classification"),
+                                            ("gumbel", "heatmap")])
+def test_the_whole_hrnet_frame_runs_natively(gate, task):
+    """HRNet's fusion (nearest upsampling to ``xs[i].shape[-2:]``) and its heatmap head are plan steps: no node of
+    the frame runs in Python (the clip head's pooling aside), and frames, densities and gate MACs are the per-layer
+    path's."""
+    model = (gated("hrnet_small", task=task, threshold=0.01, block_size=4, per_value=True) if gate == "input_norm"
+             else gumbel("hrnet_small", bias=-0.002, task=task))
+    twin = layer_by_layer(model)
+    x = clip(frames=6, size=64)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=4)
+        ref = twin.stream(x, reset_every=4)
+    program = model.frame_runner._program
+    assert planned(model)
+    upsampled = [n for n in program.step_names if "interpolate" in n]
+    ran = [layer for layer in skip_layers(model) if layer.frames]  # the heatmap task never runs ``deep``
+    assert upsampled and sorted(map(id, (s.layer for s in program.stats))) == sorted(map(id, ran))
+    python = [node for node, _ in program.tail]  # classification: the clip head's pooling, after every conv
+    assert (not python) if task == "heatmap" else not any(node.op == "call_module" for node in python), python
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    native = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(model)]
+    layers = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(twin)]
+    assert [v for row in native for v in row] == pytest.approx([v for row in layers for v in row])
+    assert any(0.35 < d < 0.99 for _, d, _ in native), "the clip must make some layer skip part of a frame"
+
+
+def test_upsampling_by_other_sizes_matches_pytorch():
+    """The upsample step's index tables are PyTorch's nearest rule for any size, not only a factor of 2."""
+    plan = _native.module().FramePlan()
+    x = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
+    for size in [(10, 14), (11, 9), (3, 4), (5, 7)]:
+        index = torch.arange(35, dtype=torch.float64).reshape(1, 1, 5, 7)
+        picked = torch.nn.functional.interpolate(index, size=size, mode="nearest")[0, 0].long()
+        out = plan.upsample(0, (picked[:, 0] // 7).tolist(), (picked[0] % 7).tolist(), 5, 7)
+        (y,) = plan.run(x, True, [out])
+        assert torch.equal(y, torch.nn.functional.interpolate(x, size=size, mode="nearest"))
+    with pytest.raises(RuntimeError, match="upsample row index"):
+        plan.upsample(0, [5], [0], 5, 7)
+
+
+@pytest.mark.parametrize(("backbone", "task", "bias", "block"), [
+    ("resnet18_tiny", "heatmap", -0.002, 4), ("resnet18_tiny", "classification", 0.01, 2),
+    ("mobilenet_v2_tiny", "classification", -0.002, 4), ("tiny", "heatmap", -0.001, 1)])
+def test_gumbel_gated_frames_equal_the_layers(backbone, task, bias, block):
+    """The Gumbel gate's step (f > 0 on |r|, gumbel_gate.cpp) makes the per-layer path's decisions: frames,
+    densities and gate MACs equal, with a negative bias (blocks skip) and a positive one (every block fires, an
+    unchanged one too: f = b there)."""
+    model = gumbel(backbone, bias=bias, task=task, block=block)
+    twin = layer_by_layer(model)
+    x = clip(frames=6, size=48 if "mobilenet" in backbone else 32)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=4)
+        ref = twin.stream(x, reset_every=4)
+    ran = [layer for layer in skip_layers(model) if layer.frames]
+    assert planned(model) and len(model.frame_runner._program.stats) == len(ran)
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    native = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(model)]
+    layers = [(layer.frames, layer.density, layer.gate_macs) for layer in skip_layers(twin)]
+    assert [v for row in native for v in row] == pytest.approx([v for row in layers for v in row])
+    densities = [d for _, d, _ in native]
+    assert all(d == 1 for d in densities) if bias > 0 else min(densities) < 1
+
+
+def test_gumbel_plan_follows_the_gate_and_steps_aside_when_forced_open():
+    """A moved gate rebuilds the plan; forced-open gates (the equivalence tests' setting) run layer by layer."""
+    model = gumbel("resnet18_tiny", bias=-0.002)
+    x = clip(frames=4)
+    with torch.inference_mode():
+        model.stream(x)
+        first = model.frame_runner._program
+    with torch.no_grad():
+        skip_layers(model)[0].gate.bias.fill_(-0.01)  # a trained gate moved: the plan is rebuilt
+    with torch.inference_mode():
+        out = model.stream(x)
+        assert model.frame_runner._program is not first
+        expected = layer_by_layer(model).stream(x)
+    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+    for layer in skip_layers(model):
+        layer.gate.force_open = True
+    with torch.inference_mode():
+        out = model.stream(x)
+        expected = layer_by_layer(model).stream(x)
+    assert model.frame_runner._program is None  # forced open: the per-layer path's generic gate runs
+    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

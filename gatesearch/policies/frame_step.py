@@ -20,6 +20,7 @@ module it runs (calibration probes layers so), when a layer's path is not
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .skipconv import FoldedBatchNorm2d, SkipConv2d, skip_layers
 REFERENCE_MODES = {"frame": 0, "block": 1}
 _INF = math.inf
 _FUSED = object()  # a node planned together with its only user
+_NOT_CONSTANT = object()
 
 
 class _Tracer(fx.Tracer):
@@ -93,6 +95,7 @@ class _Program:
     result: object  # the graph output's argument (nodes inside)
     stats: list[_ConvStats] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)  # the modules the plan runs in their place
+    constants: dict = field(default_factory=dict)  # nodes fixed by the frame shape (``x.shape[-2:]``), by value
 
     def hooked(self) -> bool:
         """Whether a forward hook waits on a module the plan would not call (calibration probes a layer so)."""
@@ -153,7 +156,8 @@ class FrameStep:
             self._resets = -1
             return None
         outs = program.plan.run(x, reference, program.outputs)
-        env = dict(zip(program.output_nodes, outs))
+        env = dict(program.constants)
+        env.update(zip(program.output_nodes, outs))
         for node, fn in program.tail:
             env[node] = fn(env)
         self._record(program, x.shape[0])
@@ -209,7 +213,9 @@ def _signature(layer: SkipConv2d) -> tuple:
 
     c = layer.conv
     gate = layer.gate
-    knobs = tuple(sorted(vars(gate).items())) if not list(gate.parameters()) else ("learned",)
+    params = list(gate.parameters())
+    knobs = (tuple(sorted(vars(gate).items())) if not params
+             else ("learned", versions(*params), getattr(gate, "force_open", None), gate.training))
     bn = layer.bn
     bn_key = () if bn is None else versions(bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.training,)
     return (id(layer), type(gate), knobs, layer.block_size, layer.reference, layer.path,
@@ -227,6 +233,7 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
     fused: dict[fx.Node, tuple] = {}  # ReLU node -> its (slot, shape), planned with the residual add it alone reads
     tail = []
     result = None
+    constants: dict[fx.Node, object] = {}  # shapes of planned tensors and what is read off them
 
     def native(*nodes) -> bool:
         return all(isinstance(n, fx.Node) and n in slot for n in nodes)
@@ -238,8 +245,13 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
         if node.op == "output":
             result = node.args[0]
             continue
+        value = _constant(node, shape, constants)
+        if value is not _NOT_CONSTANT:
+            constants[node] = value
+            continue
         plan.node = node.name
-        planned = fused.pop(node, None) or _plan_node(plan, root, node, slot, shape, folded, stats, fused, native)
+        planned = fused.pop(node, None) or _plan_node(plan, root, node, slot, shape, folded, stats, fused, native,
+                                                      constants)
         if planned is _FUSED:
             continue
         if planned is None:
@@ -254,7 +266,23 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
     modules = [root.get_submodule(n.target) for n in graph.nodes if n.op == "call_module" and n not in in_python]
     return _Program(plan=plan.plan, step_names=plan.names, in_shape=in_shape, signature=signature,
                     outputs=[slot[n] for n in used], output_nodes=used, tail=tail, result=result, stats=stats,
-                    modules=modules)
+                    modules=modules, constants=constants)
+
+
+def _constant(node: fx.Node, shape: dict, constants: dict):
+    """A value the frame shape fixes (``x.shape``, ``x.size(d)``, an index into either), or ``_NOT_CONSTANT``."""
+    args = node.args
+    if node.op == "call_function" and node.target is getattr and len(args) == 2 and args[1] == "shape":
+        if isinstance(args[0], fx.Node) and args[0] in shape:
+            return torch.Size(shape[args[0]])
+    if node.op == "call_method" and node.target == "size" and not node.kwargs:
+        if isinstance(args[0], fx.Node) and args[0] in shape:
+            size = torch.Size(shape[args[0]])
+            return size if len(args) == 1 else size[args[1]]
+    if node.op == "call_function" and node.target is operator.getitem and len(args) == 2:
+        if isinstance(args[0], fx.Node) and args[0] in constants and not isinstance(args[1], fx.Node):
+            return constants[args[0]][args[1]]
+    return _NOT_CONSTANT
 
 
 def _nodes(arg) -> list[fx.Node]:
@@ -289,6 +317,8 @@ def _kind(root: nn.Module, node: fx.Node) -> str | None:
             return "relu"
         if node.target is contiguous:
             return "identity"
+        if node.target is F.interpolate:
+            return "upsample"
     if node.op == "call_method":
         if node.target == "contiguous":
             return "identity"
@@ -297,7 +327,7 @@ def _kind(root: nn.Module, node: fx.Node) -> str | None:
     return None
 
 
-def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native):
+def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native, constants):
     """Add the node's step to the plan; returns (slot, shape), or None when the node runs in Python."""
     kind = _kind(root, node)
     if kind is None:
@@ -341,18 +371,50 @@ def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native):
         n, c, h, w = shape[src]
         out = (n, c, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1)
         return plan.max_pool(slot[src], list(k), list(s), list(p)), out
+    if kind == "upsample":
+        return _plan_upsample(plan, node, slot, shape, native, constants)
     return None
 
 
+def _plan_upsample(plan, node, slot, shape, native, constants):
+    """``F.interpolate(mode="nearest")`` (HRNet's fusion), as index tables PyTorch's own nearest rule gives."""
+    try:
+        bound = inspect.signature(F.interpolate).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    kwargs = dict(fx.node.map_arg(dict(bound.arguments), lambda n: constants.get(n, n)))
+    src = kwargs.pop("input")
+    if not native(src) or kwargs.get("mode", "nearest") != "nearest" or kwargs.get("antialias"):
+        return None
+    if any(isinstance(v, fx.Node) for v in _nodes(kwargs)) or len(shape[src]) != 4:
+        return None
+    n, c, h, w = shape[src]
+    index = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)  # exact: each output names its source
+    try:
+        picked = F.interpolate(index, **kwargs)[0, 0].to(torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    iy, ix = picked[:, 0] // w, picked[0] % w
+    if not torch.equal(picked, iy[:, None] * w + ix[None, :]):
+        return None  # not separable by rows and columns: the plan's step cannot express it
+    out = plan.upsample(slot[src], iy.tolist(), ix.tolist(), h, w)
+    return out, (n, c, int(iy.numel()), int(ix.numel()))
+
+
 def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native):
-    """A skip-conv with a norm gate (either reference mode), its eval BN folded in."""
+    """A skip-conv with a norm gate (either reference mode) or a Gumbel gate (frame reference), eval BN folded in."""
     from gatesearch import ops
     from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
 
+    from .gumbel import GumbelGate
     from .norm_gates import NormGate
 
     src = node.args[0]
-    if not native(src) or not isinstance(layer.gate, NormGate) or layer.path not in ("auto", "sparse"):
+    gate = layer.gate
+    gumbel = isinstance(gate, GumbelGate)
+    if gumbel and (gate.force_open or gate.training or layer.reference != "frame"):
+        return None  # forced open / training / block references: the per-layer path's generic gate
+    if not native(src) or not (gumbel or isinstance(gate, NormGate)) or layer.path not in ("auto", "sparse"):
         return None
     c = layer.conv
     if layer.bn is not None:
@@ -365,10 +427,13 @@ def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native
                                 groups=c.groups, block_size=layer.block_size)
     kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
     probe = torch.empty(in_shape).contiguous(memory_format=torch.channels_last)
-    args = layer.gate._args(layer)
+    args = {"threshold": 0.0, "scale": 1.0} if gumbel else gate._args(layer)
     out = plan.conv(slot[src], geom.ints(), int(kind), REFERENCE_MODES[layer.reference],
                     packed_weight(weight, kind, geom.groups), onednn_weight(weight, kind, geom.groups), weight, bias,
                     float(args["threshold"]), float(args["scale"]), ops.sparse_rows_limit(geom, probe, layer.path))
+    if gumbel:  # f > 0 on |r| (Eq. 8), with GumbelGate.plan's packed weight and bias, so the same decisions
+        wpack = gate.weight.detach()[0].permute(1, 2, 0).reshape(-1, c.in_channels).contiguous()
+        plan.plan.gumbel_gate(wpack, float(gate.bias.detach() * gate.settings.bias_gain))
     stats.append(_ConvStats(layer=layer, out_hw=tuple(geom.out_hw),
                             gate_macs=layer.gate.macs(layer, in_shape[2:], geom.out_hw)))
     return out, (in_shape[0], geom.out_channels, *geom.out_hw)

@@ -163,7 +163,8 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
   const bool* changed = x.map();
   const Input in_x(x.t);
   const int64_t C = in_x.C;
-  if (changed && !halo_changed(changed, in_x.H, in_x.W, bl, g)) return false;
+  // an unchanged halo has r = 0: the norm gate stays shut, the Gumbel gate reads f = bias
+  if (changed && !halo_changed(changed, in_x.H, in_x.W, bl, g) && !(linear.on() && linear.bias > 0)) return false;
   const Halo h = g.halo(bl);
   const int64_t n = h.ph * h.pw * C;
   float* ref_slot = nullptr;
@@ -179,8 +180,10 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
     load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
   }
   s.work.resize(n + 2 * h.ph * h.pw);
-  if (!block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(), reference == kBlock))
-    return false;
+  const bool fires = linear.on() ? linear.fires(s.r.data(), nullptr, h, C, bl, g, s.work.data())
+                                 : block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(),
+                                               reference == kBlock);
+  if (!fires) return false;
   std::memcpy(r, s.r.data(), n * sizeof(float));  // only fired blocks reach phase 2
   if (ref_slot) std::memcpy(ref_slot, s.x.data(), n * sizeof(float));
   return true;
@@ -270,13 +273,16 @@ void ConvStep::gate(const Slot& x, bool* mask) const {
   const Input in_prev = reference == kFrame ? Input(x.prev) : in_x;
   for_blocks(g, in_x.N, nullptr, slot, [&](const Block& bl, std::vector<float>& buf) {
     bool fires = false;
-    if (!changed || halo_changed(changed, H, W, bl, g)) {
+    if (!changed || halo_changed(changed, H, W, bl, g) || (linear.on() && linear.bias > 0)) {
       buf.resize(3 * slot + 2 * P);  // halo, the previous frame's halo, scratch
       float* halo = buf.data();
       float* old = halo + slot;
       float* scratch = halo + 2 * slot;
       const Halo h = read_halo(in_x, bl, g, halo);
-      if (reference == kBlock) {
+      if (linear.on()) {  // frame reference only (the Gumbel gate has no block references)
+        read_halo(in_prev, bl, g, old);
+        fires = linear.fires(halo, old, h, C, bl, g, scratch);
+      } else if (reference == kBlock) {
         fires = block_fires(halo, br.at(bl), h, C, bl, g, threshold, scale, scratch, true);
       } else {  // the same sums as gate_block_mask, so the same decisions as the per-layer path
         read_halo(in_prev, bl, g, old);

@@ -108,6 +108,26 @@ class FramePlan {
     return out;
   }
 
+  // The last conv added gates with the Gumbel gate (Eq. 8 at inference; gumbel_gate.cpp) instead of its norm gate.
+  void gumbel_gate(at::Tensor wpack, double bias) {
+    TORCH_CHECK(!convs_.empty(), "FramePlan: a Gumbel gate needs a conv before it");
+    ConvStep* c = convs_.back();
+    TORCH_CHECK(c->reference == kFrame, "FramePlan: the Gumbel gate gates against the previous frame only");
+    const int64_t Ci = c->weight.size(1) * c->g.groups;
+    TORCH_CHECK(wpack.is_contiguous() && wpack.scalar_type() == at::kFloat && wpack.numel() == c->g.kh * c->g.kw * Ci,
+                "FramePlan: the Gumbel gate's weight must be fp32 (kh*kw, Ci)");
+    c->linear.weight = wpack;
+    c->linear.bias = static_cast<float>(bias);
+  }
+
+  // Nearest upsampling of slot ``in`` (H, W) by index tables: output row y reads input row iy[y] (likewise ix).
+  int64_t upsample(int64_t in, std::vector<int64_t> iy, std::vector<int64_t> ix, int64_t H, int64_t W) {
+    check_slot(in);
+    const int64_t out = new_slot();
+    steps_.push_back(upsample_step(in, out, std::move(iy), std::move(ix), H, W));
+    return out;
+  }
+
   int64_t clamp(int64_t a, int64_t b, double lo, double hi) {
     check_slot(a);
     if (b >= 0) check_slot(b);
@@ -241,6 +261,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("conv", &gs::FramePlan::conv, py::arg("input"), py::arg("geometry"), py::arg("kind"), py::arg("reference"),
            py::arg("wpack"), py::arg("onednn"), py::arg("weight"), py::arg("bias"), py::arg("threshold"),
            py::arg("scale"), py::arg("max_rows"))
+      .def("gumbel_gate", &gs::FramePlan::gumbel_gate, py::arg("wpack"), py::arg("bias"))
+      .def("upsample", &gs::FramePlan::upsample, py::arg("input"), py::arg("iy"), py::arg("ix"), py::arg("height"),
+           py::arg("width"))
       .def("clamp", &gs::FramePlan::clamp, py::arg("a"), py::arg("b"), py::arg("lo"), py::arg("hi"))
       .def("max_pool", &gs::FramePlan::max_pool, py::arg("input"), py::arg("kernel"), py::arg("stride"),
            py::arg("padding"))

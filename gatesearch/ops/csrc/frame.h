@@ -10,6 +10,7 @@
 
 #include <torch/extension.h>
 
+#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -43,6 +44,20 @@ struct Step {
 
 inline at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
+// The Gumbel gate at inference (Eq. 8: f > 0 on |r_t|), in place of the norm gate: see gumbel_gate.cpp.
+struct LinearGate {
+  at::Tensor weight;  // packed (kh, kw, Ci), fp32; undefined: the layer has a norm gate
+  float bias = 0;
+  bool on() const { return weight.defined(); }
+  // Whether one block fires on the halo x (minus old, when given), channel-minor (ph, pw, C); scratch: ph*pw*C.
+  bool fires(const float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
+             float* scratch) const;
+};
+
+// Nearest upsampling by index tables (upsample_step.cpp).
+std::unique_ptr<Step> upsample_step(int64_t in, int64_t out, std::vector<int64_t> iy, std::vector<int64_t> ix,
+                                    int64_t H, int64_t W);
+
 // A skip-conv (its eval BN folded in): see conv_step.cpp.
 struct ConvStep : Step {
   int64_t in = 0, out = 0;
@@ -53,6 +68,7 @@ struct ConvStep : Step {
   PanelWeight panels;  // the GEMM weight in panels of output channels (layers that take the per-block kernel)
   bool per_block = false;
   float threshold = 0, scale = 1;
+  LinearGate linear;  // set: the Gumbel gate decides instead of the norm gate (threshold, scale unused)
   int64_t max_rows = 0;  // above: the dense conv is faster (ops.sparse_rows_limit)
   at::Tensor ref;        // block references (reference kBlock)
   at::Tensor mask_t;     // bool (N, Bh, Bw): the blocks this frame recomputes
