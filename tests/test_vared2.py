@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -31,11 +32,14 @@ def layer(conv: nn.Module, space_size: int = 2, *, seed: int = 0, spread: float 
 
 
 def decide(dyn: DynamicConv, v_t: list[float], v_c: list[float]) -> None:
-    """Fix the gate's output to V = max(tanh(b), 0) whatever the input: weight 0, bias atanh(V) (or -1 for 0)."""
+    """Fix the gate's output to V = max(tanh(b), 0) / tanh(β_0) whatever the input: weight 0, bias
+    atanh(V·tanh(β_0)) (or -1 for 0)."""
     v = ([] if not dyn.temporal else v_t) + v_c
+    unit = dyn.gate.unit
     with torch.no_grad():
         dyn.gate.fc2.weight.zero_()
-        dyn.gate.fc2.bias.copy_(torch.tensor([math.atanh(x) if x > 0 else -1.0 for x in v]) / dyn.gate.bias_gain)
+        dyn.gate.fc2.bias.copy_(torch.tensor([math.atanh(x * unit) if x > 0 else -1.0 for x in v])
+                                / dyn.gate.bias_gain)
 
 
 def model(backbone: str, space_size: int = 2, *, seed: int = 0, width: float = 0.5) -> nn.Module:
@@ -96,7 +100,7 @@ def test_sparse_path_equals_weight_shared_dense_path(kind, space_size):
         dyn.path = "sparse"
         sparse = dyn(x)
     assert dense.shape == sparse.shape == conv(x).shape
-    assert (dense - sparse).abs().max() <= 1e-5
+    assert (dense - sparse).abs().max() <= 1e-5 * max(1.0, dense.abs().max().item())  # float32 rounding
 
 
 def test_sparse_path_computes_only_the_selected_slice(monkeypatch):
@@ -143,6 +147,53 @@ def test_whole_model_keep_all_equals_dense_network():
     clip = torch.randn(2, 8, 3, 32, 32)
     with torch.inference_mode():
         assert (gated.stream(clip, reset_every=4) - dense.stream(clip, reset_every=4)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("backbone", ["r2plus1d_tiny", "resnet3d_small", "tiny", "mobilenet_v2_tiny"])
+def test_freshly_converted_model_computes_the_dense_network(backbone):
+    """Converting starts from the dense network's behaviour, gates not forced (before: every alternative open at
+    V ≈ 0.46 and Φ^c copying other channels, top-1 0.600 -> 0.083 at conversion in finding 6): in training (the
+    weight-shared dense path, batch statistics) and at inference (the sparse path, running statistics)."""
+    torch.manual_seed(0)
+    dense = build(backbone, task="classification", num_classes=K, width=0.5)
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    gated = build_policy("vared2", search_space_size=3, lambda_e=1.0).apply(copy.deepcopy(dense))
+    clip = torch.randn(3, 8, 3, 32, 32)
+    for train in (False, True):
+        dense.train(train)
+        gated.train(train)
+        with torch.no_grad():
+            want, got = dense(clip), gated(clip)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    with torch.no_grad():
+        for layer in dynamic_layers(gated):
+            scores = layer.gate.scores_eval(torch.randn(2, layer.conv.in_channels, *([4] if layer.temporal else []),
+                                                        6, 6))
+            n_t = len(layer.strides) if layer.temporal else 0
+            for row in scores:  # the full alternative of each dimension at exactly 1, every cheaper one at 0
+                assert first_open(row[:n_t]) == 0 if n_t else True
+                assert [round(v, 6) for v in row] == ([1.0] + [0.0] * (n_t - 1) if n_t else []) + \
+                    [1.0] + [0.0] * (len(layer.keep) - 1)
+
+
+def test_closed_alternative_learns_whether_to_open():
+    """V = max(·, 0) passes its gradient straight through at 0: at conversion the cheaper alternatives are closed
+    (V = 0), yet the task loss reaches their scores, so one can open as the full one closes (the thesis's φ has no
+    gradient at 0: they would stay shut, and closing the full conv would leave nothing)."""
+    torch.manual_seed(0)
+    dyn = DynamicConv(nn.Conv3d(4, 16, (1, 3, 3), padding=(0, 1, 1)), space_size=2).train()
+    x = torch.randn(3, 4, 4, 6, 6)
+    target = dyn.conv(x).detach() * 2.0  # wants more of the output than the full alternative alone gives
+    v_t, v_c = dyn.scores(x)
+    assert v_t[:, 1].eq(0).all() and v_c[:, 1].eq(0).all()
+    ((dyn(x) - target) ** 2).mean().backward()
+    grad = dyn.gate.fc2.bias.grad  # per alternative: temporal (full, stride 2), channel (full, half)
+    assert grad[1] != 0 and grad[3] != 0
+    assert grad[3] < 0  # opening the half-width alternative adds its channels: the loss falls, so its score rises
 
 
 @pytest.mark.parametrize("backbone", ["r2plus1d_tiny", "resnet3d_small", "tiny"])
@@ -228,8 +279,9 @@ def test_gate_outputs_in_unit_interval_with_exact_zeros():
         v = gate(torch.randn(3, 6, 5, 7, 7))
     assert v.shape == (3, 4)
     assert torch.equal(v[:, 0], torch.zeros(3))  # max(tanh(·), 0): a negative score closes the alternative
-    assert torch.allclose(v[:, 1], torch.full((3,), math.tanh(3.0)))
-    assert ((v >= 0) & (v < 1)).all()
+    assert torch.allclose(v[:, 1], torch.full((3,), math.tanh(3.0) / math.tanh(0.5)))  # β_0 = 0.5 reads as 1
+    assert torch.allclose(v[:, 3], torch.ones(3))
+    assert ((v >= 0) & (v < 1 / math.tanh(0.5))).all()
     gate.train()
     assert gate(torch.randn(1, 6, 1, 3, 3)).shape == (1, 4)  # a lone clip in training: running BN statistics
 
@@ -321,6 +373,9 @@ def test_efficiency_loss_hands_the_work_to_a_cheaper_alternative():
     straight to nothing. Minimising L_e alone, the head closes first and the next alternative takes over."""
     torch.manual_seed(0)
     dyn = DynamicConv(nn.Conv3d(8, 32, (1, 3, 3), padding=(0, 1, 1)), space_size=2).train()
+    decide(dyn, [1.0, 1.0], [1.0, 1.0])  # every alternative open (a converted layer opens the cheap ones by L_a)
+    with torch.no_grad():
+        dyn.gate.fc2.weight.normal_(0, 0.01)
     x = torch.randn(4, 8, 4, 6, 6)
     opt = torch.optim.Adam(dyn.gate.parameters(), lr=2e-3)
     handed_over = 0  # steps after which every sample runs the half-width, stride-2 alternative

@@ -1,6 +1,6 @@
 """The VA-RED² soft modulation gate p_l (Eq. 3.4) and how its weights V read as decisions.
 
-For each input the gate scores S alternatives per dimension, V ∈ [0, 1):
+For each input the gate scores S alternatives per dimension, V ≥ 0:
 the output is the V-weighted sum of the open alternatives (Eq. 3.5), and
 what inference computes is the largest open alternative of each dimension
 (``first_open``): every smaller one is a slice of it (Eq. A.2).
@@ -40,19 +40,32 @@ class FoldedLinear(NamedTuple):
 
 
 class SoftModulationGate(nn.Module):
-    """p_l of Eq. 3.4: V = max(tanh(FC2(tanh(BN(FC1(G(X))))) + β_p), 0) ∈ [0, 1)^{S_t + S_c}."""
+    """p_l of Eq. 3.4: V = max(tanh(FC2(tanh(BN(FC1(G(X))))) + β_p), 0) / tanh(β_0) ∈ [0, 1/tanh(β_0))^{S_t + S_c}.
 
-    def __init__(self, cin: int, outputs: int, *, time_bins: int, settings: GateSettings = GateSettings()) -> None:
+    The division by the constant tanh(β_0) (β_0 = ``GateSettings.init_bias``) is ours: the full alternatives
+    (``full``, one per dimension) start at β_p = β_0, the others at β_p = 0, and the last FC's weights at 0, so
+    a freshly converted layer weighs its full alternative by exactly 1 and every other by 0 for every input,
+    and computes the dense conv (VA-RED² fine-tunes a trained network; Eq. 3.4's [0, 1) range could only
+    start it at a fraction of the dense output). The cut at 0 passes its gradient straight through
+    (``_open``): a closed alternative still learns from the task loss whether opening it would help, so a
+    cheaper one can open as the efficiency loss closes the full one (the thesis's φ, max(tanh, 0), has no
+    gradient where it is 0 and would keep the cheap alternatives shut for good).
+    """
+
+    def __init__(self, cin: int, outputs: int, *, time_bins: int, settings: GateSettings = GateSettings(),
+                 full: tuple[int, ...] = (0,)) -> None:
         super().__init__()
         self.time_bins = time_bins
         self.fc1 = nn.Linear(cin * time_bins, settings.hidden, bias=False)
         self.bn = nn.BatchNorm1d(settings.hidden)
         self.fc2 = nn.Linear(settings.hidden, outputs)  # its bias is stored as β_p / bias_gain
         self.bias_gain = settings.bias_gain
+        self.unit = math.tanh(settings.init_bias)  # tanh(β_0): the score that reads as V = 1
         self._folds = FoldCache()
         with torch.no_grad():
             self.fc2.weight.mul_(settings.init_gain)
-            self.fc2.bias.fill_(settings.init_bias / settings.bias_gain)
+            self.fc2.bias.zero_()
+            self.fc2.bias[list(full)] = settings.init_bias / settings.bias_gain
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """G: (N, Ci, T, H, W) -> (N, Ci·bins), or (N, Ci, H, W) -> (N, Ci)."""
@@ -73,17 +86,17 @@ class SoftModulationGate(nn.Module):
         # BN needs two samples to take batch statistics; a lone clip in training uses the running ones
         train_stats = bn.training and h.shape[0] > 1
         h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, train_stats, bn.momentum, bn.eps)
-        return torch.relu(torch.tanh(F.linear(torch.tanh(h), self.fc2.weight, self.fc2.bias * self.bias_gain)))
+        return _open(torch.tanh(F.linear(torch.tanh(h), self.fc2.weight, self.fc2.bias * self.bias_gain))) / self.unit
 
     def scores_eval(self, x: torch.Tensor) -> list[list[float]]:
-        """Inference: tanh(FC2(tanh(BN∘FC1(G(X))))) per sample as Python floats, BN folded into FC1.
+        """Inference: tanh(FC2(tanh(BN∘FC1(G(X))))) / tanh(β_0) per sample as Python floats, BN folded into FC1.
 
         max(·, 0) is left to the caller, which reads the values anyway. Few
         dispatches: this runs once per layer and clip on the deployed path.
         """
         weight, bias = self._folded()
         h = torch.addmm(bias, self.pool(x), weight).tanh_()
-        return torch.addmm(self.fc2.bias * self.bias_gain, h, self.fc2.weight.t()).tanh_().tolist()
+        return torch.addmm(self.fc2.bias * self.bias_gain, h, self.fc2.weight.t()).tanh_().div_(self.unit).tolist()
 
     def _folded(self) -> FoldedLinear:
         """FC1 with the BN folded in, cached until a parameter or statistic changes."""
@@ -100,6 +113,12 @@ class SoftModulationGate(nn.Module):
         """Per sample: the pooling adds, then the two FCs."""
         return float(math.prod(in_shape) + self.fc1.in_features * self.fc1.out_features
                      + self.fc2.in_features * self.fc2.out_features)
+
+
+def _open(score: torch.Tensor) -> torch.Tensor:
+    """max(score, 0) with the gradient of the identity: exact zeros forward, and a closed alternative's score
+    still moves by what opening it would do to the loss (its features are computed in training anyway)."""
+    return score + (torch.relu(score) - score).detach()
 
 
 def first_open(weights: list[float]) -> int:

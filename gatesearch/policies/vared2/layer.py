@@ -71,7 +71,8 @@ class DynamicConv(nn.Module):
         self.strides = tuple(2**j for j in range(space_size)) if self.temporal else (1,)  # R of each temporal one
         n_t = len(self.strides) if self.temporal else 0  # a 2D layer has no temporal scores
         self.gate = SoftModulationGate(conv.in_channels, n_t + len(self.keep),
-                                       time_bins=settings.time_bins if self.temporal else 1, settings=settings)
+                                       time_bins=settings.time_bins if self.temporal else 1, settings=settings,
+                                       full=(0, n_t) if self.temporal else (0,))
         self.phi_c = nn.ModuleList([ChannelRebuild(k, conv.out_channels) for k in self.keep[1:]])
         self.phi_t = nn.ModuleList([TemporalRebuild(r, conv.out_channels) for r in self.strides[1:]])
         self.force_open = False

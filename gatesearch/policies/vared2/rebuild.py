@@ -7,12 +7,15 @@ from torch import nn
 
 
 class ChannelRebuild(nn.Module):
-    """Φ^c (Eq. 3.3): the C_out − k channels not computed, each an affine map of computed channel (m − k) mod k."""
+    """Φ^c (Eq. 3.3): the C_out − k channels not computed, each an affine map of computed channel (m − k) mod k.
+
+    They start at 0 (weight and bias): a copy of another channel is no estimate of a channel of a trained network,
+    and as the alternative opens it should add only what it computes until the maps have learned something."""
 
     def __init__(self, keep: int, channels: int) -> None:
         super().__init__()
         self.keep, self.channels = keep, channels
-        self.weight = nn.Parameter(torch.ones(channels - keep))
+        self.weight = nn.Parameter(torch.zeros(channels - keep))
         self.bias = nn.Parameter(torch.zeros(channels - keep))
         self.register_buffer("source", torch.arange(channels - keep) % keep, persistent=False)
 

@@ -12,8 +12,10 @@ class GateSettings:
     hidden: int = 16  # D_h of Eq. 3.4
     time_bins: int = 2  # G pools space and keeps time in this many bins (the thesis keeps all T; a fixed
     #                    number of bins lets one gate serve any window length, deep layers with T=1 included)
-    init_bias: float = 0.5  # β_p at init: every alternative starts at V ≈ tanh(0.5) ≈ 0.46
-    init_gain: float = 0.1  # scale of the last FC's initial weights: gates start nearly input-independent
+    init_bias: float = 0.5  # β_p of the full alternatives at init, and the operating point that reads as V = 1
+    #                        (V = max(tanh(·), 0) / tanh(init_bias)); the cheaper ones start at β_p = 0, V = 0
+    init_gain: float = 0.0  # scale of the last FC's initial weights: 0, so that at conversion every input gets the
+    #                        full alternatives alone and the converted network computes the dense one
     bias_gain: float = 20.0  # β_p = gain·b̃ with b̃ stored: Adam moves every parameter ~lr a step, so the
     #                          operating point of a gate moves gain× faster than its weights, enough to close
     #                          alternatives within the few epochs of a search trial (the thesis fine-tunes 40)
