@@ -50,15 +50,7 @@ bool block_fires(const float* x, const float* old, const Halo& h, int64_t C, con
   float* rows = a + P;    // window sums along x: (ph, block width)
   if (C < 16) {  // few channels (the RGB frame): |x - old| over the whole halo in full vectors, then per position
     float* d = rows + P;  // |x - old|, (P, C)
-    const int64_t n = P * C;
-    int64_t i = 0;
-    if (old) {
-      for (; i + 16 <= n; i += 16) store16(d + i, abs16(load16(x + i) - load16(old + i)));
-      for (; i < n; ++i) d[i] = std::fabs(x[i] - old[i]);
-    } else {
-      for (; i + 16 <= n; i += 16) store16(d + i, abs16(load16(x + i)));
-      for (; i < n; ++i) d[i] = std::fabs(x[i]);
-    }
+    abs_diff(x, old, P * C, d);
     for (int64_t p = 0; p < P; ++p) {
       float s = 0.f;
       for (int64_t c = 0; c < C; ++c) s += d[p * C + c];

@@ -8,24 +8,14 @@
 // |x - x_prev| values and the same dot products in the same order, so the same
 // decisions as the per-layer path.
 
-#include <cmath>
-
 #include "frame.h"
 
 namespace gs {
 
 bool LinearGate::fires(const float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
                        float* scratch) const {
-  const int64_t n = h.ph * h.pw * C;
   float* r = scratch;  // |x - old| over the halo, (ph, pw, C)
-  int64_t i = 0;
-  if (old) {
-    for (; i + 16 <= n; i += 16) store16(r + i, abs16(load16(x + i) - load16(old + i)));
-    for (; i < n; ++i) r[i] = std::fabs(x[i] - old[i]);
-  } else {
-    for (; i + 16 <= n; i += 16) store16(r + i, abs16(load16(x + i)));
-    for (; i < n; ++i) r[i] = std::fabs(x[i]);
-  }
+  abs_diff(x, old, h.ph * h.pw * C, r);
   const float* wp = weight.data_ptr<float>();
   for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
     for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {

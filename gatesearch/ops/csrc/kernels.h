@@ -81,6 +81,18 @@ inline float abs_diff_sum(const float* __restrict a, const float* __restrict b, 
   return n >= 16 ? add_lanes(s, acc) : s;
 }
 
+// out[i] = |a[i] - b[i]| (b may be null: |a[i]|)
+inline void abs_diff(const float* __restrict a, const float* __restrict b, int64_t n, float* __restrict out) {
+  int64_t i = 0;
+  if (b) {
+    for (; i + 16 <= n; i += 16) store16(out + i, abs16(load16(a + i) - load16(b + i)));
+    for (; i < n; ++i) out[i] = std::fabs(a[i] - b[i]);
+  } else {
+    for (; i + 16 <= n; i += 16) store16(out + i, abs16(load16(a + i)));
+    for (; i < n; ++i) out[i] = std::fabs(a[i]);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Where a frame's time goes (FramePlan.profile): seconds per kind of work.
 // ---------------------------------------------------------------------------
