@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gatesearch.atomic import write_atomic
 
 from .registry import Claim, Finding
 
@@ -33,21 +33,6 @@ MODELS = "models"
 
 class RunFolderError(FileExistsError):
     """The report folder holds something this run must not continue or overwrite (the message is one line)."""
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """``path`` holds ``data`` whole, or keeps what it held: written to a temporary sibling, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _json(obj: Any) -> str:

@@ -13,12 +13,13 @@ import dataclasses
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gatesearch.atomic import write_atomic
 
 from .tracking import NotFoundError
 
@@ -74,18 +75,7 @@ def record_path(workdir: Path, search_id: str) -> Path:
 
 def save(workdir: Path, rec: SearchRecord) -> None:
     """Write the record atomically: a reader sees the old file or the new one, never half of one."""
-    path = record_path(workdir, rec.search_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{rec.search_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec.to_dict(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(record_path(workdir, rec.search_id), json.dumps(rec.to_dict(), indent=1))
 
 
 def load(workdir: Path, search_id: str) -> SearchRecord:
