@@ -23,6 +23,18 @@ def pytest_sessionstart(session):
     _native.available()
 
 
+@pytest.fixture(autouse=True)
+def _modules_unpatched():
+    """A test that leaves torch.fx's tracing patch on ``nn.Module`` fails itself, not every test after it."""
+    from torch import nn
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    yield
+    leaked = nn.Module.__call__ is not call or nn.Module.__getattr__ is not getattr_
+    nn.Module.__call__, nn.Module.__getattr__ = call, getattr_
+    assert not leaked, "nn.Module left patched by a torch.fx trace"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session; unit tests never start Ray."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -38,10 +39,17 @@ REFERENCE_MODES = {"frame": 0, "block": 1}
 _INF = math.inf
 _FUSED = object()  # a node planned together with its only user
 _NOT_CONSTANT = object()
+_TRACING = threading.Lock()  # torch.fx patches ``nn.Module`` for the whole process while it traces
 
 
 class _Tracer(fx.Tracer):
-    """Stops at layers the plan maps one to one (and at anything stateful), traces through the rest."""
+    """Stops at layers the plan maps one to one (and at anything stateful), traces through the rest.
+
+    torch.fx routes every module call and attribute read in the process through the tracer while it traces:
+    two traces at once (stream threads, each planning its copy) can leave ``nn.Module.__call__`` patched for
+    good, and a model running in another thread meanwhile would be traced into this graph. So traces take turns,
+    and calls from other threads pass straight through.
+    """
 
     LEAVES = (SkipConv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, Add, nn.Identity,
               nn.Dropout)
@@ -51,6 +59,21 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.LEAVES) or hasattr(m, "reset_state") or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with _TRACING:
+            self._thread = threading.get_ident()
+            return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def path_of_module(self, mod: nn.Module) -> str:
         try:
