@@ -331,3 +331,144 @@ def test_stream_threads_plan_their_copies_at_once_without_breaking_each_other():
                                 workers="thread", repeats=1)
         assert fps["gated"]["fps"] > 0
     assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+
+
+# -- D-STEP: each residual block one plan step (dstep_step.cpp, policies/dstep/plan.py) ----------------------------
+
+def dstep(backbone, *, task="classification", tile=2):
+    """A D-STEP model at inference whose policies switch tiles and channels often (zero logit biases, loud
+    weights), so frames skip, reuse and compute channels on part of the tiles."""
+    from gatesearch.policies.dstep import dstep_blocks
+
+    model = gated(backbone, task=task, gate="dstep", target_flops_ratio=0.5, block_size=tile)
+    with torch.no_grad():
+        for b in dstep_blocks(model):
+            b.policy.spatial_bias.zero_()
+            b.policy.fc2_bias.zero_()
+            b.policy.fc2_weight.mul_(40)
+            b.policy.spatial_weight.mul_(4)
+    return model
+
+
+def dstep_layers(model):
+    """The same D-STEP model without its frame runner: every block runs ``DStepBlock._infer`` (the reference)."""
+    from gatesearch.objectives import reset_stats
+
+    twin = copy.deepcopy(model)
+    twin.frame_runner = None
+    reset_stats(twin)
+    return twin
+
+
+def dstep_records(model):
+    """Per block conv: frames, density (Eq. 2 share), gate MACs, and conv1's decisions (tiles, skip, reuse,
+    compute), as MacCounter and ``dstep.decisions`` read them."""
+    from gatesearch.policies.dstep import dstep_blocks
+
+    rows = []
+    for b in dstep_blocks(model):
+        for conv in b.convs():
+            rows += [conv.frames, conv.density, conv.gate_macs, *conv.decision_sum]
+    return rows
+
+
+@pytest.mark.usefixtures("quick_crossover")
+@pytest.mark.parametrize(("backbone", "task", "tile", "size"), [
+    ("resnet18_tiny", "classification", 2, 48), ("resnet18_tiny", "heatmap", 1, 32),
+    ("tsm_resnet18_tiny", "classification", 4, 48), ("hrnet_small", "heatmap", 2, 48),
+    ("hrnet_small", "classification", 4, 32)])
+def test_dstep_frames_equal_the_layers(backbone, task, tile, size):
+    """Every D-STEP block is one plan step (its policies, Eq. 1's merge with the kept h_{t-1}, the tile-gathered
+    branch, the shortcut): frames equal the per-layer path's ≤ 1e-5 over clips with reference frames (a reset every
+    5), and every block makes the same tile and channel decisions and books the same FLOPs (Eq. 2)."""
+    from gatesearch.policies.dstep import decisions, dstep_blocks
+
+    model = dstep(backbone, task=task, tile=tile)
+    twin = dstep_layers(model)
+    x = clip(frames=8, size=size)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=5)
+        ref = twin.stream(x, reset_every=5)
+    program = model.frame_runner._program
+    assert planned(model)
+    ran = [b for b in dstep_blocks(model) if b.conv1.frames]  # the heatmap task never runs ``deep``
+    assert [s.block for s in program.dsteps] == ran and ran
+    assert not any(node.op == "call_module" for node, _ in program.tail), "only the clip head's pooling in Python"
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert dstep_records(model) == pytest.approx(dstep_records(twin), rel=1e-6, abs=1e-9)
+    chosen = decisions(model)
+    assert 0 < chosen["tiles"] < 1 and min(chosen["skip"], chosen["reuse"], chosen["compute"]) > 0.1, chosen
+
+
+@pytest.mark.usefixtures("quick_crossover")
+@pytest.mark.parametrize("path", ["sparse", "dense_convs"])
+def test_dstep_gathered_and_dense_convs_give_the_same_frames(monkeypatch, path):
+    """Each branch conv gathers its active tiles below the layer's crossover and runs the dense conv (then masks)
+    above: path "sparse" (always gather) and a crossover of 0 (always dense) give the per-layer path's frames."""
+    from gatesearch.ops import channel_gather
+    from gatesearch.policies.dstep import dstep_blocks
+
+    model = dstep("resnet18_tiny", tile=2)
+    if path == "sparse":
+        for b in dstep_blocks(model):
+            b.path = "sparse"
+    else:
+        monkeypatch.setattr(channel_gather, "calibrate", lambda *a, **k: {"crossover": 0.0, "stable": False})
+    twin = dstep_layers(model)
+    x = clip(frames=6, size=48)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=4)
+        ref = twin.stream(x, reset_every=4)
+    assert planned(model)
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert dstep_records(model) == pytest.approx(dstep_records(twin), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.usefixtures("quick_crossover")
+def test_dstep_plan_steps_aside_and_follows_the_policies(monkeypatch):
+    """Gating off (the dense twin), training, autograd or a forward hook: the blocks run in Python; a block forced
+    open or on the masked dense path runs in Python after the blocks before it; the frames stand. A moved operating
+    point (the logit offset) rebuilds the plan."""
+    from gatesearch.policies.dstep import dstep_blocks, set_gating
+
+    model = dstep("resnet18_tiny", tile=2)
+    x = clip(frames=4, size=48)
+    calls = []
+    runner = model.frame_runner
+    record = type(runner)._record
+    monkeypatch.setattr(type(runner), "_record", staticmethod(lambda program, n: calls.append(n)))
+
+    def check(expected_calls):
+        with torch.inference_mode():
+            out = model.stream(x)
+            ref = dstep_layers(model).stream(x)
+        assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+        assert bool(calls) == expected_calls
+        calls.clear()
+
+    set_gating(model, False)
+    check(False)
+    set_gating(model, True)
+    blocks = dstep_blocks(model)
+    blocks[1].force_open = True  # that block runs in Python after the plan, the ones after it too
+    blocks[2].path = "dense"
+    check(True)
+    assert [s.block for s in model.frame_runner._program.dsteps] == blocks[:1]
+    blocks[1].force_open = False
+    blocks[2].path = "auto"
+    handle = blocks[0].register_forward_hook(lambda *_: None)
+    check(False)
+    handle.remove()
+    with torch.no_grad():
+        copy.deepcopy(model).train().stream(x)
+    with torch.enable_grad():
+        model.stream(x.clone().requires_grad_())
+    assert not calls
+    check(True)
+    first = model.frame_runner._program
+    with torch.no_grad():
+        for b in blocks:
+            b.policy.offset -= 0.5
+    monkeypatch.setattr(type(runner), "_record", record)
+    check(False)
+    assert model.frame_runner._program is not first

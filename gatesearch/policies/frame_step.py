@@ -117,6 +117,7 @@ class _Program:
     tail: list  # (node, callable(env) -> value) run in Python after the plan
     result: object  # the graph output's argument (nodes inside)
     stats: list[_ConvStats] = field(default_factory=list)
+    dsteps: list = field(default_factory=list)  # dstep.plan.BlockStats of the planned D-STEP blocks
     modules: list[nn.Module] = field(default_factory=list)  # the modules the plan runs in their place
     constants: dict = field(default_factory=dict)  # nodes fixed by the frame shape (``x.shape[-2:]``), by value
 
@@ -159,7 +160,7 @@ class FrameStep:
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if self._layers is None:
-            self._layers = skip_layers(model)
+            self._layers = _anchors(model)
         layers = self._layers
         if not layers or self._failed:
             return None
@@ -200,7 +201,8 @@ class FrameStep:
             except Exception as exc:  # control flow or ops fx cannot follow: the layers run
                 self._failed = f"trace: {exc}"
                 return None
-        signature = (tuple(x.shape), *(_signature(layer) for layer in self._layers))
+        signature = (tuple(x.shape), *(_signature(layer) for layer in self._layers), *_outside_signature(model,
+                                                                                                     self._layers))
         if self._program is None or self._program.signature != signature:
             self._program = None
             if signature == self._unplannable:
@@ -224,16 +226,40 @@ class FrameStep:
             else:
                 d["density_sum"] += rows / (stat.out_hw[0] * stat.out_hw[1])
                 d["gate_macs_sum"] += stat.gate_macs * n
+        if program.dsteps:
+            from .dstep.plan import record
+
+            record(program.dsteps, program.plan.dstep_stats())
 
 
 class _Unplannable(Exception):
     """The model holds a layer the plan cannot run where it matters; the layers run instead."""
 
 
-def _signature(layer: SkipConv2d) -> tuple:
+def _anchors(model: nn.Module) -> list:
+    """The gated layers whose streaming state the plan follows: skip-convs, else D-STEP blocks."""
+    from .dstep.block import dstep_blocks
+
+    return skip_layers(model) or dstep_blocks(model)
+
+
+def _outside_signature(model: nn.Module, layers: list) -> tuple:
+    """For D-STEP, the plain convs and BNs between the blocks, which the plan folds (skip-convs carry their BN)."""
+    if not layers or isinstance(layers[0], SkipConv2d):
+        return ()
+    from .dstep.plan import outside_signature
+
+    return (outside_signature(model),)
+
+
+def _signature(layer) -> tuple:
     """Changes whenever the plan of this layer would: weights, BN, gate knobs, block size, mode, path."""
     from gatesearch.affine import versions
 
+    if not isinstance(layer, SkipConv2d):  # a D-STEP block
+        from .dstep.plan import signature
+
+        return signature(layer)
     c = layer.conv
     gate = layer.gate
     params = list(gate.parameters())
@@ -249,6 +275,7 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
     from gatesearch.ops import _native
 
     plan = _Steps(_native.module().FramePlan())
+    plan.dsteps = []
     slot: dict[fx.Node, int] = {}  # nodes the plan computes -> their slot
     shape: dict[fx.Node, tuple[int, ...]] = {}
     folded: dict[fx.Node, SkipConv2d] = {}  # conv nodes whose BN rides in their weights
@@ -283,13 +310,13 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
             slot[node], shape[node] = planned
     read = [n for node, _ in tail for n in node.all_input_nodes] + _nodes(result)
     used = [n for n in slot if n in read]  # what Python reads of the plan: the tail's inputs and the result
-    if not stats:
-        raise _Unplannable("no skip-conv runs in the plan")
+    if not stats and not plan.dsteps:
+        raise _Unplannable("no gated layer runs in the plan")
     in_python = {node for node, _ in tail}
     modules = [root.get_submodule(n.target) for n in graph.nodes if n.op == "call_module" and n not in in_python]
     return _Program(plan=plan.plan, step_names=plan.names, in_shape=in_shape, signature=signature,
                     outputs=[slot[n] for n in used], output_nodes=used, tail=tail, result=result, stats=stats,
-                    modules=modules, constants=constants)
+                    modules=modules, constants=constants, dsteps=plan.dsteps)
 
 
 def _constant(node: fx.Node, shape: dict, constants: dict):
@@ -332,6 +359,12 @@ def _kind(root: nn.Module, node: fx.Node) -> str | None:
             return "folded_bn"
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return "identity"
+        if type(m) is nn.Conv2d:
+            return "dense_conv"
+        from .dstep.block import DStepBlock
+
+        if isinstance(m, DStepBlock):
+            return "dstep"
         return None
     if node.op == "call_function":
         if node.target in (operator.add, torch.add) and len(node.args) == 2 and not node.kwargs:
@@ -396,7 +429,55 @@ def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native, cons
         return plan.max_pool(slot[src], list(k), list(s), list(p)), out
     if kind == "upsample":
         return _plan_upsample(plan, node, slot, shape, native, constants)
+    if kind == "dense_conv":
+        return _plan_dense_conv(plan, root, node, slot, shape, fused, native)
+    if kind == "dstep":
+        from .dstep.plan import plan_block
+
+        src = args[0]
+        if not native(src) or len(args) != 1 or node.kwargs:
+            return None
+        planned = plan_block(plan, root.get_submodule(node.target), slot[src], shape[src])
+        if planned is None:
+            return None
+        out, out_shape, block_stats = planned
+        plan.dsteps.append(block_stats)
+        return out, out_shape
     return None
+
+
+def _plan_dense_conv(plan, root, node, slot, shape, fused, native):
+    """A plain conv (D-STEP leaves the convs outside its blocks dense), with the eval BN that alone reads it."""
+    from gatesearch.ops.channel_gather import FoldedConv
+
+    m = root.get_submodule(node.target)
+    src = node.args[0]
+    if not native(src) or len(node.args) != 1 or node.kwargs or m.padding_mode != "zeros" or isinstance(m.padding,
+                                                                                                         str):
+        return None
+    (user,) = node.users if len(node.users) == 1 else (None,)
+    bn = root.get_submodule(user.target) if user is not None and user.op == "call_module" else None
+    if not (type(bn) is nn.BatchNorm2d and not bn.training and user.args == (node,) and not user.kwargs):
+        bn = None
+    if bn is not None:
+        f = FoldedConv.fold(m, bn)
+        weight, bias = f.weight, f.bias
+    else:
+        weight, bias = m.weight.detach(), None if m.bias is None else m.bias.detach()
+    out = plan.dense_conv(slot[src], weight, bias, [*m.stride, *m.padding, *m.dilation, m.groups])
+    planned = out, (shape[src][0], m.out_channels, *_conv_out_hw(shape[src], m))
+    if bn is not None:  # the BN node takes the conv's slot; the conv itself has no other reader
+        fused[user] = planned
+        return _FUSED
+    return planned
+
+
+def _conv_out_hw(in_shape: tuple[int, ...], conv: nn.Conv2d) -> tuple[int, int]:
+    """A conv's output size for an (N, C, H, W) input."""
+    from gatesearch.ops.geometry import conv_out_size
+
+    return tuple(conv_out_size(n, k, s, p, d) for n, k, s, p, d in
+                 zip(in_shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 def _plan_upsample(plan, node, slot, shape, native, constants):

@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 
+#include "dstep_step.h"
 #include "frame.h"
 
 namespace gs {
@@ -126,6 +127,78 @@ class FramePlan {
     const int64_t out = new_slot();
     steps_.push_back(upsample_step(in, out, std::move(iy), std::move(ix), H, W));
     return out;
+  }
+
+  // A plain conv, dense every frame (its eval BN folded in): [sh, sw, ph, pw, dh, dw, groups] (dstep_step.cpp).
+  int64_t dense_conv(int64_t in, at::Tensor weight, c10::optional<at::Tensor> bias, std::vector<int64_t> geometry) {
+    check_slot(in);
+    const int64_t out = new_slot();
+    steps_.push_back(dense_conv_step(in, out, weight, bias, std::move(geometry)));
+    return out;
+  }
+
+  // A D-STEP residual block reading slot ``in`` (dstep_step.h); its branch convs follow, each by dstep_level.
+  // grid: [p, input tile side, Gh, Gw]; ds_geometry: the folded downsample conv's stride, padding, dilation.
+  int64_t dstep(int64_t in, at::Tensor spatial, double spatial_bias, at::Tensor fc1_w, at::Tensor fc1_b,
+                at::Tensor fc2_w, at::Tensor fc2_b, std::vector<int64_t> grid, std::vector<double> in_area,
+                int64_t shift_fold, c10::optional<at::Tensor> ds_weight, c10::optional<at::Tensor> ds_bias,
+                std::vector<int64_t> ds_geometry, bool sparse_only) {
+    check_slot(in);
+    TORCH_CHECK(grid.size() == 4 && static_cast<int64_t>(in_area.size()) == grid[2] * grid[3],
+                "FramePlan: a D-STEP block takes [p, input tile, Gh, Gw] and Gh*Gw tile areas");
+    auto s = std::make_unique<DStepStep>();
+    s->in = in;
+    s->out = new_slot();
+    s->spatial = spatial.contiguous();
+    s->spatial_bias = static_cast<float>(spatial_bias);
+    s->fc1_w = fc1_w.contiguous(), s->fc1_b = fc1_b.contiguous(), s->fc2_w = fc2_w.contiguous();
+    s->fc2_b = fc2_b.contiguous();
+    s->tile = grid[0], s->in_tile = grid[1], s->Gh = grid[2], s->Gw = grid[3];
+    s->in_area.assign(in_area.begin(), in_area.end());
+    s->shift_fold = shift_fold;
+    if (ds_weight.has_value()) {
+      TORCH_CHECK(ds_geometry.size() == 6, "FramePlan: the downsample conv takes stride, padding, dilation");
+      s->ds_weight = ds_weight->contiguous();
+      s->ds_bias = ds_bias.has_value() ? ds_bias->contiguous() : at::Tensor();
+      s->ds_geometry = std::move(ds_geometry);
+    }
+    s->sparse_only = sparse_only;
+    const int64_t out = s->out;
+    dsteps_.push_back(s.get());
+    steps_.push_back(std::move(s));
+    return out;
+  }
+
+  // The next conv of the last D-STEP block's branch, BN folded: geometry [sh, sw, ph, pw, dh, dw, q, Ho, Wo].
+  void dstep_level(at::Tensor weight, at::Tensor bias, std::vector<int64_t> geometry, std::vector<int64_t> rows,
+                   std::vector<int64_t> cols, std::vector<double> area, bool same_grid, double crossover) {
+    TORCH_CHECK(!dsteps_.empty(), "FramePlan: a D-STEP conv needs a D-STEP block before it");
+    TORCH_CHECK(geometry.size() == 9 && area.size() == rows.size() * cols.size() && weight.dim() == 4,
+                "FramePlan: a D-STEP conv takes 9 geometry ints and one area per tile");
+    DStepStep* b = dsteps_.back();
+    DStepLevel L;
+    L.weight = weight.contiguous();
+    L.bias = bias.contiguous();
+    const int64_t co = weight.size(0), ci = weight.size(1), taps = weight.size(2) * weight.size(3);
+    L.gemm = L.weight.reshape({co, ci, taps}).permute({2, 1, 0}).contiguous();
+    L.sh = geometry[0], L.sw = geometry[1], L.ph = geometry[2], L.pw = geometry[3], L.dh = geometry[4];
+    L.dw = geometry[5], L.tile = geometry[6], L.Ho = geometry[7], L.Wo = geometry[8];
+    for (int64_t r : rows) TORCH_CHECK(r >= 0 && r < b->Gh, "FramePlan: D-STEP tile row outside the grid");
+    for (int64_t c : cols) TORCH_CHECK(c >= 0 && c < b->Gw, "FramePlan: D-STEP tile column outside the grid");
+    L.rows = std::move(rows), L.cols = std::move(cols);
+    L.area.assign(area.begin(), area.end());
+    L.same_grid = same_grid;
+    L.crossover = crossover;
+    b->levels.push_back(std::move(L));
+  }
+
+  // Per D-STEP block (in the order added), per stream, the last frame's [area of each conv..., skip, reuse,
+  // compute]: what DStepBlock._infer records (policies/dstep/flops.py: record_frame).
+  std::vector<std::vector<std::vector<double>>> dstep_stats() const {
+    std::vector<std::vector<std::vector<double>>> s;
+    s.reserve(dsteps_.size());
+    for (const DStepStep* b : dsteps_) s.push_back(b->stats);
+    return s;
   }
 
   int64_t clamp(int64_t a, int64_t b, double lo, double hi) {
@@ -249,6 +322,7 @@ class FramePlan {
   std::vector<Slot> slots_;
   std::vector<std::unique_ptr<Step>> steps_;
   std::vector<ConvStep*> convs_;
+  std::vector<DStepStep*> dsteps_;
 };
 
 }  // namespace
@@ -264,6 +338,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("gumbel_gate", &gs::FramePlan::gumbel_gate, py::arg("wpack"), py::arg("bias"))
       .def("upsample", &gs::FramePlan::upsample, py::arg("input"), py::arg("iy"), py::arg("ix"), py::arg("height"),
            py::arg("width"))
+      .def("dense_conv", &gs::FramePlan::dense_conv, py::arg("input"), py::arg("weight"), py::arg("bias"),
+           py::arg("geometry"))
+      .def("dstep", &gs::FramePlan::dstep, py::arg("input"), py::arg("spatial"), py::arg("spatial_bias"),
+           py::arg("fc1_weight"), py::arg("fc1_bias"), py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("grid"),
+           py::arg("in_area"), py::arg("shift_fold"), py::arg("ds_weight"), py::arg("ds_bias"),
+           py::arg("ds_geometry"), py::arg("sparse_only"))
+      .def("dstep_level", &gs::FramePlan::dstep_level, py::arg("weight"), py::arg("bias"), py::arg("geometry"),
+           py::arg("rows"), py::arg("cols"), py::arg("area"), py::arg("same_grid"), py::arg("crossover"))
+      .def("dstep_stats", &gs::FramePlan::dstep_stats)
       .def("clamp", &gs::FramePlan::clamp, py::arg("a"), py::arg("b"), py::arg("lo"), py::arg("hi"))
       .def("max_pool", &gs::FramePlan::max_pool, py::arg("input"), py::arg("kernel"), py::arg("stride"),
            py::arg("padding"))

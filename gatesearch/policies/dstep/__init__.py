@@ -129,6 +129,9 @@ class DStep(Policy):
     def apply(self, model: nn.Module) -> nn.Module:
         if not convert_blocks(model, tile=int(self.knobs["block_size"]), settings=self.settings, target=self.target):
             raise ValueError("gate 'dstep' found no residual blocks to gate (it needs a ResNet-style backbone)")
+        from ..frame_step import install
+
+        install(model)  # streamed frames run natively: each block one plan step (dstep.plan)
         return model
 
     @classmethod

@@ -135,6 +135,7 @@ class DStepBlock(nn.Module):
 
     # -- protocol --------------------------------------------------------------------------------
     def reset_state(self) -> None:
+        self.resets = getattr(self, "resets", 0) + 1  # a frame runner (policies.frame_step) starts a clip anew
         self.h_prev: torch.Tensor | None = None  # (N, C, Hh, Wh) merged features of the previous frame
         self._compact: list[Kept | None] | None = None  # the same, per stream, as the inference path keeps it
         self.g_prev: torch.Tensor | None = None  # (N, Cin) pooled masked input of the previous frame
