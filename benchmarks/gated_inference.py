@@ -14,6 +14,10 @@ process, interleaved rounds, speedup = median of per-round ratios; efficiency = 
   threads      ResNet-18 224² on vtest.avi at 1 and 2 threads in alternating rounds: the gated path's gain
                from the second core (t1 / t2 − 1, median of per-round ratios) ≥ 80 % of the dense path's
   layer        one 64-channel 56² 3×3 layer at 10 % density, 8×8 blocks, 2 threads: ≥ 3× (issue 4's bar)
+  dstep        D-STEP (p = 2, random weights, every block's logit offset trimmed so the clip streams at
+               F/F_S ≈ 0.8 / 0.6 / 0.4), resnet18_tiny 64² and hrnet_small 64² heatmap (synthetic): the blocks
+               layer by layer (DStepBlock._infer) and on the native frame step (one plan step per block), each
+               against the dense twin in the same interleaved rounds; no bar (issue 18: "where it applies")
 
 Every row also reports the largest difference to the masked dense formulation (≤ 1e-4 × max(1, |output|)).
 Real clips (vtest.avi, tree.avi, Megamind.avi) come from the `opencv-doc` Debian package: looked up in
@@ -183,8 +187,58 @@ def suite_layer(args, log):
            "max_abs_diff": r["max_abs_diff"], "target": ">= 3x", "met": r["speedup"] >= 3}
 
 
+DSTEP = (("resnet18_tiny", "classification", 64), ("hrnet_small", "heatmap", 64))
+DSTEP_RATIOS = (0.8, 0.6, 0.4)
+
+
+def trim_offsets(model, clip: torch.Tensor, target: float, steps: int = 12) -> float:
+    """One common logit offset for every D-STEP block (bisection) so ``clip`` streams at F/F_S ≈ ``target``."""
+    from gatesearch.objectives import reset_stats
+    from gatesearch.policies.dstep import dstep_blocks, flops_ratio
+
+    blocks = dstep_blocks(model)
+
+    def ratio(offset: float) -> float:
+        for b in blocks:
+            b.policy.offset.fill_(offset)
+        reset_stats(model)
+        with torch.inference_mode():
+            model.stream(clip)
+        return flops_ratio(model)
+
+    lo, hi = -8.0, 8.0  # F/F_S grows with the offset
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ratio(mid) > target else (mid, hi)
+    return ratio((lo + hi) / 2)
+
+
+def suite_dstep(args, log):
+    from gatesearch.models import build_model
+    from gatesearch.objectives.bench import bench_models
+    from gatesearch.policies import build_policy
+    from gatesearch.spaces import TrialConfig
+
+    torch.set_num_threads(args.threads)
+    for backbone, task, size in DSTEP:
+        clip = load_clip("synthetic", size, args.frames, args.clips, log)
+        torch.manual_seed(0)
+        dense = build_model(TrialConfig(backbone=backbone, task=task), 12).eval()
+        native = build_policy("dstep", target_flops_ratio=0.6, block_size=2).apply(copy.deepcopy(dense)).eval()
+        for target in DSTEP_RATIOS:
+            ratio = trim_offsets(native, clip, target)
+            layers = copy.deepcopy(native)
+            layers.frame_runner = None  # every block runs DStepBlock._infer
+            rows = bench_models(dense, {"layers": layers, "native": native}, clip, reset_every=None,
+                                repeats=args.repeats)
+            for label, row in rows.items():
+                yield {"backbone": f"{backbone} dstep {label}", "size": size, "clip": "synthetic",
+                       "eps": f"F/F_S {ratio:.2f}", "frames": clip.shape[1], "threads": args.threads, **row,
+                       "exact": row["max_abs_diff"] <= 1e-4, "target": "no bar", "met": None}
+
+
 SUITES = {"resnet18": suite_resnet18, "mobilenet_v2": suite_mobilenet_v2, "small": suite_small,
-          "threads": suite_threads, "layer": suite_layer}
+          "threads": suite_threads, "layer": suite_layer, "dstep": suite_dstep}
 
 
 def show(row: dict) -> str:
@@ -197,7 +251,8 @@ def show(row: dict) -> str:
     if "layer" in row:
         return (f"layer {row['layer']} density {row['density']:.2f}: {row['speedup']:.2f}x, max |diff| "
                 f"{row['max_abs_diff']:.1e}  [{row['target']}: {verdict}]")
-    return (f"{row['backbone']:17s} {row['size']:3d}² {row['clip']:9s} ε {row['eps']:<5} "
+    point = row["eps"] if isinstance(row["eps"], str) else f"ε {row['eps']:<5}"  # D-STEP rows: their F/F_S
+    return (f"{row['backbone']:17s} {row['size']:3d}² {row['clip']:9s} {point} "
             f"dense {row['dense_ms']:7.3f} ms  gated {row['gated_ms']:7.3f} ms  {row['speedup']:5.2f}x  "
             f"MAC {row['mac_reduction']:5.2f}x  "
             f"eff {row['efficiency']:.2f}  |diff| {row['max_abs_diff']:.1e}{'' if row['exact'] else ' INEXACT'}"
