@@ -153,6 +153,25 @@ def test_untrained_gate_computes_the_dense_network_and_skips_what_stands_still()
     assert first.density < 0.75, "the still three quarters of the first layer's outputs are skipped"
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_fresh_gate_is_the_input_norm_gate_with_eps_minus_b(block_size):
+    """At conversion f = ‖r‖₁ over the layer's support + b (every weight 1): the Input-Norm gate (Eq. 5) with
+    ε = −b, position for position. At nn.Conv2d's random scale the content term stayed below 1 and the noise of
+    the training sample, not the residual, decided (fine-tuned, inference then closed every position)."""
+    from gatesearch.policies.norm_gates import NormGate
+
+    model = toy(block_size).eval()
+    torch.manual_seed(0)
+    for layer, cin, support in zip(skip_layers(model), (3, 8), (27, 8)):
+        eps = 0.4 * support  # E|r| 0.8 · 0.5 at the middle of the ramp
+        with torch.no_grad():
+            layer.gate.bias.fill_(-eps / layer.gate.settings.bias_gain)
+        r = torch.randn(2, cin, 16, 16) * torch.linspace(0, 1, 16)  # still on the left, moving on the right
+        want = NormGate(eps, output_norm=False).block_mask(r, layer)
+        assert torch.equal(layer.gate.block_mask(r, layer), want)
+        assert 0.2 < want.float().mean() < 0.8, "the residual, not the bias alone, decides"
+
+
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
 def test_training_draws_bernoulli_of_sigmoid(p):
     """In training a position is kept with probability σ(f) (Gumbel-sigmoid sampling, Eq. 8)."""
@@ -303,6 +322,36 @@ def test_closed_gates_repeat_the_reference_frame_every_t_test():
     for t in range(8):
         assert torch.allclose(every4[:, t], dense[:, 4 * (t // 4)], atol=1e-4)
         assert torch.allclose(once[:, t], dense[:, 0], atol=1e-4)
+
+
+def test_gate_weights_train_at_their_lr_scale(monkeypatch):
+    """Adam moves a parameter about lr a step whatever β is, so from 1 (the Input-Norm start) the gate's weights
+    could not close what β asks within a short fine-tuning: they train at ``weight_lr_scale`` × lr (the same
+    training with the scale at 1 moves them a fraction as far), the rest of the network at lr."""
+    import dataclasses
+
+    from gatesearch.models import build_model
+    from gatesearch.policies.gumbel import Gumbel
+    from gatesearch.search.trial import load_clips, num_classes, train
+    from gatesearch.spaces import DataConfig, TrialConfig
+
+    data = DataConfig(train_clips=8, val_clips=2, synthetic={"height": 32, "width": 32})
+    clips = load_clips(data, frames=3, count=8, split="train")
+    cfg = TrialConfig(gate="gumbel", knobs={"beta": 1.0, "block_size": 1}, clip_length=3, epochs=2, batch_size=4,
+                      lr=1e-3, seed=0)
+
+    def gate_moves(settings):
+        monkeypatch.setattr(Gumbel, "settings", settings)
+        model = build_model(cfg, num_classes(data))
+        before = [layer.gate.weight.detach().clone() for layer in skip_layers(model)]
+        train(model, cfg, clips)
+        return torch.cat([(layer.gate.weight.detach() - w).abs().flatten()
+                          for layer, w in zip(skip_layers(model), before)]).mean().item()
+
+    default = Gumbel.settings
+    assert default.weight_lr_scale >= 10
+    scaled, plain = gate_moves(default), gate_moves(dataclasses.replace(default, weight_lr_scale=1.0))
+    assert scaled > default.weight_lr_scale / 4 * plain, (scaled, plain)
 
 
 def test_beta_lowers_macs_on_the_synthetic_task():

@@ -106,6 +106,12 @@ class Policy:
         pass's model output and training batch, for terms that depend on the prediction (VA-RED²'s μ0)."""
         return None
 
+    def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]:
+        """Parameters of ``model`` that train at a multiple of the trial's learning rate (the rest at 1). Adam
+        moves a parameter about lr a step whatever its loss weight, so a gate parameter that must travel its whole
+        range within a short fine-tuning says so here (the Gumbel gate's weights)."""
+        return {}
+
     def calibrate(self, model: nn.Module, clips: torch.Tensor, *, reset_every: int | None = None) -> dict | None:
         """After training, without gradients: set what the gate takes from data (per-layer thresholds) by streaming
         calibration clips (B, T, 3, H, W); returns what was set, for the record (None: nothing to set)."""

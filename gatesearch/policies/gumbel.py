@@ -20,13 +20,30 @@ falls below -b it skips, and the larger the change of that sign the surer the
 skip, while a still position (r_t = 0, which adds nothing) is computed whenever
 b > 0. Fine-tuned from a trained HRNet-small that gate computed 0.98-1.00 of the
 dense MACs and lost 25 points of PCK (docs/fidelity.md, finding 2): it skipped
-the moving keypoints and kept the static background. On |r_t| with w ≥ 0 at
-the start f grows with the change at every tap, as a weighted Input-Norm gate
-(Eq. 5, -b playing ε) whose weights and ε are learned; training may still make
-a weight negative where a change does not matter (the paper's "big changes in
-background"). With b = 0 at the start a position is skipped exactly when its
-residual is zero, so the untrained gated network computes the dense one (Eq. 2)
-and fine-tuning moves from there.
+the moving keypoints and kept the static background. On |r_t| with every
+weight 1 at the start, f = ‖r_t‖₁ over the layer's support + b: exactly the
+Input-Norm gate (Eq. 5) with ε = −b, whose weights and ε are then learned;
+training may make a weight small or negative where a change does not matter
+(the paper's "big changes in background"). With b = 0 at the start a position
+is skipped exactly when its residual is zero, so the untrained gated network
+computes the dense one (Eq. 2) and fine-tuning moves from there.
+
+The weights start at 1, not at nn.Conv2d's random scale (≈ 1/√(C_in·k²) made
+≥ 0, as before): at that scale w * |r| stayed below 1 everywhere, so f was the
+bias give or take the logistic noise (std 1.8) of the training sample, and the
+gate learned no decision from content: fine-tuned at β 0.3 from the quick
+profile's HRNet-small every layer's f sat within ±2 at every position, b fell
+to about −0.7, training kept E[σ(f)] ≈ 0.33 of each layer's positions by noise
+alone while inference (f > 0) kept 0.00-0.01 of them, and PCK fell 0.971 → 0.605
+(docs/fidelity.md, finding 2). On the Input-Norm scale f spans the residual's
+range and inference keeps what training learned to keep: after the same
+fine-tuning E[σ(f)] 0.38-0.97 against f > 0 0.06-1.00 per layer (the stem and
+first stage still keep 0.2-0.35 fewer at inference: the positions near f = 0
+that the sample opens at random), PCK 0.992 at 0.533 of the dense MACs. The
+weights train at ``weight_lr_scale`` × lr, as the bias moves at its gain: from 1,
+at lr, they could not close more than the bias alone travels in a short
+fine-tuning (0.64 of the dense MACs at β 0.3; the toy test of β's reach kept
+0.67 at β 10).
 
 Training minimises L_task + β·L_gate, with L_gate the MAC-weighted expected
 fraction of computed positions over the residual frames of a clip (Eq. 9),
@@ -35,7 +52,6 @@ the per-layer weights m_l being layer MACs normalised by their sum (footnote 2).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +81,13 @@ class GumbelSettings:
     temperature: float = 2 / 3  # τ of the Gumbel-sigmoid relaxation (only shapes the backward pass)
     init_bias: float = 0.0  # f = w * |r| + b with w ≥ 0: at b = 0 every changed position is open and every still
     #                         one (which adds nothing) closed at inference: the untrained gate is exact (Eq. 2)
+    init_weight: float = 1.0  # every tap of φ_l at the start: f = ‖r‖₁ over the layer's support + b, the Input-Norm
+    #                          gate (Eq. 5) with ε = −b, on the scale where the bias moves (see the module docstring)
     warmup: float = 0.5  # fraction of the epochs trained densely (frames batched, gates idle) before the gates join
+    weight_lr_scale: float = 30.0  # φ_l's weights train at this multiple of the trial's lr (``Policy.lr_scales``):
+    #                                 from 1 they must be able to reach 0 within a short fine-tuning (Adam moves
+    #                                 them ~lr a step), as the bias moves gain× faster; with the weights at lr, the
+    #                                 Input-Norm start could not close more than the bias alone travels
     bias_gain: float = 30.0  # f = w * r + gain·b̃: with Adam every parameter moves ~lr a step, so the
     #                          stored bias b̃ = b / gain moves the operating point gain× faster than the
     #                          weights, letting gates close within the few epochs of a search trial
@@ -84,9 +106,7 @@ class GumbelGate(Gate):
         super().__init__()
         self.settings = settings
         kh, kw = conv.kernel_size
-        weight = torch.empty(1, conv.in_channels, kh, kw)  # groups = 1: the gate sees every input channel
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default scale, made ≥ 0: f grows with |r|
-        weight.abs_()
+        weight = torch.full((1, conv.in_channels, kh, kw), settings.init_weight)  # groups = 1: every input channel
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.full((1,), settings.init_bias / settings.bias_gain))
         self.force_open = False
@@ -222,6 +242,11 @@ class Gumbel(Policy):
     def streams(self, epoch: int, epochs: int) -> bool:
         """Dense warm-up first (fast, batched), as the paper fine-tunes a trained network; then the gates train."""
         return epoch >= int(self.settings.warmup * epochs)
+
+    def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]:
+        """Each gate's weights at ``weight_lr_scale`` × lr (the bias has its gain in the stored value)."""
+        return {layer.gate.weight: layer.gate.settings.weight_lr_scale for layer in skip_layers(model)
+                if isinstance(layer.gate, GumbelGate)}
 
     def loss(self, model: nn.Module, *, output: torch.Tensor | None = None,
              batch: dict | None = None) -> torch.Tensor | None:

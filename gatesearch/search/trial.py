@@ -64,6 +64,15 @@ class Baseline:
                 "speedup": self.latency_ms / outcome.latency.median_ms}
 
 
+def param_groups(model, scales: dict, lr: float) -> list[dict]:
+    """The model's parameters in optimiser groups by learning rate: ``lr``, then ``lr`` × each scale a policy asks
+    for (``Policy.lr_scales``), in the model's parameter order within a group (a resumed state lines up)."""
+    by_scale: dict[float, list] = {}
+    for p in model.parameters():
+        by_scale.setdefault(float(scales.get(p, 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * s} for s, ps in sorted(by_scale.items(), key=lambda item: item[0] != 1.0)]
+
+
 def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
           on_epoch: Callable[[int, float], None] | None = None,
           save_state: Callable[[TrainState], None] | None = None, resume: TrainState | None = None) -> float:
@@ -81,9 +90,11 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     if cfg.epochs == 0:  # a gate without parameters, on trained weights: its knobs act at inference only
         return float("nan")
     policy = build_policy(cfg.gate, **cfg.knobs)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    groups = param_groups(model, policy.lr_scales(model), cfg.lr)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(clips["label"]) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     mean, first = float("nan"), 0

@@ -14,6 +14,17 @@ Training minimises L_a + λ_e·L_e (Section 3.4), with the efficiency loss
 averaged over the clips of a batch. λ_e is the joint space's ``lambda_e`` knob
 (log scale) and S its ``search_space_size``.
 
+How far a short fine-tuning gets (measured on the fidelity quick profile, finding 6: R(2+1)D-tiny at 48²,
+192 clips, 24 steps an epoch, 4 epochs at lr 1e-3, L_e from epoch 2): no clip's head alternative closed, in any
+layer at any step, so nothing is cut. L_e's gradient on a head's β_p is 3-10× the task's, so its sign holds and
+Adam moves β_p at its fastest, about lr·``bias_gain`` a step: the 48 steps of the schedule's decaying half give
+0.3-0.5 of travel, and a head needs β_p from β_0 = 0.5 (0.7-0.8 after the warm-up, where the task raises it)
+to below 0. λ_e barely counts there: 0.1 → 1.0 moved the MACs from 1.024 to 1.020 of dense and top-1 from 0.600
+to 0.383; without the warm-up the heads ended at β_p 0.08-0.29 (1.026 of dense); a 3× bias gain closed some
+(−10.5 % MACs, top-1 0.383). At 64², 640 clips, 6 epochs (240 steps with L_e), S = 2 cut 23 %. A converted
+network spends 1.0105 of dense (the gates' pooling and FCs), and cheap alternatives the task opens beside an
+open head add their rebuilds (1.02-1.03 of dense after fine-tuning).
+
 The family's modules: ``gate`` (the soft modulation gate, Eq. 3.4),
 ``rebuild`` (the cheap ops Φ^c, Φ^t), ``fused`` (rebuilds, V and the next BN
 in one inference pass), ``cost`` (channel counts and accounting), ``layer``
