@@ -1,6 +1,7 @@
 """The native frame step (policies/frame_step.py, csrc/frame.cpp): one call per streamed frame, same results."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -228,6 +229,9 @@ def gumbel(backbone, *, bias, task="heatmap", block=4):
     """A Gumbel-gated model at inference (Eq. 8: f > 0 on |r|), its gates' bias set so some blocks skip."""
     model = gated(backbone, task=task, gate="gumbel", beta=0.1, block_size=block)
     for layer in skip_layers(model):
+        # the scale these biases were chosen for (nn.Conv2d's, ≥ 0; a fresh gate's weights are 1, Input-Norm's)
+        nn.init.kaiming_uniform_(layer.gate.weight.data, a=math.sqrt(5))
+        layer.gate.weight.data.abs_()
         layer.gate.bias.data.fill_(bias)
     return model
 
