@@ -146,8 +146,10 @@ def test_skipping_gate_equals_masked_dense_formulation(variant, gate, block_size
         model, dense = converted(variant, GumbelGate, block_size)
         layer = skip_layers(model)[0]
         with torch.no_grad():
-            # f = w * |r| - 0.3: background residuals (noise) stay closed, the moving patch opens some
-            layer.gate.bias.fill_(-0.3 / layer.gate.settings.bias_gain)
+            # f = w * |r| - 3 with weights about the fresh gate's 1 (the Input-Norm scale) but not all equal:
+            # background residuals (noise) stay closed, the moving patch opens some
+            layer.gate.weight.copy_(torch.linspace(0.5, 1.5, layer.gate.weight.numel()).view_as(layer.gate.weight))
+            layer.gate.bias.fill_(-3.0 / layer.gate.settings.bias_gain)
         conv = layer.conv
         mask_fn = lambda r: gumbel_mask(r, conv, layer.gate, block_size)
     xs = sequence(seed=1, noise=0.02)  # small residuals everywhere: the gate must skip non-zero ones
