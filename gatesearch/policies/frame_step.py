@@ -8,8 +8,9 @@ than the skipped work, and a gated tiny net ran slower than its dense twin.
 
 ``FrameStep`` traces ``VideoModel.frame_layers`` once (torch.fx), turns the
 skip-convs (norm gates, either reference mode, eval BN folded), ReLU / ReLU6,
-residual adds and max-pools into one ``FramePlan`` (csrc/frame.cpp) and runs
-each streamed frame as one native call; whatever follows that it does not
+residual adds, max-pools, nearest upsampling, D-STEP blocks (one step each:
+``dstep.plan``) and the plain convs between them (eval BN folded) into one
+``FramePlan`` (csrc/frame.cpp) and runs each streamed frame as one native call; whatever follows that it does not
 know (a clip head's pooling) runs in Python on the plan's outputs. The plan
 uses the per-layer path's kernels and arithmetic, so outputs and densities
 match it. It steps aside (``frame`` then runs the layers) while training,
