@@ -15,7 +15,8 @@ process, interleaved rounds, speedup = median of per-round ratios; efficiency = 
                from the second core (t1 / t2 − 1, median of per-round ratios) ≥ 80 % of the dense path's
   layer        one 64-channel 56² 3×3 layer at 10 % density, 8×8 blocks, 2 threads: ≥ 3× (issue 4's bar)
   dstep        D-STEP (p = 2, random weights, every block's logit offset trimmed so the clip streams at
-               F/F_S ≈ 0.8 / 0.6 / 0.4), resnet18_tiny 64² and hrnet_small 64² heatmap (synthetic): the blocks
+               F/F_S ≈ 0.8 / 0.6 / 0.4; policies that skip tiles, and ones that split channels over skip /
+               reuse / compute), resnet18_tiny 64² and hrnet_small 64² heatmap (synthetic): the blocks
                layer by layer (DStepBlock._infer) and on the native frame step (one plan step per block), each
                against the dense twin in the same interleaved rounds; no bar (issue 18: "where it applies")
 
@@ -188,7 +189,9 @@ def suite_layer(args, log):
 
 
 DSTEP = (("resnet18_tiny", "classification", 64), ("hrnet_small", "heatmap", 64))
-DSTEP_RATIOS = (0.8, 0.6, 0.4)
+#: policies with random weights, trimmed by one logit offset: "tiles" (the default "compute" bias of 3: every
+#: channel computed, tiles skipped) and "channels" (no "compute" bias: channels split over skip / reuse / compute)
+DSTEP_VARIANTS = {"tiles": (0.8, 0.6, 0.4), "channels": (0.6, 0.4)}
 
 
 def trim_offsets(model, clip: torch.Tensor, target: float, steps: int = 12) -> float:
@@ -216,7 +219,7 @@ def trim_offsets(model, clip: torch.Tensor, target: float, steps: int = 12) -> f
 def suite_dstep(args, log):
     from gatesearch.models import build_model
     from gatesearch.objectives.bench import bench_models
-    from gatesearch.policies import build_policy
+    from gatesearch.policies.dstep import DStep, DStepSettings, decisions
     from gatesearch.spaces import TrialConfig
 
     torch.set_num_threads(args.threads)
@@ -224,17 +227,21 @@ def suite_dstep(args, log):
         clip = load_clip("synthetic", size, args.frames, args.clips, log)
         torch.manual_seed(0)
         dense = build_model(TrialConfig(backbone=backbone, task=task), 12).eval()
-        native = build_policy("dstep", target_flops_ratio=0.6, block_size=2).apply(copy.deepcopy(dense)).eval()
-        for target in DSTEP_RATIOS:
-            ratio = trim_offsets(native, clip, target)
-            layers = copy.deepcopy(native)
-            layers.frame_runner = None  # every block runs DStepBlock._infer
-            rows = bench_models(dense, {"layers": layers, "native": native}, clip, reset_every=None,
-                                repeats=args.repeats)
-            for label, row in rows.items():
-                yield {"backbone": f"{backbone} dstep {label}", "size": size, "clip": "synthetic",
-                       "eps": f"F/F_S {ratio:.2f}", "frames": clip.shape[1], "threads": args.threads, **row,
-                       "exact": row["max_abs_diff"] <= 1e-4, "target": "no bar", "met": None}
+        for variant, ratios in DSTEP_VARIANTS.items():
+            settings = DStepSettings(compute_init=3.0 if variant == "tiles" else 0.0)
+            native = DStep(settings=settings, target_flops_ratio=0.6, block_size=2).apply(copy.deepcopy(dense)).eval()
+            for target in ratios:
+                ratio = trim_offsets(native, clip, target)
+                chosen = decisions(native)
+                layers = copy.deepcopy(native)
+                layers.frame_runner = None  # every block runs DStepBlock._infer
+                rows = bench_models(dense, {"layers": layers, "native": native}, clip, reset_every=None,
+                                    repeats=args.repeats)
+                for label, row in rows.items():
+                    yield {"backbone": f"{backbone} dstep/{variant} {label}", "size": size, "clip": "synthetic",
+                           "eps": f"F/F_S {ratio:.2f}", "frames": clip.shape[1], "threads": args.threads, **row,
+                           "decisions": chosen, "exact": row["max_abs_diff"] <= 1e-4, "target": "no bar",
+                           "met": None}
 
 
 SUITES = {"resnet18": suite_resnet18, "mobilenet_v2": suite_mobilenet_v2, "small": suite_small,
