@@ -102,10 +102,11 @@ class GatedConv(FrameAverages, nn.Conv2d):
 
     def record(self, share: float, gate_macs: float, dense_macs: float) -> None:
         """One frame of one stream: the fraction of the dense MACs spent, the gate's own MACs."""
-        self.frames += 1
-        self.density_sum += share
-        self.gate_macs_sum += gate_macs
-        self.dense_macs = dense_macs
+        d = self.__dict__  # plain numbers: nn.Module.__setattr__'s checks cost more than the sums (every frame, conv)
+        d["frames"] += 1
+        d["density_sum"] += share
+        d["gate_macs_sum"] += gate_macs
+        d["dense_macs"] = dense_macs
 
     def record_decisions(self, tiles: float, skip: float, reuse: float, compute: float) -> None:
         for i, value in enumerate((tiles, skip, reuse, compute)):

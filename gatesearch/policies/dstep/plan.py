@@ -36,6 +36,7 @@ class BlockStats:
     levels: tuple[TileLevel, ...]
     policy_macs: float
     channels: int  # conv1's outputs: what the skip / reuse / compute counts are fractions of
+    convs: tuple  # the block's GatedConvs, in order
 
 
 def plannable(block: DStepBlock) -> bool:
@@ -105,18 +106,18 @@ def plan_block(plan, block: DStepBlock, src: int, in_shape: tuple[int, ...]) -> 
                                   level.rows.tolist(), level.cols.tolist(), level.area.flatten().tolist(), same,
                                   float(crossover))
             shape = (conv.out_channels, *level.out_hw)
-    stats = BlockStats(block=block, levels=geo.levels, policy_macs=geo.policy_macs, channels=c)
+    stats = BlockStats(block=block, levels=geo.levels, policy_macs=geo.policy_macs, channels=c,
+                       convs=tuple(block.convs()))
     return out, (in_shape[0], shape[0], *geo.levels[-1].out_hw), stats
 
 
 def record(stats: list[BlockStats], per_block: list[list[list[float]]]) -> None:
     """One frame's decisions per block and stream, booked as ``DStepBlock._infer`` books them (Eq. 2)."""
     for s, rows in zip(stats, per_block):
-        convs = s.block.convs()
         c = s.channels
         for row in rows:
             *area, skip, reuse, compute = row
-            record_frame(convs, s.levels, FrameChoice(area, skip / c, reuse / c, compute / c), s.policy_macs)
+            record_frame(s.convs, s.levels, FrameChoice(area, skip / c, reuse / c, compute / c), s.policy_macs)
 
 
 __all__ = ["BlockStats", "outside_signature", "plan_block", "plannable", "record", "signature"]
