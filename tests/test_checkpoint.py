@@ -52,3 +52,21 @@ def test_a_checkpoint_cut_short_reads_as_absent(tmp_path):
     assert folder.name == "checkpoint_000000" and state.epoch == 1
     (folder / "state.json").unlink()
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_from_another_grouping_trains_from_the_start(tmp_path):
+    """A Gumbel state saved when all parameters shared one learning rate (before ``Policy.lr_scales``) does not
+    fit today's two optimiser groups: the trial warns and trains from epoch 0 instead of failing half-restored."""
+    cfg = TrialConfig(backbone="tiny", gate="gumbel", knobs=POLICIES.get("gumbel").example_knobs(), epochs=3,
+                      clip_length=2, lr=0.005)
+    clips = load_clips(DATA, frames=cfg.clip_length, count=DATA.train_clips, split="train")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes(DATA))
+    one_group = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(one_group, max_lr=cfg.lr, total_steps=10)
+    old = TrainState.capture(epoch=2, loss=1.0, model=model, optimizer=one_group, scheduler=sched,
+                             generator=torch.Generator())
+    epochs_run = []
+    with pytest.warns(UserWarning, match="does not fit"):
+        train(model, cfg, clips, resume=old, on_epoch=lambda e, _: epochs_run.append(e))
+    assert epochs_run == [0, 1, 2]

@@ -46,6 +46,15 @@ class TrainState:
                    optimizer=_detached(optimizer.state_dict()), scheduler=_detached(scheduler.state_dict()),
                    generator=generator.get_state(), torch_rng=torch.get_rng_state())
 
+    def fits(self, model, optimizer) -> bool:
+        """Whether this state lines up with ``model`` and ``optimizer``: the same weights and the same optimiser
+        groups (a state saved by another version, e.g. before a gate's weights got their own learning rate,
+        does not, and loading it would fail half-way)."""
+        own = model.state_dict()
+        saved_groups = [len(g["params"]) for g in self.optimizer.get("param_groups", [])]
+        return (set(self.model) == set(own) and all(self.model[k].shape == own[k].shape for k in own)
+                and saved_groups == [len(g["params"]) for g in optimizer.param_groups])
+
     def restore(self, *, model, optimizer, scheduler, generator) -> None:
         model.load_state_dict(self.model)
         optimizer.load_state_dict(self.optimizer)

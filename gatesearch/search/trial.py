@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,6 +99,10 @@ def train(model, cfg: TrialConfig, clips: dict[str, torch.Tensor], *, lock=None,
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     mean, first = float("nan"), 0
+    if resume is not None and not resume.fits(model, opt):
+        warnings.warn(f"the checkpoint after epoch {resume.epoch} does not fit this trial's model or optimiser "
+                      "(saved by another gatesearch version?): training from the first epoch", stacklevel=2)
+        resume = None
     if resume is not None:
         resume.restore(model=model, optimizer=opt, scheduler=sched, generator=gen)
         mean, first = resume.loss, resume.epoch
