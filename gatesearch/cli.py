@@ -456,8 +456,8 @@ def bench(backbone, gate, task, threshold, block_size, params, target_density, t
 @click.option("--quick", is_flag=True, help="The quick profile: smaller sweeps, fewer clips; about 15 minutes on "
                                             "2 cores (same as --profile quick).")
 @click.option("--profile", "profile_name", type=click.Choice(["full", "quick", "smoke"]), default=None,
-              help="Run size: full (an hour; the report in docs/fidelity.md), quick, or smoke (every finding at toy "
-                   "sizes in a few minutes, for tests; its numbers mean little).  [default: full]")
+              help="Run size: full (about 15 minutes; the report in docs/fidelity.md), quick, or smoke (every "
+                   "finding at toy sizes in a few minutes, for tests; its numbers mean little).  [default: full]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder: a new one, or the folder of an interrupted run (same profile, seed and video) "
                    "to continue it. Default: WORKDIR/fidelity/<profile>-<date>.")

@@ -2,7 +2,7 @@
 
 ``quick`` must finish in 15 minutes on 2 CPU cores (measured 5:37 on 2 quiet cores, both dense networks trained;
 ``estimate_s`` holds that run's times per finding, and every report states how long it took, and on what),
-``full`` is the long run: the quick run's networks with longer sweeps, fine-tunings, held-out sets and timings,
+``full`` is the quick run's networks with longer sweeps, fine-tunings, held-out sets and timings (12 minutes),
 ``smoke`` is the
 smallest run that still exercises every finding (the slow test uses it: its numbers mean little). The report prints
 the whole profile, so a reader can re-run any figure.
@@ -103,10 +103,10 @@ PROFILES: dict[str, Profile] = {
         clip_net=dataclasses.replace(CLIP_NET, val_clips=240),
         sweep_points=10, betas=(0.01, 0.03, 0.1, 0.3, 1.0), finetune_epochs=6, long_frames=48,
         vared2_epochs=6, timing=Timing(frames=64, repeats=20),
-        # the quick run's times scaled by what grows: scoring ×3 (held-out clips), a Gumbel sweep ×3.3 (5 β, 6
-        # epochs), sweeps ×1.7, the clip net's fine-tunings ×1.5, a timing ×4
-        estimate_s={"keep_all": 300, "gate_fronts": 600, "block_size": 150, "clip_length": 200,
-                    "dstep_target": 200, "vared2_space": 250, "wallclock": 60},
+        # measured on 2 cores with only nice-19 jobs beside it (docs/fidelity.md, 2026-12-06 11:48; both dense
+        # networks trained in it): 11:54 in all
+        estimate_s={"keep_all": 120, "gate_fronts": 175, "block_size": 90, "clip_length": 85,
+                    "dstep_target": 85, "vared2_space": 135, "wallclock": 30},
     ),
 }
 

@@ -1,6 +1,6 @@
 """What a fidelity run keeps in its report folder so that an interrupted run continues where it stopped.
 
-A full report takes an hour; a Ctrl-C, a crash or the end of a session must not lose what was measured. The folder
+A long report must survive a Ctrl-C, a crash or the end of a session without losing what was measured. The folder
 holds ``run.json`` (what the run is: its profile with every size and seed, and the clip it times on; the sessions
 that worked on it), one ``results/<finding>.json`` per finished finding (its claims, numbers, tables, and the gated
 models finding 7 times, as recipes), and ``models/<digest>.safetensors`` per fine-tuned gate (with its recipe in
