@@ -342,3 +342,17 @@ def test_training_reaches_the_target_flops_ratio():
     with torch.inference_mode():
         model.stream(val["clip"], reset_every=4)
     assert abs(flops_ratio(model) - 0.4) <= 0.05, flops_ratio(model)
+
+
+def test_training_after_an_inference_mode_stream():
+    """The block caches its tile geometry: built under ``inference_mode`` (a quality or latency pass), it must
+    still serve a training stream afterwards (autograd cannot save inference tensors)."""
+    torch.manual_seed(0)
+    model = build_policy("dstep", target_flops_ratio=0.6, block_size=2).apply(
+        build("resnet18_tiny", task="classification", num_classes=5))
+    clip = torch.randn(2, 3, 3, 32, 32)
+    with torch.inference_mode():
+        model.eval().stream(clip)
+    model.train().stream(clip).sum().backward()
+    policies = [m.policy for m in model.modules() if isinstance(m, DStepBlock)]
+    assert policies and all(p.spatial_weight.grad is not None for p in policies)

@@ -149,7 +149,8 @@ class DStepBlock(nn.Module):
     def geometry(self, in_hw: tuple[int, int]) -> TileGeometry:
         geo = self._geometry.get(in_hw)
         if geo is None:
-            geo = self._geometry[in_hw] = tile_geometry(self.convs(), self.tile, in_hw, self.policy)
+            with torch.inference_mode(False):  # cached: a later training stream must be able to save its tensors
+                geo = self._geometry[in_hw] = tile_geometry(self.convs(), self.tile, in_hw, self.policy)
         return geo
 
     # -- forward ---------------------------------------------------------------------------------
