@@ -87,6 +87,36 @@ def test_native_frames_equal_the_layers_and_the_masked_formulation(backbone, ref
     assert 0 < min(d for _, d, _ in native) < 1, "the clip must make some layer skip"
 
 
+@pytest.mark.parametrize("reference", ["block", "frame"])
+def test_a_wide_7x7_stride_2_rgb_stem_equals_the_layers_and_the_masked_conv(reference):
+    """A ResNet-style stem (7x7, stride 2, 3 input channels) on the per-block kernel, whose kernel rows run as one
+    contiguous stretch of kw * 3 halo floats: 40 output channels make two full 16-channel panels and a partial
+    one. The frames equal the per-layer path's and the dense conv masked to the active blocks."""
+    torch.manual_seed(0)
+    model = build("tiny", task="classification", num_classes=5)
+    model.backbone.stem[0] = nn.Conv2d(3, 40, 7, stride=2, padding=3, bias=False)
+    model.backbone.stem[1] = nn.BatchNorm2d(40)
+    model.backbone.stage1[0][0] = nn.Conv2d(40, 32, 3, stride=2, padding=1, bias=False)
+    model = build_policy("input_norm", threshold=0.05, block_size=4, reference=reference,
+                         per_value=True).apply(randomized(model)).eval()
+    twin, masked = layer_by_layer(model), layer_by_layer(model)
+    for layer in skip_layers(masked):
+        layer.path = "dense"
+    x = clip(frames=6, size=40)
+    with torch.inference_mode():
+        out = model.stream(x, reset_every=4)
+        assert planned(model)
+        ref = twin.stream(x, reset_every=4)
+        mask_out = masked.stream(x, reset_every=4)
+    stem = skip_layers(model)[0]
+    assert stem.conv.kernel_size == (7, 7) and stem.conv.in_channels == 3
+    assert 0 < stem.density < 1, "the clip must make the stem skip some blocks"
+    scale = max(1.0, ref.abs().max().item())
+    assert (out - ref).abs().max().item() <= 1e-5 * scale
+    assert (out - mask_out).abs().max().item() <= 1e-4 * scale
+    assert stem.density == pytest.approx(skip_layers(twin)[0].density)
+
+
 def test_each_frame_reports_the_layers_masks():
     """``computed_positions`` (what ``run --masks`` draws) is the per-layer path's on every frame."""
     model = gated("resnet18_tiny", threshold=0.03, block_size=4, reference="block", per_value=True)
