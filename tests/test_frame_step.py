@@ -507,3 +507,24 @@ def test_dstep_plan_steps_aside_and_follows_the_policies(monkeypatch):
     monkeypatch.setattr(type(runner), "_record", staticmethod(record))
     check(False)
     assert model.frame_runner._program is not first
+
+
+def test_a_plain_conv_left_in_a_skip_conv_model_follows_its_weights():
+    """A conv + BN the policy left ungated (a plugin backbone's) is a dense plan step with the BN folded into a copy
+    of the weights: changing them must rebuild the plan, as changing a gated layer's does."""
+    model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
+    last = skip_layers(model)[-1]
+    parent_name, _, attr = next(n for n, m in model.named_modules() if m is last).rpartition(".")
+    bn = randomized(nn.Sequential(nn.BatchNorm2d(last.conv.out_channels)), seed=1).eval()
+    setattr(model.get_submodule(parent_name), attr, nn.Sequential(last.conv, *bn))  # a plain conv + BN, folded
+    model.frame_runner = type(model.frame_runner)()  # plan the changed model afresh
+    x = clip(frames=5)
+    with torch.inference_mode():
+        model.stream(x)
+        assert planned(model) and attr in " ".join(model.frame_runner._program.step_names)
+    with torch.no_grad():
+        last.conv.weight.mul_(1.5)
+    with torch.inference_mode():
+        out = model.stream(x)
+        expected = layer_by_layer(model).stream(x)
+    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

@@ -202,8 +202,7 @@ class FrameStep:
             except Exception as exc:  # control flow or ops fx cannot follow: the layers run
                 self._failed = f"trace: {exc}"
                 return None
-        signature = (tuple(x.shape), *(_signature(layer) for layer in self._layers), *_outside_signature(model,
-                                                                                                     self._layers))
+        signature = (tuple(x.shape), *(_signature(layer) for layer in self._layers), *_outside_signature(model))
         if self._program is None or self._program.signature != signature:
             self._program = None
             if signature == self._unplannable:
@@ -244,10 +243,9 @@ def _anchors(model: nn.Module) -> list:
     return skip_layers(model) or dstep_blocks(model)
 
 
-def _outside_signature(model: nn.Module, layers: list) -> tuple:
-    """For D-STEP, the plain convs and BNs between the blocks, which the plan folds (skip-convs carry their BN)."""
-    if not layers or isinstance(layers[0], SkipConv2d):
-        return ()
+def _outside_signature(model: nn.Module) -> tuple:
+    """The weights and statistics outside the D-STEP blocks: the plan folds the plain convs and BNs it meets (those
+    between D-STEP blocks, or a conv a Skip-Conv policy left ungated), so their updates must rebuild it too."""
     from .dstep.plan import outside_signature
 
     return (outside_signature(model),)
