@@ -1,11 +1,10 @@
 """How big a fidelity run is: the sizes, sweeps and seeds of every finding, one frozen profile per run length.
 
-``quick`` must finish in 15 minutes on 2 CPU cores (measured 5:37 on 2 quiet cores, both dense networks trained;
-``estimate_s`` holds that run's times per finding, and every report states how long it took, and on what),
-``full`` is the quick run's networks with longer sweeps, fine-tunings, held-out sets and timings (12 minutes),
-``smoke`` is the
-smallest run that still exercises every finding (the slow test uses it: its numbers mean little). The report prints
-the whole profile, so a reader can re-run any figure.
+``quick`` must finish in 15 minutes on 2 CPU cores (CI runs it whole as a slow test; measured 6:37 with both dense
+networks trained; ``estimate_s`` holds a run's times per finding, and every report states how long it took, and on
+what), ``full`` is the quick run's networks with longer sweeps, fine-tunings, held-out sets and timings (12
+minutes), ``smoke`` is the smallest run that still exercises every finding (unit tests use it: its numbers mean
+little). The report prints the whole profile, so a reader can re-run any figure.
 """
 
 from __future__ import annotations
