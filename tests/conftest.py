@@ -125,3 +125,16 @@ def quick_crossover(monkeypatch):
     yield
     crossover.clear_cache()
     channel_gather._memo.clear()
+
+
+def mixed_decisions(model: torch.nn.Module) -> torch.nn.Module:
+    """D-STEP policies that switch tiles and channels often: zero logit biases, loud weights."""
+    from gatesearch.policies.dstep import dstep_blocks
+
+    with torch.no_grad():
+        for b in dstep_blocks(model):
+            b.policy.spatial_bias.zero_()
+            b.policy.fc2_bias.zero_()
+            b.policy.fc2_weight.mul_(40)
+            b.policy.spatial_weight.mul_(4)
+    return model

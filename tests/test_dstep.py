@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_bn
+from conftest import mixed_decisions, randomize_bn
 from torch import nn
 
 from gatesearch.backbones import build
@@ -42,17 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def mixed_decisions(model: nn.Module) -> nn.Module:
-    """Policies that switch tiles and channels often: zero logit biases, loud weights."""
-    with torch.no_grad():
-        for b in dstep_blocks(model):
-            b.policy.spatial_bias.zero_()
-            b.policy.fc2_bias.zero_()
-            b.policy.fc2_weight.mul_(40)
-            b.policy.spatial_weight.mul_(4)
-    return model
 
 
 def stream_block(block: nn.Module, clip: torch.Tensor) -> torch.Tensor:

@@ -372,16 +372,9 @@ def test_stream_threads_plan_their_copies_at_once_without_breaking_each_other():
 def dstep(backbone, *, task="classification", tile=2):
     """A D-STEP model at inference whose policies switch tiles and channels often (zero logit biases, loud
     weights), so frames skip, reuse and compute channels on part of the tiles."""
-    from gatesearch.policies.dstep import dstep_blocks
+    from conftest import mixed_decisions
 
-    model = gated(backbone, task=task, gate="dstep", target_flops_ratio=0.5, block_size=tile)
-    with torch.no_grad():
-        for b in dstep_blocks(model):
-            b.policy.spatial_bias.zero_()
-            b.policy.fc2_bias.zero_()
-            b.policy.fc2_weight.mul_(40)
-            b.policy.spatial_weight.mul_(4)
-    return model
+    return mixed_decisions(gated(backbone, task=task, gate="dstep", target_flops_ratio=0.5, block_size=tile))
 
 
 def dstep_layers(model):
