@@ -2,11 +2,12 @@
 
     python benchmarks/layer_bench.py --channels 64 --size 56 --kernel 3 --block 8 --density 0.1 --threads 2 [--json]
 
-Prints the dense time (faster of contiguous / channels_last), the sparse time
-per layout (norm gate included), the speedup of best vs best, the crossover
-density that path="auto" uses, and the max abs diff against the masked dense
-reference. Ratios are what to compare; absolute times depend on the machine
-and on anything else running on it.
+Prints, per density, the native frame step's and the per-layer path's rows
+(gate included) against the faster of contiguous / channels_last dense
+``F.conv2d``: the density fired, the speedup by median and by fastest run,
+and the max abs diff against the masked dense formulation (``--json``: the
+whole result, per layout). Ratios are what to compare; absolute times depend
+on the machine and on anything else running on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 import sys
 
-from gatesearch.ops.bench import bench_layer
+from gatesearch.ops.bench import bench_layer, layer_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per density")
     args = parser.parse_args(argv)
 
-    for density in args.density:
-        result = bench_layer(args.channels, args.size, args.kernel, args.block, density, args.threads, args.repeats)
-        if args.json:
+    results = [bench_layer(args.channels, args.size, args.kernel, args.block, density, args.threads, args.repeats)
+               for density in args.density]
+    if args.json:
+        for result in results:
             print(json.dumps(result))
-            continue
-        print(
-            f"C={result['channels']} {result['size']}x{result['size']} k={result['kernel']} b={result['block']} "
-            f"threads={result['threads']} native={result['native']} density={result['density']:.3f}"
-        )
-        for layout in result["dense_ms"]:
-            print(
-                f"  {layout:13s} dense {result['dense_ms'][layout]:7.3f} ms"
-                f"   sparse {result['sparse_ms'][layout]:7.3f} ms"
-                f"   auto {result['auto_ms'][layout]:7.3f} ms   crossover {result['crossover'][layout]:.2f}"
-            )
-        print(
-            f"  speedup {result['speedup']:.2f}x by median (dense {result['best_dense_ms']:.3f} ms / sparse "
-            f"{result['best_sparse_ms']:.3f} ms), {result['speedup_min']:.2f}x by fastest run   "
-            f"max abs diff {result['max_abs_diff']:.1e}   load {result['loadavg_1min']:.1f}"
-        )
+    else:
+        print("\n".join(layer_table(results)))
     return 0
 
 

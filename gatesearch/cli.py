@@ -413,11 +413,13 @@ def video_fps(path: Path) -> float:
 @click.option("--threads", type=click.IntRange(min=1), help="Torch threads for both models (default: all cores).")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--layer", is_flag=True,
-              help="Time one conv layer instead (see --channels, --layer-size, --kernel, --density).")
+              help="Time one conv layer instead: the native frame step and the per-layer path against the best "
+                   "dense conv (see --channels, --layer-size, --kernel, --density; --block-size, default 8 and 4).")
 @click.option("--channels", type=int, default=64, show_default=True, help="--layer: channels in and out.")
 @click.option("--layer-size", type=int, default=56, show_default=True, help="--layer: feature map size.")
 @click.option("--kernel", type=int, default=3, show_default=True, help="--layer: kernel size.")
-@click.option("--density", type=float, default=0.1, show_default=True, help="--layer: fraction of blocks active.")
+@click.option("--density", type=float, multiple=True, default=(0.1, 0.25), show_default=True,
+              help="--layer: fraction of blocks active (repeatable).")
 @plugin_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object as the last line.")
 @user_errors
@@ -429,26 +431,37 @@ def bench(backbone, gate, task, threshold, block_size, params, target_density, t
 
     _load_plugins(plugins)
     if layer:
-        import os
-
-        from gatesearch.ops.bench import bench_layer
-
-        result = bench_layer(channels=channels, size=layer_size, kernel=kernel, block=block_size or 8,
-                             density=density, threads=threads or len(os.sched_getaffinity(0)),
-                             repeats=max(repeats, 20))
-    else:
-        knobs = gate_knobs(threshold=threshold, block_size=block_size, params=params, target_density=target_density,
-                           target_error=target_error)
-        cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs=knobs,
-                          sweep=parse_values(sweep, "--sweep") if sweep is not None else (), plot=plot,
-                          artifact=artifact, video=video, frames=frames, size=size, width=width_mult,
-                          reset_every=reset_every or None, threads=threads, repeats=repeats, streams=streams,
-                          workers=workers)
-        result = run_bench(cfg)
+        _bench_layer(channels, layer_size, kernel, block_size, density, threads, repeats, as_json)
+        return
+    knobs = gate_knobs(threshold=threshold, block_size=block_size, params=params, target_density=target_density,
+                       target_error=target_error)
+    cfg = BenchConfig(backbone=backbone, gate=gate, task=task, knobs=knobs,
+                      sweep=parse_values(sweep, "--sweep") if sweep is not None else (), plot=plot,
+                      artifact=artifact, video=video, frames=frames, size=size, width=width_mult,
+                      reset_every=reset_every or None, threads=threads, repeats=repeats, streams=streams,
+                      workers=workers)
+    result = run_bench(cfg)
     if as_json:
         _emit_json(result)
     else:
         for line in lines(result):
+            click.echo(line)
+
+
+def _bench_layer(channels, size, kernel, block_size, densities, threads, repeats, as_json) -> None:
+    """``bench --layer``: one conv layer, the frame step and the per-layer path against the best dense conv, per
+    block size (default 8, then 4) and density."""
+    import os
+
+    from gatesearch.ops.bench import bench_layer, layer_table
+
+    results = [bench_layer(channels=channels, size=size, kernel=kernel, block=b, density=d,
+                           threads=threads or len(os.sched_getaffinity(0)), repeats=max(repeats, 20))
+               for b in ((block_size,) if block_size else (8, 4)) for d in densities]
+    if as_json:
+        _emit_json({"layer": results})
+    else:
+        for line in layer_table(results):
             click.echo(line)
 
 

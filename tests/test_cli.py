@@ -85,9 +85,18 @@ def test_bench_layer_json(cli):
     r = cli("bench", "--layer", "--channels", "8", "--layer-size", "16", "--block-size", "4", "--density", "0.25",
             "--repeats", "20", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output.strip().splitlines()[-1])
-    assert out["max_abs_diff"] <= 1e-4
-    assert out["density"] == 0.25  # the gate kept exactly the 4 of 16 blocks the residual was made to wake
+    (out,) = json.loads(r.output.strip().splitlines()[-1])["layer"]
+    assert out["max_abs_diff"] <= 1e-4 and out["per_layer"]["max_abs_diff"] <= 1e-4
+    # both paths fired exactly the 4 of 16 blocks the residual was made to wake (the frame step: every frame)
+    assert out["density"] == 0.25 and out["per_layer"]["density"] == 0.25
+
+
+def test_bench_layer_table(cli):
+    r = cli("bench", "--layer", "--channels", "8", "--layer-size", "16", "--density", "0.25", "--repeats", "20")
+    assert r.exit_code == 0, r.output
+    rows = [line.split() for line in r.output.splitlines() if line.split()[:1] in (["8"], ["4"])]
+    assert [(row[0], row[2]) for row in rows] == [("8", "frame"), ("8", "per-layer"), ("4", "frame"),
+                                                  ("4", "per-layer")]
 
 
 def test_bench_bad_param(cli):

@@ -1,0 +1,42 @@
+"""The single-layer bench (ops/bench.py): its native frame-step row runs the plan, on frames that alternate."""
+
+import pytest
+
+from gatesearch.ops import _native
+from gatesearch.ops.bench import FrameStepLayer, _layer, bench_layer, layer_rows
+from gatesearch.policies.skipconv import SkipConv2d
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="C++ kernels unavailable")
+
+
+def test_the_frame_step_row_is_exact_and_fires_the_requested_blocks_every_frame(monkeypatch):
+    """Every timed frame recomputes the same 4 of 16 blocks (a frame equal to its predecessor would fire none and
+    pull the mean down), natively (the layer's Python forward would fail the run), and equals the masked dense
+    formulation and the dense conv."""
+
+    def python_path(self, x):
+        raise AssertionError("the layer ran in Python: the frame plan was bypassed")
+
+    monkeypatch.setattr(SkipConv2d, "forward", python_path)
+    r = bench_layer(channels=32, size=32, kernel=3, block=8, density=0.25, threads=2, repeats=5)
+    fs = r["frame_step"]
+    assert fs["planned"] and fs["frames"] == 3 + 5  # warm-up and timed residual frames
+    assert fs["density"] == 0.25 and fs["check_densities"] == [0.25, 0.25]
+    assert fs["max_abs_diff_masked"] <= 1e-4 and fs["max_abs_diff_dense"] <= 1e-4
+    assert r["density"] == 0.25 and r["speedup"] == fs["speedup"] > 0
+    assert [row["path"] for row in layer_rows(r)] == ["frame step", "per-layer"]
+    assert r["per_layer"]["density"] == 0.25 and r["per_layer"]["max_abs_diff"] <= 1e-4
+
+
+def test_a_frame_equal_to_its_predecessor_fires_no_block():
+    """What the density check above catches: frames that stop alternating recompute nothing."""
+    fs = FrameStepLayer(_layer(8, 16, 3, 4, 0.25), 4)
+    fs.start()
+    try:
+        fs.step()  # B after the reference A: the chosen blocks fire
+        assert float(fs.last_mask().float().mean()) == 0.25
+        fs.index -= 1  # B again
+        fs.step()
+        assert not bool(fs.last_mask().any())
+    finally:
+        fs.stop()
