@@ -260,17 +260,17 @@ SUITES = {"resnet18": suite_resnet18, "mobilenet_v2": suite_mobilenet_v2, "small
 
 
 def show(row: dict) -> str:
-    verdict = {True: "met", False: "NOT met", None: "-"}[row["met"]]
-    if "gain_share" in row:
-        return (f"threads {row['backbone']} {row['size']}² {row['clip']} ε {row['eps']}: dense "
-                f"{row['dense_ms_1']:.2f} -> {row['dense_ms_2']:.2f} ms ({row['dense_gain']:.2f}x), gated "
-                f"{row['gated_ms_1']:.2f} -> {row['gated_ms_2']:.2f} ms ({row['gated_gain']:.2f}x), share "
-                f"{row['gain_share']:.2f}  [{row['target']}: {verdict}]")
+    verdict = {True: "met", False: "NOT met", None: "-"}[row.get("met")]
     if "layer_threads" in row:
         return (f"layer {row['layer_threads']} frame step, 1 -> 2 threads: dense {row['dense_ms_1']:.3f} -> "
                 f"{row['dense_ms_2']:.3f} ms ({row['dense_gain']:.2f}x), frame step {row['gated_ms_1']:.3f} -> "
                 f"{row['gated_ms_2']:.3f} ms ({row['gated_gain']:.2f}x), share {row['gain_share']:.2f}; speedup "
                 f"{row['speedup_1']:.2f}x / {row['speedup_2']:.2f}x")
+    if "gain_share" in row:
+        return (f"threads {row['backbone']} {row['size']}² {row['clip']} ε {row['eps']}: dense "
+                f"{row['dense_ms_1']:.2f} -> {row['dense_ms_2']:.2f} ms ({row['dense_gain']:.2f}x), gated "
+                f"{row['gated_ms_1']:.2f} -> {row['gated_ms_2']:.2f} ms ({row['gated_gain']:.2f}x), share "
+                f"{row['gain_share']:.2f}  [{row['target']}: {verdict}]")
     if "layer" in row:
         dense_diff = "" if row["max_abs_diff_dense"] is None else f", to the dense conv {row['max_abs_diff_dense']:.1e}"
         return (f"layer {row['layer']} {row['path']:10s} {row['threads']} threads, density {row['density']:.3f} "
