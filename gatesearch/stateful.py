@@ -15,7 +15,13 @@ from torch import nn
 
 
 def stateful_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "streaming") and hasattr(m, "reset_state")]
+    # the method is looked up on the class first: ``hasattr`` on a module that lacks the name goes through
+    # nn.Module.__getattr__ and an exception, which for every module of a network costs ~0.2 ms per clip
+    return [m for m in model.modules() if callable(getattr(type(m), "reset_state", None)) and hasattr(m, "streaming")]
+
+
+def _set_streaming(m: nn.Module, on: bool) -> None:
+    object.__setattr__(m, "streaming", on)  # a plain flag: skips nn.Module.__setattr__'s registry checks
 
 
 def reset_state(model: nn.Module) -> None:
@@ -28,11 +34,11 @@ def streaming(model: nn.Module) -> Iterator[None]:
     """Within this block, stateful layers keep state between calls (one call = one frame)."""
     layers = stateful_layers(model)
     for m in layers:
-        m.streaming = True
+        _set_streaming(m, True)
         m.reset_state()
     try:
         yield
     finally:
         for m in layers:
-            m.streaming = False
+            _set_streaming(m, False)
             m.reset_state()

@@ -144,6 +144,28 @@ def test_zero_threshold_reproduces_the_dense_network(gate):
     assert (streamed - dense).abs().max().item() <= 1e-4 * max(1.0, dense.abs().max().item())
 
 
+def test_a_hook_added_while_planned_sees_every_frame_and_removed_gives_the_plan_back(monkeypatch):
+    """The plan keeps its modules' hook registries (``_Program.hook_dicts``): a hook registered after the plan was
+    built, on a layer or on a plain module inside the plan, must still turn it aside on the next frame."""
+    model = gated("tiny", threshold=0.05, block_size=4, reference="block", per_value=True)
+    x = clip(frames=4)
+    with torch.inference_mode():
+        expected = model.stream(x)
+    assert planned(model)
+    calls = []
+    monkeypatch.setattr(type(model.frame_runner), "_record", staticmethod(lambda program, n: calls.append(n)))
+    for module in (skip_layers(model)[1], next(m for m in model.modules() if isinstance(m, nn.ReLU))):
+        seen = []
+        handle = module.register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
+        with torch.inference_mode():
+            out = model.stream(x)
+        handle.remove()
+        assert not calls and len(seen) >= x.shape[1] and (out - expected).abs().max().item() <= 1e-4
+    with torch.inference_mode():
+        model.stream(x)
+    assert len(calls) == x.shape[1]
+
+
 def test_it_steps_aside_where_it_cannot_run(monkeypatch):
     """Training, autograd, a forward hook, a layer on the masked dense path, or no C++ kernels: the layers run,
     results stand."""

@@ -103,6 +103,12 @@ class _ConvStats:
     layer: SkipConv2d
     out_hw: tuple[int, int]
     gate_macs: float
+    state: dict = field(init=False)  # the layer's __dict__: its plain-number statistics, updated every frame
+    per_position: float = field(init=False)  # 1 / output positions: recomputed rows -> density
+
+    def __post_init__(self) -> None:
+        self.state = self.layer.__dict__
+        self.per_position = 1.0 / (self.out_hw[0] * self.out_hw[1])
 
 
 @dataclass
@@ -122,10 +128,15 @@ class _Program:
     modules: list[nn.Module] = field(default_factory=list)  # the modules the plan runs in their place
     constants: dict = field(default_factory=dict)  # nodes fixed by the frame shape (``x.shape[-2:]``), by value
 
+    hook_dicts: list = field(default_factory=list)  # the modules' hook registries (registering fills them in place)
+
+    def __post_init__(self) -> None:
+        self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
     def hooked(self) -> bool:
         """Whether a forward hook waits on a module the plan would not call (calibration probes a layer so)."""
-        return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+                    or any(self.hook_dicts))
 
 
 class _Steps:
@@ -218,13 +229,13 @@ class FrameStep:
         """What ``SkipConv2d._record`` adds per frame: densities (1 on a reference frame) and gate MACs, and the
         block mask ``computed_positions`` draws."""
         for stat, rows, mask in zip(program.stats, program.plan.rows(), program.plan.masks()):
-            d = stat.layer.__dict__
+            d = stat.state
             d["frames"] += n
             d["_computed"] = (mask, (n, *stat.out_hw))
             if rows < 0:
                 d["density_sum"] += float(n)
             else:
-                d["density_sum"] += rows / (stat.out_hw[0] * stat.out_hw[1])
+                d["density_sum"] += rows * stat.per_position
                 d["gate_macs_sum"] += stat.gate_macs * n
         if program.dsteps:
             from .dstep.plan import record

@@ -91,13 +91,15 @@ class SkipConv2d(FrameAverages, nn.Module):
 
     # -- state ------------------------------------------------------------
     def reset_state(self) -> None:
-        self.resets = getattr(self, "resets", 0) + 1  # a frame runner (policies.frame_step) starts a clip anew
-        self.x_prev: torch.Tensor | None = None
-        self.z_prev: torch.Tensor | None = None
-        self._plan: tuple | None = None  # (gate, step, gate MACs): resolved at a clip's first residual frame
-        self._x_step: int | None = None  # the update of a stream-tensor input seen at the reference frame
-        # the last inference frame's block mask (None: every position computed) and output shape (N, Ho, Wo)
-        self.__dict__["_computed"] = None
+        # plain attributes written straight into __dict__: nn.Module.__setattr__ costs µs each, every layer, every clip
+        self.__dict__.update(
+            resets=self.__dict__.get("resets", 0) + 1,  # a frame runner (policies.frame_step) starts a clip anew
+            x_prev=None, z_prev=None,
+            _plan=None,  # (gate, step, gate MACs): resolved at a clip's first residual frame
+            _x_step=None,  # the update of a stream-tensor input seen at the reference frame
+            # the last inference frame's block mask (None: every position computed) and output shape (N, Ho, Wo)
+            _computed=None,
+        )
 
     # -- forward ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, Ci, H, W)

@@ -135,10 +135,12 @@ class DStepBlock(nn.Module):
 
     # -- protocol --------------------------------------------------------------------------------
     def reset_state(self) -> None:
-        self.resets = getattr(self, "resets", 0) + 1  # a frame runner (policies.frame_step) starts a clip anew
-        self.h_prev: torch.Tensor | None = None  # (N, C, Hh, Wh) merged features of the previous frame
-        self._compact: list[Kept | None] | None = None  # the same, per stream, as the inference path keeps it
-        self.g_prev: torch.Tensor | None = None  # (N, Cin) pooled masked input of the previous frame
+        self.__dict__.update(  # plain attributes: skips nn.Module.__setattr__ (every block, every clip)
+            resets=self.__dict__.get("resets", 0) + 1,  # a frame runner (policies.frame_step) starts a clip anew
+            h_prev=None,  # (N, C, Hh, Wh) merged features of the previous frame
+            _compact=None,  # list[Kept | None]: the same, per stream, as the inference path keeps it
+            g_prev=None,  # (N, Cin) pooled masked input of the previous frame
+        )
 
     def pairs(self) -> list[ConvBN]:
         return [ConvBN(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.depth + 1)]

@@ -54,9 +54,19 @@ def signature(block: DStepBlock) -> tuple:
 
 
 def outside_signature(model: nn.Module) -> tuple:
-    """The weights and statistics outside the D-STEP blocks (the plain convs and BNs the plan folds)."""
-    inside = {id(t) for b in model.modules() if isinstance(b, DStepBlock) for t in (*b.parameters(), *b.buffers())}
-    return versions(*(t for t in (*model.parameters(), *model.buffers()) if id(t) not in inside))
+    """The weights and statistics outside the D-STEP blocks (the plain convs and BNs the plan folds).
+
+    One walk of the module tree that stops at D-STEP blocks (their own ``signature`` covers them): it runs at every
+    clip's reference frame, where ``parameters()`` / ``buffers()`` walks cost more than the versions themselves."""
+    tensors, todo = [], [model]
+    while todo:
+        m = todo.pop()
+        if isinstance(m, DStepBlock):
+            continue
+        tensors += m._parameters.values()
+        tensors += m._buffers.values()
+        todo += (c for c in m._modules.values() if c is not None)
+    return versions(*tensors)
 
 
 def _downsample(block: DStepBlock):
