@@ -144,6 +144,23 @@ def test_zero_threshold_reproduces_the_dense_network(gate):
     assert (streamed - dense).abs().max().item() <= 1e-4 * max(1.0, dense.abs().max().item())
 
 
+@pytest.mark.parametrize(("size", "grid"), [(32, 2), (40, 2), (56, 3)])
+def test_the_clip_heads_pool_is_the_plans_last_step_and_equals_the_layers(monkeypatch, size, grid):
+    """Classification: ``frame_pool`` (PyTorch's adaptive bins, overlapping where the map does not divide by the
+    grid, and the global max) runs natively, nothing is left for Python after the plan, the outputs are the layers'."""
+    from gatesearch.backbones.base import ClipHead
+
+    monkeypatch.setattr(ClipHead, "grid", grid)
+    model = gated("tiny", task="classification", threshold=0.05, block_size=4, reference="block", per_value=True)
+    x = clip(frames=4, size=size)
+    with torch.inference_mode():
+        expected = layer_by_layer(model).stream_frames(x)
+        out = model.stream_frames(x)
+    program = model.frame_runner._program
+    assert not program.tail and program.step_names[-1] == "frame_pool"
+    assert out.shape == expected.shape and (out - expected).abs().max().item() <= 1e-5
+
+
 def test_a_hook_added_while_planned_sees_every_frame_and_removed_gives_the_plan_back(monkeypatch):
     """The plan keeps its modules' hook registries (``_Program.hook_dicts``): a hook registered after the plan was
     built, on a layer or on a plain module inside the plan, must still turn it aside on the next frame."""

@@ -56,6 +56,17 @@ def contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if is_stream(x) else x.contiguous()
 
 
+def frame_pool(deep: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C * grid² + C): average-pooled to a grid × grid, then max-pooled over the whole map.
+
+    One function, which torch.fx keeps as one node (``fx.wrap`` below), so a native frame plan runs it as its last
+    step (``policies.frame_step``)."""
+    return torch.cat([F.adaptive_avg_pool2d(deep, grid).flatten(1), deep.amax((2, 3))], 1)
+
+
+torch.fx.wrap("frame_pool")
+
+
 class ClipHead(nn.Module):
     """Clip classifier over per-frame features.
 
@@ -72,7 +83,7 @@ class ClipHead(nn.Module):
         self.fc = nn.Linear(2 * channels * (self.grid * self.grid + 1), num_classes)
 
     def pool(self, deep: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, 5C)
-        return torch.cat([F.adaptive_avg_pool2d(deep, self.grid).flatten(1), deep.amax((2, 3))], 1)
+        return frame_pool(deep, self.grid)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, K)
         mean = pooled.mean(1)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gatesearch.backbones.base import Add, contiguous
+from gatesearch.backbones.base import Add, contiguous, frame_pool
 
 from .skipconv import FoldedBatchNorm2d, SkipConv2d, skip_layers
 
@@ -295,8 +295,8 @@ def _build(root: nn.Module, graph: fx.Graph, in_shape: tuple[int, ...], signatur
     result = None
     constants: dict[fx.Node, object] = {}  # shapes of planned tensors and what is read off them
 
-    def native(*nodes) -> bool:
-        return all(isinstance(n, fx.Node) and n in slot for n in nodes)
+    def native(*nodes) -> bool:  # 4-D tensors a step computes (the head pool's 2-D rows are for Python only)
+        return all(isinstance(n, fx.Node) and n in slot and len(shape[n]) == 4 for n in nodes)
 
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -385,6 +385,8 @@ def _kind(root: nn.Module, node: fx.Node) -> str | None:
             return "identity"
         if node.target is F.interpolate:
             return "upsample"
+        if node.target is frame_pool:
+            return "head_pool"
     if node.op == "call_method":
         if node.target == "contiguous":
             return "identity"
@@ -439,6 +441,12 @@ def _plan_node(plan, root, node, slot, shape, folded, stats, fused, native, cons
         return plan.max_pool(slot[src], list(k), list(s), list(p)), out
     if kind == "upsample":
         return _plan_upsample(plan, node, slot, shape, native, constants)
+    if kind == "head_pool":
+        if len(args) != 2 or node.kwargs or not native(args[0]) or type(args[1]) is not int or args[1] < 1:
+            return None
+        src, grid = args
+        n, c = shape[src][:2]
+        return plan.head_pool(slot[src], grid), (n, c * grid * grid + c)
     if kind == "dense_conv":
         return _plan_dense_conv(plan, root, node, slot, shape, fused, native)
     if kind == "dstep":

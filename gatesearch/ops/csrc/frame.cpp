@@ -129,6 +129,15 @@ class FramePlan {
     return out;
   }
 
+  // The clip head's pooling of slot ``in`` (backbones/base.py: frame_pool): its (N, C * grid^2 + C) slot is 2-D,
+  // for Python only (no step reads it).
+  int64_t head_pool(int64_t in, int64_t grid) {
+    check_slot(in);
+    const int64_t out = new_slot();
+    steps_.push_back(head_pool_step(in, out, grid));
+    return out;
+  }
+
   // A plain conv, dense every frame (its eval BN folded in): [sh, sw, ph, pw, dh, dw, groups] (dstep_step.cpp).
   int64_t dense_conv(int64_t in, at::Tensor weight, c10::optional<at::Tensor> bias, std::vector<int64_t> geometry) {
     check_slot(in);
@@ -338,6 +347,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("gumbel_gate", &gs::FramePlan::gumbel_gate, py::arg("wpack"), py::arg("bias"))
       .def("upsample", &gs::FramePlan::upsample, py::arg("input"), py::arg("iy"), py::arg("ix"), py::arg("height"),
            py::arg("width"))
+      .def("head_pool", &gs::FramePlan::head_pool, py::arg("input"), py::arg("grid"))
       .def("dense_conv", &gs::FramePlan::dense_conv, py::arg("input"), py::arg("weight"), py::arg("bias"),
            py::arg("geometry"))
       .def("dstep", &gs::FramePlan::dstep, py::arg("input"), py::arg("spatial"), py::arg("spatial_bias"),

@@ -58,6 +58,9 @@ struct LinearGate {
 std::unique_ptr<Step> upsample_step(int64_t in, int64_t out, std::vector<int64_t> iy, std::vector<int64_t> ix,
                                     int64_t H, int64_t W);
 
+// The clip head's per-frame pooling, (N, C, H, W) -> (N, C * grid^2 + C) (head_pool_step.cpp).
+std::unique_ptr<Step> head_pool_step(int64_t in, int64_t out, int64_t grid);
+
 // A skip-conv (its eval BN folded in): see conv_step.cpp.
 struct ConvStep : Step {
   int64_t in = 0, out = 0;
