@@ -36,60 +36,50 @@ PanelWeight pack_panels(const at::Tensor& wpack) {
 
 namespace {
 
-// z rows += sum over taps t and channels c of a[r][tap_off[t] + c] * W[t * C + c][panel columns], for R rows and
-// J panels of 16 output channels starting at panel p0.
+// Partial sums of R rows x J panels of 16 output channels (J <= kUnitPanels) over taps [t0, t1): acc[r][j] += sum
+// over those taps t and channels c of a[r][tap_off[t] + c] * W[t * C + c][panel j's columns]. The sums stay in
+// vector registers while the taps run; acc (the unit's rows, in L1) carries them from one chunk of taps to the next.
+constexpr int kUnitPanels = 2;
+
 template <int R, int J>
-void rows_kernel(const float* const* a, const int64_t* tap_off, int64_t taps, int64_t C, const PanelWeight& w,
-                 int64_t p0, float* const* z) {
-  f32x16 acc[R][J] = {};
-  const float* bp = w.data.data_ptr<float>() + p0 * w.K * kLanes;
-  for (int64_t t = 0; t < taps; ++t) {
+void rows_taps(const float* const* a, const int64_t* tap_off, int64_t t0, int64_t t1, int64_t C, const float* bp,
+               int64_t K, f32x16 (*acc)[kUnitPanels]) {
+  f32x16 s[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) s[r][j] = acc[r][j];
+  for (int64_t t = t0; t < t1; ++t) {
     const float* b = bp + t * C * kLanes;
     const int64_t off = tap_off[t];
     for (int64_t c = 0; c < C; ++c) {
       f32x16 bv[J];
 #pragma GCC unroll 2
-      for (int j = 0; j < J; ++j) bv[j] = load16(b + (j * w.K + c) * kLanes);
+      for (int j = 0; j < J; ++j) bv[j] = load16(b + (j * K + c) * kLanes);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float v = a[r][off + c];
 #pragma GCC unroll 2
-        for (int j = 0; j < J; ++j) acc[r][j] += v * bv[j];
+        for (int j = 0; j < J; ++j) s[r][j] += v * bv[j];
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) {
-      const int64_t n0 = (p0 + j) * kLanes;
-      float* dst = z[r] + n0;
-      if (n0 + kLanes <= w.N) {
-        store16(dst, load16(dst) + acc[r][j]);
-      } else {
-        for (int64_t i = 0; i < w.N - n0; ++i) dst[i] += acc[r][j][i];
-      }
-    }
+    for (int j = 0; j < J; ++j) acc[r][j] = s[r][j];
 }
 
-template <int R>
-void rows_panels(const float* const* a, const int64_t* tap_off, int64_t taps, int64_t C, const PanelWeight& w,
-                 int64_t p0, int64_t p1, float* const* z) {
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2) rows_kernel<R, 2>(a, tap_off, taps, C, w, p, z);
-  if (p < p1) rows_kernel<R, 1>(a, tap_off, taps, C, w, p, z);
-}
+using RowsFn = void (*)(const float* const*, const int64_t*, int64_t, int64_t, int64_t, const float*, int64_t,
+                        f32x16 (*)[kUnitPanels]);
+constexpr int kMaxRows = 8;  // R x J = 16 partial sums + J weight vectors: within the 32 vector registers
+template <int J>
+constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,          rows_taps<1, J>, rows_taps<2, J>, rows_taps<3, J>,
+                                        rows_taps<4, J>, rows_taps<5, J>, rows_taps<6, J>, rows_taps<7, J>,
+                                        rows_taps<8, J>};
 
-using RowsFn = void (*)(const float* const*, const int64_t*, int64_t, int64_t, const PanelWeight&, int64_t, int64_t,
-                        float* const*);
-constexpr int kMaxRows = 8;
-constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,
-                                        rows_panels<1>,
-                                        rows_panels<2>,
-                                        rows_panels<3>,
-                                        rows_panels<4>,
-                                        rows_panels<5>,
-                                        rows_panels<6>,
-                                        rows_panels<7>,
-                                        rows_panels<8>};
+// Rows of one unit at a time, and K rows of the weight per chunk of taps: each chunk's slice of the panels
+// (kChunkK x 16 x J floats, 8 KB at J = 2) stays in L1 while every row group of the unit passes over it. Row
+// groups that each streamed the whole panels (K = 576 for a 64-channel 3x3 layer: 74 KB, more than L1) read them
+// from L2 once per group, 8 times per 8x8 block.
+constexpr int64_t kUnitRows = 64;
+constexpr int64_t kChunkK = 64;
 
 }  // namespace
 
@@ -105,19 +95,42 @@ void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, co
   }
   for (int64_t ky = 0, t = 0; ky < g.kh; ++ky)
     for (int64_t kx = 0; kx < g.kw; ++kx, ++t) offs[t] = (ky * g.dh * h.pw + kx * g.dw) * C;
-  const float* a[kMaxRows];
-  float* z[kMaxRows];
-  int r = 0;
-  for (int64_t oy = bl.oy0; oy < bl.oy1; ++oy)
-    for (int64_t ox = bl.ox0; ox < bl.ox1; ++ox) {
-      a[r] = halo + ((oy - bl.oy0) * g.sh * h.pw + (ox - bl.ox0) * g.sw) * C;
-      z[r] = zp + bl.n * zs.n + oy * zs.h + ox * zs.w;
-      if (++r == kMaxRows) {
-        kRows[r](a, offs, taps, C, w, p0, p1, z);
-        r = 0;
+  const int64_t bw = bl.ox1 - bl.ox0, M = bl.area();
+  const int64_t tchunk = std::max<int64_t>(1, kChunkK / C);  // taps per chunk
+  const float* a[kUnitRows];
+  float* z[kUnitRows];
+  alignas(64) f32x16 acc[kUnitRows][kUnitPanels];
+  const float* wp = w.data.data_ptr<float>();
+  for (int64_t p = p0; p < p1; p += kUnitPanels) {
+    const int J = static_cast<int>(std::min<int64_t>(kUnitPanels, p1 - p));
+    const float* bp = wp + p * w.K * kLanes;
+    for (int64_t m0 = 0; m0 < M; m0 += kUnitRows) {
+      const int64_t mc = std::min(kUnitRows, M - m0);
+      for (int64_t m = 0; m < mc; ++m) {
+        const int64_t dy = (m0 + m) / bw, dx = (m0 + m) % bw;
+        a[m] = halo + (dy * g.sh * h.pw + dx * g.sw) * C;
+        z[m] = zp + bl.n * zs.n + (bl.oy0 + dy) * zs.h + (bl.ox0 + dx) * zs.w;
+        for (int j = 0; j < J; ++j) acc[m][j] = f32x16{};
       }
+      for (int64_t t0 = 0; t0 < taps; t0 += tchunk) {
+        const int64_t t1 = std::min(taps, t0 + tchunk);
+        for (int64_t m = 0; m < mc; m += kMaxRows) {
+          const int64_t r = std::min<int64_t>(kMaxRows, mc - m);
+          (J == 2 ? kRows<2> : kRows<1>)[r](a + m, offs, t0, t1, C, bp, w.K, acc + m);
+        }
+      }
+      for (int64_t m = 0; m < mc; ++m)
+        for (int j = 0; j < J; ++j) {
+          const int64_t n0 = (p + j) * kLanes;
+          float* dst = z[m] + n0;
+          if (n0 + kLanes <= w.N) {
+            store16(dst, load16(dst) + acc[m][j]);
+          } else {
+            for (int64_t i = 0; i < w.N - n0; ++i) dst[i] += acc[m][j][i];
+          }
+        }
     }
-  if (r) kRows[r](a, offs, taps, C, w, p0, p1, z);
+  }
 }
 
 }  // namespace gs

@@ -54,6 +54,26 @@ Halo read_halo(const Input& x, const Block& bl, const Geometry& g, float* dst) {
   return h;
 }
 
+bool halo_quiet(const Input& x, const Block& bl, const Geometry& g, const float* ref, float thr, float sc) {
+  if (x.s.c != 1 || x.prev) return false;  // channels_last halos only (a frame plan's slots)
+  const auto [iy0, ix0, ph, pw] = g.halo(bl);
+  const int64_t C = x.C;
+  const float* base = x.x + bl.n * x.s.n;
+  float total = 0.f;
+  for (int64_t py = 0; py < ph; ++py) {
+    const int64_t iy = iy0 + py;
+    const bool row_in = iy >= 0 && iy < x.H;
+    for (int64_t px = 0; px < pw; ++px) {
+      const int64_t ix = ix0 + px;
+      const float* r = ref + (py * pw + px) * C;
+      // the same sums, in the same order, as block_fires on the formed residual x - ref (0 - ref in the padding)
+      total += row_in && ix >= 0 && ix < x.W ? abs_diff_sum(base + iy * x.s.h + ix * x.s.w, r, C)
+                                             : abs_diff_sum(r, nullptr, C);
+    }
+  }
+  return total * sc <= thr;
+}
+
 bool halo_changed(const bool* changed, int64_t H, int64_t W, const Block& bl, const Geometry& g) {
   const auto [iy0, ix0, ph, pw] = g.halo(bl);
   const int64_t y1 = std::min(H, iy0 + ph), x1 = std::min(W, ix0 + pw);

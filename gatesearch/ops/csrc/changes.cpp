@@ -91,7 +91,9 @@ void block_positions_into(bool* out, const bool* mask, const Geometry& g, int64_
   for (int64_t n = 0; n < N; ++n)
     for (int64_t y = 0; y < g.Ho; ++y) {
       const bool* row = mask + (n * g.Bh + y / g.b) * g.Bw;
-      for (int64_t x = 0; x < g.Wo; ++x) out[(n * g.Ho + y) * g.Wo + x] = row[x / g.b];
+      bool* dst = out + (n * g.Ho + y) * g.Wo;
+      for (int64_t bx = 0; bx < g.Bw; ++bx)  // runs of b positions per block: no division per position
+        std::memset(dst + bx * g.b, row[bx], std::min(g.b, g.Wo - bx * g.b));
     }
 }
 

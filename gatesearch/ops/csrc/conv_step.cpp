@@ -170,6 +170,7 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
   float* ref_slot = nullptr;
   if (reference == kBlock) {  // r = x - ref, formed in the thread's (cached) scratch
     ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
+    if (!linear.on() && halo_quiet(in_x, bl, g, ref_slot, threshold, scale)) return false;  // nothing to copy
     s.x.resize(n);
     s.r.resize(n);
     read_halo(in_x, bl, g, s.x.data());

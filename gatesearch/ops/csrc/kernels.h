@@ -230,6 +230,12 @@ Halo read_halo(const Input& x, const Block& bl, const Geometry& g, float* dst);
 // Whether the input rows and columns one block reads hold a changed position (changed: bool (N, H, W)).
 bool halo_changed(const bool* changed, int64_t H, int64_t W, const Block& bl, const Geometry& g);
 
+// Whether a block's residual against its reference halo ref (channel-minor, as read_halo writes it) sums to at
+// most thr (times sc) over the whole halo, read straight from a channels_last x: then no output of the block can
+// exceed the threshold (block_fires' early exit, the same sums in the same order), and the gate need not copy the
+// halo nor form the residual. False when it does not hold, or for other layouts.
+bool halo_quiet(const Input& x, const Block& bl, const Geometry& g, const float* ref, float thr, float sc);
+
 // Per-block references (the "block" reference mode): every output block keeps
 // the input halo it was last computed from, N*Bh*Bw slots of P_h*P_w*Ci floats,
 // P = (b - 1) * s + (k - 1) * d + 1; edge blocks use the leading ph*pw*Ci
