@@ -230,10 +230,10 @@ Halo read_halo(const Input& x, const Block& bl, const Geometry& g, float* dst);
 // Whether the input rows and columns one block reads hold a changed position (changed: bool (N, H, W)).
 bool halo_changed(const bool* changed, int64_t H, int64_t W, const Block& bl, const Geometry& g);
 
-// Whether a block's residual against its reference halo ref (channel-minor, as read_halo writes it) sums to at
-// most thr (times sc) over the whole halo, read straight from a channels_last x: then no output of the block can
-// exceed the threshold (block_fires' early exit, the same sums in the same order), and the gate need not copy the
-// halo nor form the residual. False when it does not hold, or for other layouts.
+// Whether a block's residual against its reference halo ref (channel-minor, as read_halo writes it), read straight
+// from a channels_last x, sums to so far below thr (times sc) over the whole halo that no output of the block can
+// exceed the threshold (block_fires would stop at its early exit): then the gate need neither copy the halo nor
+// form the residual. False when that does not hold for certain, or for other layouts.
 bool halo_quiet(const Input& x, const Block& bl, const Geometry& g, const float* ref, float thr, float sc);
 
 // Per-block references (the "block" reference mode): every output block keeps
