@@ -122,6 +122,7 @@ void ConvStep::per_block_step(const Slot& x, Slot& z, bool* mask) {
   const int threads = at::get_num_threads();
   const int team = parallel && threads > 1 && !at::in_parallel_region() ? threads : 1;
   const int64_t groups = kind == kDepthwise ? 1 : (panels.panels + kPanelsPerUnit - 1) / kPanelsPerUnit;
+  const int64_t chunk = std::max<int64_t>(1, (nb + 8 * team - 1) / (8 * team));  // phase 1: ~8 grabs per thread
   const Strides zs(z.t);
   float* zp = z.t.data_ptr<float>();
   std::vector<Block> blocks;
@@ -132,7 +133,8 @@ void ConvStep::per_block_step(const Slot& x, Slot& z, bool* mask) {
 #pragma omp parallel num_threads(team)
   {
     Scratch s;
-#pragma omp for schedule(dynamic, 1)
+    // runs of neighbouring blocks per grab: their halos overlap, so a thread reads the shared columns once
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < nb; ++i)
       mask[i] = gate_block(x, g.block(i / (g.Bh * g.Bw), (i / g.Bw) % g.Bh, i % g.Bw), s, res + i * slot);
 #pragma omp single
@@ -168,24 +170,24 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
   const Halo h = g.halo(bl);
   const int64_t n = h.ph * h.pw * C;
   float* ref_slot = nullptr;
-  if (reference == kBlock) {  // r = x - ref, formed in the thread's (cached) scratch
+  float* rv = r;  // the residual, formed in the block's slot (read in phase 2 only when it fires)
+  if (reference == kBlock) {  // r = x - ref
     ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
     if (!linear.on() && halo_quiet(in_x, bl, g, ref_slot, threshold, scale)) return false;  // nothing to copy
     s.x.resize(n);
-    s.r.resize(n);
     read_halo(in_x, bl, g, s.x.data());
     const float* xv = s.x.data();
-    float* rv = s.r.data();
     for (int64_t i = 0; i < n; ++i) rv[i] = xv[i] - ref_slot[i];
   } else {  // r = x - x_prev
     load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
+    rv = s.r.data();
   }
   s.work.resize(n + 2 * h.ph * h.pw);
-  const bool fires = linear.on() ? linear.fires(s.r.data(), nullptr, h, C, bl, g, s.work.data())
-                                 : block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(),
+  const bool fires = linear.on() ? linear.fires(rv, nullptr, h, C, bl, g, s.work.data())
+                                 : block_fires(rv, nullptr, h, C, bl, g, threshold, scale, s.work.data(),
                                                reference == kBlock);
   if (!fires) return false;
-  std::memcpy(r, s.r.data(), n * sizeof(float));  // only fired blocks reach phase 2
+  if (rv != r) std::memcpy(r, rv, n * sizeof(float));  // only fired blocks reach phase 2
   if (ref_slot) std::memcpy(ref_slot, s.x.data(), n * sizeof(float));
   return true;
 }
