@@ -22,6 +22,7 @@
 
 #include <omp.h>
 
+#include <atomic>
 #include <chrono>
 
 #include "frame.h"
@@ -36,6 +37,8 @@ constexpr int64_t kBlockKernelBytes = 1 << 20;
 constexpr double kParallelMacs = 2e5;
 // Output-channel panels (16 channels each) per phase-2 unit: the register-blocked kernel's width.
 constexpr int64_t kPanelsPerUnit = 2;
+// Teams up to this size share phase 2 out by who gated which block (larger ones: one dynamic loop).
+constexpr int kMaxTeam = 64;
 
 // The dense conv of x (bias undefined: none), as F.conv2d runs it.
 at::Tensor conv_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Geometry& g) {
@@ -126,6 +129,19 @@ void ConvStep::per_block_step(const Slot& x, Slot& z, bool* mask) {
   const Strides zs(z.t);
   float* zp = z.t.data_ptr<float>();
   std::vector<Block> blocks;
+  // Phase 2 with a team: each thread first the units of the blocks it gated (their residual halos are in its
+  // core's cache), then helps the others. Kept across frames (per calling thread): no allocation per frame.
+  static thread_local std::vector<int8_t> owners;
+  static thread_local std::vector<std::vector<int64_t>> queues;
+  std::vector<int8_t>& owner = owners;  // the calling thread's: the team reaches them through these references
+  std::vector<std::vector<int64_t>>& queue = queues;
+  std::atomic<int64_t> head[kMaxTeam];
+  const bool local = team > 1 && team <= kMaxTeam;
+  if (local) {
+    owner.resize(nb);
+    queue.resize(team);
+    for (auto& q : queue) q.clear();
+  }
   bool dense = false;
   const bool timing = profile != nullptr;
   const auto t0 = std::chrono::steady_clock::now();
@@ -133,22 +149,42 @@ void ConvStep::per_block_step(const Slot& x, Slot& z, bool* mask) {
 #pragma omp parallel num_threads(team)
   {
     Scratch s;
+    const int me = omp_get_thread_num();
     // runs of neighbouring blocks per grab: their halos overlap, so a thread reads the shared columns once
 #pragma omp for schedule(dynamic, chunk)
-    for (int64_t i = 0; i < nb; ++i)
+    for (int64_t i = 0; i < nb; ++i) {
       mask[i] = gate_block(x, g.block(i / (g.Bh * g.Bw), (i / g.Bw) % g.Bh, i % g.Bw), s, res + i * slot);
+      if (local) owner[i] = static_cast<int8_t>(me);
+    }
 #pragma omp single
     {
       if (timing) gated = seconds_since(t0);
       rows = finish(z, mask, N, &blocks);
       dense = rows > max_rows;
+      if (local) {
+        for (int64_t k = 0; k < static_cast<int64_t>(blocks.size()); ++k)
+          queue[owner[g.cell(blocks[k])]].push_back(k);
+        for (int t = 0; t < team; ++t) head[t].store(0, std::memory_order_relaxed);
+      }
     }
-    if (!dense) {
+    if (!dense && !local) {
       const int64_t nf = blocks.size();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < nf * groups; ++u) {  // panel-major: a thread's next unit reuses its panels
         const Block& bl = blocks[u % nf];
         compute_block(res + g.cell(bl) * slot, bl, u / nf, s, zp, zs);
+      }
+    } else if (!dense) {
+      // (panel group x fired block) units: each thread first those of the blocks it gated (no residual halo to
+      // pull from the other core), panel-major so its next unit reuses its panels; then it helps the others.
+      for (int q = 0; q < team; ++q) {
+        const int t = (me + q) % team;
+        const std::vector<int64_t>& own = queue[t];
+        const int64_t nu = static_cast<int64_t>(own.size()) * groups;
+        for (int64_t u; (u = head[t].fetch_add(1, std::memory_order_relaxed)) < nu;) {
+          const Block& bl = blocks[own[u % own.size()]];
+          compute_block(res + g.cell(bl) * slot, bl, u / own.size(), s, zp, zs);
+        }
       }
     }
   }
