@@ -59,6 +59,8 @@ CASES = {
     "k5_pad2_stride2": Case(6, 8, 5, stride=2, padding=2, hw=(19, 22), n=2),
     "one_in_channel": Case(1, 8, 3, padding=1, hw=(16, 13)),
     "asymmetric": Case(8, 8, (3, 1), stride=(2, 1), padding=(1, 0), hw=(18, 11)),
+    # a ResNet stem: RGB halos of 13 x 13 positions, the gate's 16-position channel sums (gate.cpp)
+    "rgb_stem": Case(3, 8, 7, stride=2, padding=3, hw=(30, 37)),
 }
 BLOCKS = [1, 2, 4, 8]
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
@@ -508,7 +510,7 @@ def test_native_can_be_switched_off(monkeypatch):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["3x3", "stride2", "dilation2", "depthwise", "grouped", "1x1", "k5_pad2_stride2",
-                                  "one_in_channel", "asymmetric"])
+                                  "one_in_channel", "asymmetric", "rgb_stem"])
 def test_block_reference_matches_the_fallback_and_the_dense_conv(name, layout):
     """C++ and PyTorch block references give the same masks and outputs frame after frame; the sparse step equals
     z[active] = conv(x)[active]; at threshold 0 the stream stays the dense conv of the current frame."""

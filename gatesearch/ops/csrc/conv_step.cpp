@@ -31,8 +31,11 @@ namespace gs {
 namespace {
 
 // Weights up to this size run the per-block kernel (block_conv.cpp: each unit streams its panels of the weight,
-// which has to stay in the core's cache); larger ones the gather -> one GEMM -> scatter path.
-constexpr int64_t kBlockKernelBytes = 1 << 20;
+// which has to stay in the core's cache); larger ones the gather -> one GEMM -> scatter path. 2 MiB (a core's L2
+// here) takes ResNet-18's layer3.0.conv1 (128 -> 256, 1.2 MB): 0.20 -> 0.12 ms per residual frame on vtest.avi at
+// 2 threads; its 256 -> 256 convs (2.4 MB) and layer4 ran no faster or slower on the per-block kernel (see
+// docs/benchmarks.md, "224² nets").
+constexpr int64_t kBlockKernelBytes = 2 << 20;
 // Below this many multiply-adds (the last frame's) a layer's step runs on one thread: waking the other costs more.
 constexpr double kParallelMacs = 2e5;
 // Output-channel panels (16 channels each) per phase-2 unit: the register-blocked kernel's width.
@@ -205,26 +208,27 @@ bool ConvStep::gate_block(const Slot& x, const Block& bl, Scratch& s, float* r) 
   if (changed && !halo_changed(changed, in_x.H, in_x.W, bl, g) && !(linear.on() && linear.bias > 0)) return false;
   const Halo h = g.halo(bl);
   const int64_t n = h.ph * h.pw * C;
-  float* ref_slot = nullptr;
-  float* rv = r;  // the residual, formed in the block's slot (read in phase 2 only when it fires)
-  if (reference == kBlock) {  // r = x - ref
-    ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
-    if (!linear.on() && halo_quiet(in_x, bl, g, ref_slot, threshold, scale)) return false;  // nothing to copy
-    s.x.resize(n);
-    read_halo(in_x, bl, g, s.x.data());
-    const float* xv = s.x.data();
-    for (int64_t i = 0; i < n; ++i) rv[i] = xv[i] - ref_slot[i];
-  } else {  // r = x - x_prev
-    load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
-    rv = s.r.data();
-  }
   s.work.resize(n + 2 * h.ph * h.pw);
-  const bool fires = linear.on() ? linear.fires(rv, nullptr, h, C, bl, g, s.work.data())
-                                 : block_fires(rv, nullptr, h, C, bl, g, threshold, scale, s.work.data(),
-                                               reference == kBlock);
+  if (reference == kBlock) {  // the gate on |x - ref| straight from the halo; r = x - ref only when it fires
+    float* ref_slot = ref.data_ptr<float>() + g.cell(bl) * g.slot(C);
+    if (halo_quiet(in_x, bl, g, ref_slot, threshold, scale)) return false;  // nothing to copy
+    s.x.resize(n);
+    float* xv = s.x.data();
+    read_halo(in_x, bl, g, xv);
+    if (!block_fires(xv, ref_slot, h, C, bl, g, threshold, scale, s.work.data(), true)) return false;
+    for (int64_t i = 0; i < n; ++i) {  // only fired blocks reach phase 2 (the residual in their slot); their
+      r[i] = xv[i] - ref_slot[i];      // reference <- this halo
+      ref_slot[i] = xv[i];
+    }
+    return true;
+  }
+  // r = x - x_prev
+  load_patch(Input(x.t, x.prev.data_ptr<float>()), bl.n, h, s.r);
+  const bool fires = linear.on() ? linear.fires(s.r.data(), nullptr, h, C, bl, g, s.work.data())
+                                 : block_fires(s.r.data(), nullptr, h, C, bl, g, threshold, scale, s.work.data(),
+                                               false);
   if (!fires) return false;
-  if (rv != r) std::memcpy(r, rv, n * sizeof(float));  // only fired blocks reach phase 2
-  if (ref_slot) std::memcpy(ref_slot, s.x.data(), n * sizeof(float));
+  std::memcpy(r, s.r.data(), n * sizeof(float));  // only fired blocks reach phase 2
   return true;
 }
 

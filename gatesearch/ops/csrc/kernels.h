@@ -299,8 +299,9 @@ void block_conv(const float* halo, const Halo& h, int64_t C, const Block& bl, co
 
 // Whether one output of the block sees scale * sum |x - old| over its support above threshold (Eq. 5 / 7): x and
 // old are the block's halo (ph, pw, C) channel-minor (old null: x is the residual); scratch holds
-// ph * pw * (C + 2) floats. With ``early_exit`` a block whose whole halo sums to at most the threshold stops there
-// (every window sums a subset of it).
+// ph * pw * (C + 2) floats. With ``early_exit`` a block also needs its whole halo to sum above the threshold (every
+// window sums a subset of it): tested after the windows, which most blocks fail, so the serial whole-halo sum runs
+// only for blocks that would fire.
 bool block_fires(const float* x, const float* old, const Halo& h, int64_t C, const Block& bl, const Geometry& g,
                  float thr, float sc, float* scratch, bool early_exit);
 
