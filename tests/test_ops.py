@@ -567,3 +567,25 @@ def test_onednn_gemm_equals_the_mkl_one(monkeypatch):
             m.setattr(block_sparse, "onednn_weight", lambda *args: None)
             mkl = ops.accumulate_block_sparse_(z.clone(), r, weight, mask, block_size=2, path="sparse", **case.conv)
         assert (fast - mkl).abs().max().item() <= TOL
+
+
+def test_rgb_stem_gate_fires_at_each_blocks_largest_window():
+    """The gate of a 7x7 stride-2 RGB stem (13 x 13 halos, whose per-position channel sums gate.cpp forms 16
+    positions per vector) fires a block exactly when the threshold lies below its largest window sum of |x - ref|,
+    summed here in float64 by a plain conv."""
+    if not _native.available():
+        pytest.skip("C++ kernels unavailable")
+    case = CASES["rgb_stem"]
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.zeros(1, 3, *case.hw).contiguous(memory_format=torch.channels_last)
+    geom = ops.resolve_geometry(x0.shape, (8, 3, 7, 7), block_size=4, **case.conv)
+    for _ in range(3):
+        x = torch.rand(1, 3, *case.hw, generator=gen).contiguous(memory_format=torch.channels_last)
+        windows = F.conv2d(x.double().abs().sum(1, keepdim=True), torch.ones(1, 1, 7, 7, dtype=torch.float64),
+                           stride=2, padding=3)
+        peaks = F.max_pool2d(windows, 4, ceil_mode=True).flatten().tolist()  # per block, row-major
+        assert len(peaks) == geom.grid[0] * geom.grid[1]
+        for i, peak in enumerate(peaks):
+            for factor, fires in ((1 - 1e-4, True), (1 + 1e-4, False)):
+                mask = ops.BlockReference(x0, geom).gate(x, threshold=peak * factor)
+                assert bool(mask.flatten()[i]) == fires, (i, factor)
