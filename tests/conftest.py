@@ -119,6 +119,7 @@ def quick_crossover(monkeypatch):
     monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
     fixed = lambda *a, **k: {"crossover": 0.5, "stable": False}
     monkeypatch.setattr(crossover, "calibrate", fixed)
+    monkeypatch.setattr(crossover, "calibrate_plan", fixed)
     monkeypatch.setattr(channel_gather, "calibrate", fixed)
     crossover.clear_cache()
     channel_gather._memo.clear()

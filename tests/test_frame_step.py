@@ -144,6 +144,23 @@ def test_zero_threshold_reproduces_the_dense_network(gate):
     assert (streamed - dense).abs().max().item() <= 1e-4 * max(1.0, dense.abs().max().item())
 
 
+@pytest.mark.parametrize(("shape", "stride", "kernel"), [((16, 16), 1, 3), ((16, 16), 2, 3), ((24, 20), 1, 1)])
+def test_the_plan_calibration_fires_the_blocks_it_fits(shape, stride, kernel):
+    """``calibrate_plan`` times the plan's own step at two densities: the frames it alternates fire the chosen
+    blocks every time (3 × 3 'same': exactly them), and the fit lands in [0, 1]."""
+    from gatesearch import ops
+    from gatesearch.ops import crossover
+
+    geom = ops.resolve_geometry((1, 8, *shape), (16, 8, kernel, kernel), stride=(stride, stride),
+                                padding=(kernel // 2,) * 2, dilation=(1, 1), groups=1, block_size=4)
+    result = crossover._calibrate_plan(geom, 0.01)
+    densities = sorted(result["sparse_ms"])
+    blocks = geom.grid[0] * geom.grid[1]
+    assert 0 < densities[0] < densities[-1] <= 1 and 0.0 <= result["crossover"] <= 1.0
+    if (stride, kernel) == (1, 3):
+        assert densities == [round(0.2 * blocks) / blocks, round(0.8 * blocks) / blocks]
+
+
 @pytest.mark.parametrize(("size", "grid"), [(32, 2), (40, 2), (56, 3)])
 def test_the_clip_heads_pool_is_the_plans_last_step_and_equals_the_layers(monkeypatch, size, grid):
     """Classification: ``frame_pool`` (PyTorch's adaptive bins, overlapping where the map does not divide by the
@@ -262,14 +279,17 @@ def test_frames_of_a_new_size_start_a_new_reference():
 
 @pytest.mark.parametrize("crossover", [0.0, 1.0])
 def test_the_calibrated_fallback_to_dense_keeps_the_frames(monkeypatch, crossover):
-    """The machine's crossover (injected here) picks per layer between the sparse step and the dense conv masked to
-    the active blocks: either way the frames are the per-layer path's and the masked formulation's. The choice is
-    made on the frame's own density, so at crossover 0 no frame runs a sparse step, not even the first residual
-    frame after a reference (whose layers have no previous density to go by)."""
+    """The machine's crossover for the plan's own step (injected here; ``calibrate_plan``) picks per layer between
+    the sparse step and the dense conv masked to the active blocks: either way the frames are the per-layer path's
+    and the masked formulation's. The choice is made on the frame's own density, so at crossover 0 no frame runs a
+    sparse step, not even the first residual frame after a reference (whose layers have no previous density to go
+    by). The per-layer path's crossover (``calibrate``, the opposite here) does not route the plan: on small layers
+    it is 0, its Python and dispatch costing more than the layer."""
     from gatesearch.ops import crossover as calibration
 
     monkeypatch.setenv("GATESEARCH_NO_DISK_CACHE", "1")
-    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: {"crossover": crossover, "stable": False})
+    monkeypatch.setattr(calibration, "calibrate_plan", lambda *a, **k: {"crossover": crossover, "stable": False})
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: {"crossover": 1 - crossover, "stable": False})
     calibration.clear_cache()
     model = gated("resnet18_tiny", task="classification", threshold=0.03, block_size=4, reference="block",
                   per_value=True)

@@ -526,6 +526,7 @@ def _plan_upsample(plan, node, slot, shape, native, constants):
 def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native):
     """A skip-conv with a norm gate (either reference mode) or a Gumbel gate (frame reference), eval BN folded in."""
     from gatesearch import ops
+    from gatesearch.ops.crossover import plan_crossover
     from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
 
     from .gumbel import GumbelGate
@@ -548,11 +549,12 @@ def _plan_conv(plan, layer: SkipConv2d, node, slot, shape, folded, stats, native
     geom = ops.resolve_geometry(in_shape, weight.shape, stride=c.stride, padding=c.padding, dilation=c.dilation,
                                 groups=c.groups, block_size=layer.block_size)
     kind = kernel_kind(in_per_group=geom.in_channels // geom.groups)
-    probe = torch.empty(in_shape).contiguous(memory_format=torch.channels_last)
     args = {"threshold": 0.0, "scale": 1.0} if gumbel else gate._args(layer)
+    positions = in_shape[0] * geom.out_hw[0] * geom.out_hw[1]
+    max_rows = positions if layer.path == "sparse" else int(plan_crossover(geom) * positions)
     out = plan.conv(slot[src], geom.ints(), int(kind), REFERENCE_MODES[layer.reference],
                     packed_weight(weight, kind, geom.groups), onednn_weight(weight, kind, geom.groups), weight, bias,
-                    float(args["threshold"]), float(args["scale"]), ops.sparse_rows_limit(geom, probe, layer.path))
+                    float(args["threshold"]), float(args["scale"]), max_rows)
     if gumbel:  # f > 0 on |r| (Eq. 8), with GumbelGate.plan's packed weight and bias, so the same decisions
         wpack = gate.weight.detach()[0].permute(1, 2, 0).reshape(-1, c.in_channels).contiguous()
         plan.plan.gumbel_gate(wpack, float(gate.bias.detach() * gate.settings.bias_gain))
