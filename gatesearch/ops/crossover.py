@@ -111,7 +111,15 @@ def _calibrate(geom: ConvGeometry, *, batch: int, channels_last: bool, budget_s:
 
     runs = [lambda: accumulate_dense_(z, r, weight, full, geom)]
     runs += [lambda m=m: accumulate_block_sparse_(z, r, weight, m, path="sparse", **args) for m in masks]
-    first, second = _time_interleaved(runs, BUDGET_S if budget_s is None else budget_s)
+    return _fit(runs, densities, BUDGET_S if budget_s is None else budget_s)
+
+
+def _fit(runs: list, densities: list[float], budget_s: float) -> dict:
+    """Time ``runs`` (the dense conv, then the sparse step at each of ``densities``) and solve for the crossing.
+
+    The timed rounds are split in two halves that must agree (and the machine must not be oversubscribed);
+    otherwise the result is marked unstable and pulled towards 0.5 (a bounded loss either way)."""
+    first, second = _time_interleaved(runs, budget_s)
     best = [min(a, b) for a, b in zip(first, second)]
     rho = _solve(best[0], best[1:], densities)
     agree = abs(_solve(first[0], first[1:], densities) - _solve(second[0], second[1:], densities)) <= 0.1
@@ -169,14 +177,7 @@ def _calibrate_plan(geom: ConvGeometry, budget_s: float) -> dict:
     if len(densities) == 2 and densities[1] <= densities[0]:  # the pixels' other readers filled the grid
         steps, densities = steps[1:], densities[1:]
     dense = lambda: F.conv2d(x, weight, None, geom.stride, geom.padding, geom.dilation, groups)
-    first, second = _time_interleaved([dense, *steps], budget_s)
-    best = [min(a, b) for a, b in zip(first, second)]
-    rho = _solve(best[0], best[1:], densities)
-    agree = abs(_solve(first[0], first[1:], densities) - _solve(second[0], second[1:], densities)) <= 0.1
-    stable = agree and not _busy()
-    if not stable:
-        rho = min(0.7, max(0.3, rho))
-    return {"crossover": rho, "stable": stable, "dense_ms": best[0], "sparse_ms": dict(zip(densities, best[1:]))}
+    return _fit([dense, *steps], densities, budget_s)
 
 
 def _solve(dense_ms: float, sparse_ms: list[float], densities: list[float]) -> float:

@@ -128,7 +128,7 @@ class _Program:
     modules: list[nn.Module] = field(default_factory=list)  # the modules the plan runs in their place
     constants: dict = field(default_factory=dict)  # nodes fixed by the frame shape (``x.shape[-2:]``), by value
 
-    hook_dicts: list = field(default_factory=list)  # the modules' hook registries (registering fills them in place)
+    hook_dicts: list = field(init=False)  # the modules' hook registries (registering a hook fills them in place)
 
     def __post_init__(self) -> None:
         self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
