@@ -112,7 +112,7 @@ def test_a_trial_calibrates_its_gate_and_the_search_samples_the_target():
     cfg = parse_search_config({"space": {"gate": "input_norm", "clip_length": 4, "block_size": 2,
                                          "gates": {"input_norm": {"calibrate": "density",
                                                                   "threshold": {"low": 0.2, "high": 0.4}}}}})
-    trial = cfg.space.suggest(optuna.create_study().ask())
+    trial = cfg.space.suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)).ask())
     assert trial.knobs["calibrate"] == "density" and 0.2 <= trial.knobs["threshold"] <= 0.4
     data = DataConfig(train_clips=8, val_clips=2, synthetic={"height": 32, "width": 32})
     out = run_trial(trial, data, EvalConfig(frames=4, latency_warmup=0, latency_repeats=1))

@@ -72,10 +72,16 @@ def _own_inputs(start: int, block: int, kernel: int, pad: int, size: int) -> sli
 
 
 def _time_interleaved(runs: dict, repeats: int, *, warmup: int = 3, before=None) -> dict:
-    """Wall times (ms) per callable; rounds interleave them so load changes hit all alike.
+    """Wall times (ms) per callable; rounds interleave them so load changes hit all alike. All of it in inference
+    mode, as a streaming loop runs its clip (entering the mode per call would time the context, not the call).
 
     ``before(key)``, when given, runs untimed ahead of each timed call (the thread-count switch of
     ``bench_layer_threads``)."""
+    with torch.inference_mode():
+        return _time_rounds(runs, repeats, warmup, before)
+
+
+def _time_rounds(runs: dict, repeats: int, warmup: int, before) -> dict:
     for key, fn in runs.items():
         for _ in range(warmup):
             if before:
@@ -193,10 +199,12 @@ class FrameStepLayer:
         self.layer.reset_state()
 
     def step(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the plan steps aside while autograd records; timing loops enter the mode once
+            with torch.inference_mode():
+                return self.step()
         x = self.frames[self.index % 2]
         self.index += 1
-        with torch.inference_mode():
-            out = self.runner(self.model, x)
+        out = self.runner(self.model, x)
         if out is None:
             raise RuntimeError("the frame step did not plan the layer: " + (self.runner._failed or "stepped aside"))
         self.out = out

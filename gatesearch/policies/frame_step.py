@@ -38,6 +38,7 @@ from .skipconv import FoldedBatchNorm2d, SkipConv2d, skip_layers
 #: residual against the previous frame (Eq. 3) / against each block's reference (csrc/frame.h: Reference)
 REFERENCE_MODES = {"frame": 0, "block": 1}
 _INF = math.inf
+_F32 = torch.float32
 _FUSED = object()  # a node planned together with its only user
 _NOT_CONSTANT = object()
 _TRACING = threading.Lock()  # torch.fx patches ``nn.Module`` for the whole process while it traces
@@ -105,6 +106,7 @@ class _ConvStats:
     gate_macs: float
     state: dict = field(init=False)  # the layer's __dict__: its plain-number statistics, updated every frame
     per_position: float = field(init=False)  # 1 / output positions: recomputed rows -> density
+    computed: tuple | None = field(init=False, default=None)  # the layer's ``_computed`` on a residual frame
 
     def __post_init__(self) -> None:
         self.state = self.layer.__dict__
@@ -129,9 +131,12 @@ class _Program:
     constants: dict = field(default_factory=dict)  # nodes fixed by the frame shape (``x.shape[-2:]``), by value
 
     hook_dicts: list = field(init=False)  # the modules' hook registries (registering a hook fills them in place)
+    direct: int | None = field(init=False)  # the output that is the frame's result, when no Python runs after
 
     def __post_init__(self) -> None:
         self.hook_dicts = [d for m in self.modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        plain = not self.tail and isinstance(self.result, fx.Node) and self.result in self.output_nodes
+        self.direct = self.output_nodes.index(self.result) if plain else None
 
     def hooked(self) -> bool:
         """Whether a forward hook waits on a module the plan would not call (calibration probes a layer so)."""
@@ -171,6 +176,13 @@ class FrameStep:
         return FrameStep()  # plans hold the original's tensors; a copy plans its own model
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        program = self._program
+        if program is not None:  # the steady state, checked first and cheaply: it runs every frame of a clip
+            anchor = self._layers[0]
+            if (anchor.resets == self._resets and anchor.streaming and not anchor.training
+                    and not torch.is_grad_enabled() and x.shape == program.in_shape and x.dtype is _F32 and x.is_cpu
+                    and not program.hooked()):
+                return self._run(program, x, False)
         if self._layers is None:
             self._layers = _anchors(model)
         layers = self._layers
@@ -191,12 +203,17 @@ class FrameStep:
         if program.hooked():
             self._resets = -1
             return None
+        return self._run(program, x, reference)
+
+    def _run(self, program: _Program, x: torch.Tensor, reference: bool) -> torch.Tensor:
         outs = program.plan.run(x, reference, program.outputs)
+        self._record(program, x.shape[0])
+        if program.direct is not None:
+            return outs[program.direct]
         env = dict(program.constants)
         env.update(zip(program.output_nodes, outs))
         for node, fn in program.tail:
             env[node] = fn(env)
-        self._record(program, x.shape[0])
         return fx.node.map_arg(program.result, env.__getitem__)
 
     # -- building ----------------------------------------------------------
@@ -227,16 +244,22 @@ class FrameStep:
     @staticmethod
     def _record(program: _Program, n: int) -> None:
         """What ``SkipConv2d._record`` adds per frame: densities (1 on a reference frame) and gate MACs, and the
-        block mask ``computed_positions`` draws."""
-        for stat, rows, mask in zip(program.stats, program.plan.rows(), program.plan.masks()):
+        block mask ``computed_positions`` draws (the plan's own, updated in place frame by frame: fetched once)."""
+        stats = program.stats
+        rows = program.plan.rows()
+        if stats and rows[0] >= 0 and stats[0].computed is None:
+            for stat, mask in zip(stats, program.plan.masks()):
+                stat.computed = (mask, (n, *stat.out_hw))
+        for stat, r in zip(stats, rows):
             d = stat.state
             d["frames"] += n
-            d["_computed"] = (mask, (n, *stat.out_hw))
-            if rows < 0:
+            if r < 0:
                 d["density_sum"] += float(n)
+                d["_computed"] = (None, (n, *stat.out_hw))
             else:
-                d["density_sum"] += rows * stat.per_position
+                d["density_sum"] += r * stat.per_position
                 d["gate_macs_sum"] += stat.gate_macs * n
+                d["_computed"] = stat.computed
         if program.dsteps:
             from .dstep.plan import record
 
