@@ -42,3 +42,28 @@ def test_a_frame_equal_to_its_predecessor_fires_no_block():
         assert not bool(fs.last_mask().any())
     finally:
         fs.stop()
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "block", "own_pixels"), [
+    (3, 1, 1, 1, 8, True), (3, 2, 1, 1, 4, True), (1, 2, 0, 1, 2, True), (3, 1, 2, 2, 8, True),
+    (3, 1, 2, 2, 4, False), (5, 1, 2, 1, 2, False)])
+def test_the_firing_residual_fires_the_chosen_blocks(kernel, stride, padding, dilation, block, own_pixels):
+    """What the bench and the plan's crossover calibration feed a layer: every chosen block fires at ε = 0, and
+    only those where blocks have input pixels of their own (a 3×3 conv dilated 2 spans 5 pixels: in 4×4 blocks
+    none is a block's own, so the pixel under the centre wakes neighbours too)."""
+    import torch
+
+    from gatesearch.ops.firing import chosen_blocks, firing_residual
+    from gatesearch.ops.gate import norm_gate_block_mask
+    from gatesearch.ops.geometry import resolve_geometry
+
+    geom = resolve_geometry((1, 4, 29, 31), (4, 4, kernel, kernel), stride=stride, padding=padding,
+                            dilation=dilation, groups=1, block_size=block)
+    gen = torch.Generator().manual_seed(0)
+    hb, wb = geom.grid
+    cells = chosen_blocks(geom, max(1, hb * wb // 4), gen)
+    mask = norm_gate_block_mask(firing_residual(geom, cells, gen), kernel_size=kernel, stride=stride,
+                                padding=padding, dilation=dilation, block_size=block, threshold=0.0)
+    fired = set(torch.nonzero(mask[0].flatten()).flatten().tolist())
+    assert set(cells) <= fired
+    assert (fired == set(cells)) == own_pixels

@@ -33,6 +33,7 @@ from torch import nn
 from gatesearch.ops import _native
 from gatesearch.ops.block_sparse import accumulate_block_sparse_
 from gatesearch.ops.crossover import crossover_density
+from gatesearch.ops.firing import chosen_blocks, firing_residual
 from gatesearch.ops.gate import block_density, norm_gate_block_mask
 from gatesearch.ops.geometry import resolve_geometry
 from gatesearch.ops.reference import accumulate_masked_dense_
@@ -42,33 +43,13 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def sparse_residual(channels: int, size: int, kernel: int, block: int, density: float, *,
                     seed: int = 0) -> torch.Tensor:
-    """(1, C, S, S) residual whose threshold-0 gate activates ~density of the b×b blocks.
-
-    Each chosen block gets noise on the input pixels that only its own outputs
-    read (stride 1, 'same' padding); when b < k no such pixel exists and one
-    pixel in the block's centre is used, which may wake a neighbour block.
-    """
+    """(1, C, S, S) residual whose threshold-0 gate fires ~density of the b×b blocks of a C→C k×k 'same' conv
+    (``firing.firing_residual``: noise on the input pixels only the chosen blocks read)."""
     gen = torch.Generator().manual_seed(seed)
-    pad = kernel // 2
-    grid = math.ceil(size / block)
-    count = min(grid * grid, round(density * grid * grid))
-    r = torch.zeros(1, channels, size, size)
-    for cell in torch.randperm(grid * grid, generator=gen)[:count].tolist():
-        by, bx = divmod(cell, grid)
-        ys = _own_inputs(by * block, block, kernel, pad, size)
-        xs = _own_inputs(bx * block, block, kernel, pad, size)
-        r[:, :, ys, xs] = torch.randn(1, channels, ys.stop - ys.start, xs.stop - xs.start, generator=gen)
-    return r
-
-
-def _own_inputs(start: int, block: int, kernel: int, pad: int, size: int) -> slice:
-    end = min(start + block, size)  # outputs [start, end) of this block
-    lo, hi = start + kernel - 1 - pad, end - 1 - pad  # inputs read only by those outputs
-    lo, hi = max(lo, 0), min(hi, size - 1)
-    if lo > hi:
-        centre = min(start + (end - start) // 2, size - 1)
-        return slice(centre, centre + 1)
-    return slice(lo, hi + 1)
+    geom = resolve_geometry((1, channels, size, size), (channels, channels, kernel, kernel), stride=1,
+                            padding=kernel // 2, dilation=1, groups=1, block_size=block)
+    cells = geom.grid[0] * geom.grid[1]
+    return firing_residual(geom, chosen_blocks(geom, min(cells, round(density * cells)), gen), gen)
 
 
 def _time_interleaved(runs: dict, repeats: int, *, warmup: int = 3, before=None) -> dict:

@@ -133,9 +133,9 @@ def calibrate_plan(geom: ConvGeometry, *, budget_s: float | None = None) -> dict
     """Time a one-step frame plan (csrc/conv_step.cpp: gate + per-block kernel or gathered GEMM) at two densities
     against the dense conv, on random data; the same fit and stability rules as ``calibrate``.
 
-    Frames alternate A, B, A, B, ...: B differs from A in one input pixel under the centre of each chosen output
-    block, so with ε = 0 and block references every residual frame recomputes the same blocks (those pixels' other
-    readers included: the densities fitted are the ones the plan reports, ``FramePlan.rows``)."""
+    Frames alternate A, B, A, B, ... (``firing``: B differs from A where the chosen blocks read), so with ε = 0
+    and block references every residual frame recomputes the same blocks (and any neighbour that shares their
+    pixels: the densities fitted are the ones the plan reports, ``FramePlan.rows``)."""
     with torch.inference_mode(False):
         return _calibrate_plan(geom, BUDGET_S if budget_s is None else budget_s)
 
@@ -143,6 +143,7 @@ def calibrate_plan(geom: ConvGeometry, *, budget_s: float | None = None) -> dict
 def _calibrate_plan(geom: ConvGeometry, budget_s: float) -> dict:
     import torch.nn.functional as F
 
+    from gatesearch.ops.firing import chosen_blocks, firing_residual
     from gatesearch.ops.packing import kernel_kind, onednn_weight, packed_weight
 
     gen = torch.Generator().manual_seed(0)
@@ -150,16 +151,11 @@ def _calibrate_plan(geom: ConvGeometry, budget_s: float) -> dict:
     weight = torch.randn(co, ci // groups, *geom.kernel, generator=gen)
     kind = kernel_kind(in_per_group=ci // groups)
     x = torch.randn(1, ci, *geom.in_hw, generator=gen).contiguous(memory_format=torch.channels_last)
-    (hb, wb), b, total = geom.grid, geom.block, geom.out_hw[0] * geom.out_hw[1]
+    (hb, wb), total = geom.grid, geom.out_hw[0] * geom.out_hw[1]
     steps, densities = [], []
     for count in sorted({max(1, round(LOW * hb * wb)), max(1, round(HIGH * hb * wb))}):
-        other = x.clone()
-        for cell in torch.randperm(hb * wb, generator=gen)[:count].tolist():
-            oy = min(cell // wb * b + b // 2, geom.out_hw[0] - 1)
-            ox = min(cell % wb * b + b // 2, geom.out_hw[1] - 1)
-            iy = oy * geom.stride[0] - geom.padding[0] + geom.kernel[0] // 2 * geom.dilation[0]
-            ix = ox * geom.stride[1] - geom.padding[1] + geom.kernel[1] // 2 * geom.dilation[1]
-            other[0, :, min(max(iy, 0), geom.in_hw[0] - 1), min(max(ix, 0), geom.in_hw[1] - 1)] += 1.0
+        other = (x + firing_residual(geom, chosen_blocks(geom, count, gen), gen)).contiguous(
+            memory_format=torch.channels_last)
         plan = _native.module().FramePlan()
         out = plan.conv(0, geom.ints(), int(kind), 1, packed_weight(weight, kind, groups),
                         onednn_weight(weight, kind, groups), weight, None, 0.0, 1.0, total)
