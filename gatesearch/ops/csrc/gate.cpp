@@ -45,10 +45,6 @@ void channel_abs_sum(const Input& r, bool channels_last, float* a) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // a[p] = (d[3p] + d[3p + 1]) + d[3p + 2] for p < P: per-position channel sums of an RGB halo, 16 positions per
 // vector (the same additions in the same order as the scalar loop, so the same sums).
 void rgb_position_sums(const float* __restrict d, int64_t P, float* __restrict a) {
@@ -80,17 +76,17 @@ bool block_fires(const float* x, const float* old, const Halo& h, int64_t C, con
   const int64_t P = h.ph * h.pw;
   float* a = scratch;     // per halo position: sum_c |x - old|
   float* rows = a + P;    // window sums along x: (ph, block width)
-  if (C == 3) {  // the RGB frame: |x - old| over the whole halo in full vectors, then per position
+  if (C < 16) {  // few channels (the RGB frame): |x - old| over the whole halo in full vectors, then per position
     float* d = rows + P;  // |x - old|, (P, C)
     abs_diff(x, old, P * C, d);
-    rgb_position_sums(d, P, a);
-  } else if (C < 16) {  // few channels: the same, summed per position
-    float* d = rows + P;
-    abs_diff(x, old, P * C, d);
-    for (int64_t p = 0; p < P; ++p) {
-      float s = 0.f;
-      for (int64_t c = 0; c < C; ++c) s += d[p * C + c];
-      a[p] = s;
+    if (C == 3) {
+      rgb_position_sums(d, P, a);
+    } else {
+      for (int64_t p = 0; p < P; ++p) {
+        float s = 0.f;
+        for (int64_t c = 0; c < C; ++c) s += d[p * C + c];
+        a[p] = s;
+      }
     }
   } else {
     for (int64_t i = 0; i < P; ++i) a[i] = abs_diff_sum(x + i * C, old ? old + i * C : nullptr, C);
